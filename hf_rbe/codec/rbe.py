@@ -40,8 +40,10 @@ def _universal(stage: StageSpec, seed: int) -> StageTables:
 
 
 def universal_tables(stage: StageSpec, seed: int = 0) -> StageTables:
-    """The model-wide tables for ``stage`` (cached: every layer gets the same tensors)."""
-    return _universal(stage, seed)
+    """The model-wide tables for ``stage``: fitted once per process, handed out as copies so
+    that an in-place edit of one model's buffers cannot leak into the next model."""
+    t = _universal(stage, seed)
+    return StageTables(t.table.clone(), t.lut.clone())
 
 
 def layer_tables(weight_rot: torch.Tensor, stage: StageSpec, seed: int = 0) -> StageTables:
