@@ -30,6 +30,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "rbe-4": {"dim": 6, "idx": 9, "sign": 1, "amp": 2, "residual": "rbe",
               "residual_stage": {"dim": 6, "idx": 9, "sign": 1, "amp": 2}},
     "rbe-4.5": {"dim": 4, "idx": 7, "sign": 1, "amp": 2, "residual": "int2", "residual_group_size": 64},
+    "rbe-5": {"dim": 4, "idx": 7, "sign": 1, "amp": 2, "residual": "rbe",
+              "residual_stage": {"dim": 4, "idx": 7, "sign": 1, "amp": 2}},
+    "rbe-5.5": {"dim": 4, "idx": 9, "sign": 1, "amp": 2, "residual": "rbe",
+                "residual_stage": {"dim": 4, "idx": 7, "sign": 1, "amp": 2}},
+    "rbe-6": {"dim": 4, "idx": 9, "sign": 1, "amp": 2, "residual": "rbe",
+              "residual_stage": {"dim": 4, "idx": 9, "sign": 1, "amp": 2}},
 }
 DEFAULT_PRESET = "rbe-2.5"
 

