@@ -68,9 +68,9 @@ def main() -> None:
 
     rows = []
     settings = {k: v for k, v in hf_rbe.PRESETS.items() if not args.settings or k in args.settings}
-    for name, kw in settings.items():
+    for name in settings:
         t0 = time.perf_counter()
-        model = AutoModel.from_pretrained(path, quantization_config=RBEConfig(**kw, modules_to_not_convert=[])).eval()
+        model = AutoModel.from_pretrained(path, quantization_config=RBEConfig.from_preset(name, modules_to_not_convert=[])).eval()
         secs = time.perf_counter() - t0
         layers = {n: m for n, m in model.named_modules() if isinstance(m, RBELinear)}
         assert len(layers) == len(linears) == 37, (len(layers), len(linears))

@@ -1,6 +1,6 @@
 """The main job: quantize real models with RBE on load and report size and quality.
 
-    python recipes/quantize.py                      # SmolLM2-135M at rbe-2.5 and rbe-3, plus MiniLM
+    python recipes/quantize.py                      # SmolLM2-135M at rbe-2.5, rbe-3 and rbe-4, plus MiniLM
     python recipes/quantize.py --settings rbe-2.5 --tokens 8192   # quicker
 
 For each RBE setting, SmolLM2-135M-Instruct is quantized while it loads
@@ -127,10 +127,10 @@ def minilm(setting: str, n_sentences: int = 1000) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--settings", nargs="+", default=["rbe-2.5", "rbe-3"], choices=sorted(hf_rbe.PRESETS))
+    ap.add_argument("--settings", nargs="+", default=["rbe-2.5", "rbe-3", "rbe-4"], choices=sorted(hf_rbe.PRESETS))
     ap.add_argument("--tokens", type=int, default=32768, help="Wikipedia tokens scored for perplexity")
     ap.add_argument("--context", type=int, default=1024)
-    ap.add_argument("--stride", type=int, default=512)
+    ap.add_argument("--stride", type=int, default=1024)
     ap.add_argument("--out", default="results/quantize", help="output path without extension")
     args = ap.parse_args()
     hf_logging.set_verbosity_error()

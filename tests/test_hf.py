@@ -71,7 +71,7 @@ def test_reload_without_import_fails_loudly(tmp_path, quantized):
 
 
 def test_user_skips_are_merged_with_defaults_and_overrides_apply(tiny_llama_dir):
-    cfg = RBEConfig(modules_to_not_convert=["mlp.down_proj"], overrides={"*.self_attn.v_proj": {"idx": 9}})
+    cfg = RBEConfig(idx=7, modules_to_not_convert=["mlp.down_proj"], overrides={"*.self_attn.v_proj": {"idx": 9}})
     m = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=cfg)
     assert type(m.lm_head) is nn.Linear
     assert type(m.model.layers[0].mlp.down_proj) is nn.Linear
@@ -117,13 +117,21 @@ def test_gpt2_conv1d(tmp_path):
     assert rel_mse(m(ids).logits, ref(ids).logits) < 0.05
 
 
+def test_default_is_the_measured_preset():
+    # README / bench/minilm.py: rbe-5.5 is the fewest-bit preset with MiniLM cosine >= 0.99
+    assert RBEConfig().base_spec() == RBEConfig.from_preset(hf_rbe.config.DEFAULT_PRESET).base_spec()
+    assert hf_rbe.config.DEFAULT_PRESET == "rbe-5.5"
+
+
 def test_invalid_configs():
     with pytest.raises(ValueError):
         RBEConfig(idx=40)
     with pytest.raises(ValueError, match="unknown"):
         RBEConfig(bitz=2)
     with pytest.raises(ValueError, match="residual_stage"):
-        RBEConfig(residual="rbe")
+        RBEConfig(residual="int8", residual_stage={"dim": 4, "idx": 7})
+    with pytest.raises(ValueError, match="residual_stage"):
+        RBEConfig(residual="rbe", residual_stage={})
     with pytest.raises(ValueError, match="unknown keys"):
         RBEConfig(overrides={"*": {"colour": 1}})
     with pytest.raises(ValueError, match="upgrade"):
