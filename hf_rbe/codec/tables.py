@@ -46,6 +46,18 @@ def directions(table: torch.Tensor, deriv_bits: int) -> torch.Tensor:
     return torch.cat([table, derivative(table)]) if deriv_bits else table
 
 
+def _assign(x: torch.Tensor, c: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest centre (by |cosine| if signed) of each row of x, in chunks of ~32M scores."""
+    step = max(1, (1 << 25) // len(c))
+    idx, proj = [], []
+    for lo in range(0, len(x), step):
+        s = x[lo : lo + step] @ c.T
+        a = s.abs().argmax(1) if signed else s.argmax(1)
+        idx.append(a)
+        proj.append(s.gather(1, a[:, None]).squeeze(1))
+    return torch.cat(idx), torch.cat(proj)
+
+
 @functools.lru_cache(maxsize=32)
 def _fit_table(dim: int, size: int, signed: bool, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed * 1_000_003 + dim * 131 + size)
@@ -57,9 +69,8 @@ def _fit_table(dim: int, size: int, signed: bool, seed: int) -> torch.Tensor:
         return c.float()
     c = x[torch.randperm(n, generator=g)[:size]].clone()
     for _ in range(_FIT_ITERS):
-        s = x @ c.T
-        a = s.abs().argmax(1) if signed else s.argmax(1)
-        w = torch.sign(s.gather(1, a[:, None])) if signed else torch.ones(n, 1, dtype=x.dtype)
+        a, p = _assign(x, c, signed)
+        w = torch.sign(p)[:, None] if signed else torch.ones(n, 1, dtype=x.dtype)
         acc = torch.zeros_like(c).index_add_(0, a, x * w)
         norm = acc.norm(dim=1, keepdim=True)
         empty = norm.squeeze(1) < 1e-12
