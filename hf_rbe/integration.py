@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 from transformers.core_model_loading import ConversionOps
+from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 from transformers.quantizers.quantizers_utils import get_module_from_name, should_convert_module
 
@@ -69,8 +70,16 @@ def replace_with_rbe_linear(
 
 
 def quantize_model(model: nn.Module, config: RBEConfig | None = None, modules_to_not_convert: list[str] | None = None) -> nn.Module:
-    """Quantize an already-loaded model in place (outside ``from_pretrained``), with a progress bar."""
+    """Quantize an already-loaded model in place (outside ``from_pretrained``), with a progress bar.
+
+    Skips are merged as in ``from_pretrained``: transformers' defaults (LM head, tied
+    embeddings) plus ``modules_to_not_convert`` and the config's own list.
+    """
+    from transformers.quantizers.base import get_keys_to_not_convert
+
     config = config or RBEConfig()
+    skips = get_keys_to_not_convert(model) if isinstance(model, PreTrainedModel) else []
+    modules_to_not_convert = list(set(skips + list(modules_to_not_convert or []) + list(config.modules_to_not_convert or [])))
     originals = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))}
     names = replace_with_rbe_linear(model, config, modules_to_not_convert)
     for name in tqdm(names, desc="RBE-encoding layers", unit="layer"):
