@@ -55,3 +55,10 @@ def test_wheel_ships_hf_rbe_kernels(tmp_path):
     names = zipfile.ZipFile(next(tmp_path.glob("*.whl"))).namelist()
     assert "hf_rbe/kernels/triton_rbe.py" in names and "hf_rbe/kernels/reference.py" in names
     assert not any(n.startswith("kernels/") for n in names)
+
+
+def test_no_script_is_named_kernels():
+    # `python bench/kernels.py` would put bench/ on sys.path, and transformers' probe for HF's
+    # `kernels` package would import the script instead (a circular-import crash, seen once).
+    for folder in ("bench", "recipes", "."):
+        assert not (ROOT / folder / "kernels.py").exists(), folder
