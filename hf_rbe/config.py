@@ -64,6 +64,9 @@ class RBEConfig(QuantizationConfigMixin):
         overrides: ``{glob pattern: {field: value}}`` per-module settings, e.g.
             ``{"*.down_proj": {"idx": 9}}``; later patterns win.
         qat: keep latent float weights for quantization-aware training (``hf_rbe.training``).
+        codec: ``"rbe"``, or ``"seed64"`` (paper 000: one 64-bit seed per ``tile`` x ``tile``
+            block, plus an fp16 scale per tile if ``seed64_scale``, plus an RBE residual if
+            ``residual="rbe"`` with ``residual_stage``).
     """
 
     def __init__(
@@ -88,6 +91,9 @@ class RBEConfig(QuantizationConfigMixin):
         modules_to_not_convert: list[str] | None = None,
         overrides: dict[str, dict[str, Any]] | None = None,
         qat: bool = False,
+        codec: str = "rbe",
+        tile: int = 32,
+        seed64_scale: bool = True,
         format_version: int = FORMAT_VERSION,
         **kwargs: Any,
     ) -> None:
@@ -114,6 +120,7 @@ class RBEConfig(QuantizationConfigMixin):
         self.modules_to_not_convert = list(modules_to_not_convert) if modules_to_not_convert is not None else None
         self.overrides = {k: dict(v) for k, v in (overrides or {}).items()}
         self.qat = qat
+        self.codec, self.tile, self.seed64_scale = codec, tile, seed64_scale
         self.format_version = format_version
         self.post_init()
 
@@ -129,6 +136,14 @@ class RBEConfig(QuantizationConfigMixin):
         """Validate everything now, so a bad config fails before any weight is touched."""
         if self.table not in ("universal", "per_layer"):
             raise ValueError(f"table must be 'universal' or 'per_layer', got {self.table!r}")
+        if self.codec not in ("rbe", "seed64"):
+            raise ValueError(f"codec must be 'rbe' or 'seed64', got {self.codec!r}")
+        if self.codec == "seed64":
+            if self.residual not in ("none", "rbe"):
+                raise ValueError(f"seed64 takes residual 'none' or 'rbe', got {self.residual!r}")
+            t = self.tile
+            if not isinstance(t, int) or t < 4 or t > 128 or t & (t - 1):
+                raise ValueError(f"seed64 tile must be a power of two in [4, 128], got {t!r}")
         if not isinstance(self.rotation, bool) or not isinstance(self.qat, bool):
             raise ValueError("rotation and qat must be booleans")
         for seed_name in ("rotation_seed", "table_seed"):
@@ -183,6 +198,19 @@ class RBEConfig(QuantizationConfigMixin):
             if fnmatch.fnmatchcase(module_name, pattern):
                 s.update(values)
         return self._spec(s)
+
+    def seed64_residual_spec(self, module_name: str) -> LayerSpec | None:
+        """For ``codec="seed64"``: the spec of the RBE residual layer (``None`` without one)."""
+        s = self._layer_settings()
+        for pattern, values in self.overrides.items():
+            if fnmatch.fnmatchcase(module_name, pattern):
+                s.update(values)
+        if s["residual"] != "rbe":
+            return None
+        # the same defaults as a residual RBE stage (format.CodeLayout's, dim 4, per-row scale)
+        stage_settings = {"dim": 4, "group_size": None, "idx": 8, "sign": 1, "amp": 2, "deriv": 0, "cat": 0,
+                          "sub": 0, "amp_fine": 0, **s["residual_stage"]}
+        return self._spec({**s, **stage_settings, "residual": "none", "residual_stage": None})
 
     def layer_rotation_seed(self, module_name: str) -> int:
         """A 63-bit seed per layer, so no two layers share Hadamard signs."""

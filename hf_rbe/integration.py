@@ -21,6 +21,7 @@ from .codec.rbe import tables_for, table_key
 from .config import RBEConfig
 from .format import FormatError
 from .modules import RBELinear, link_shared_tables, quantize_weight
+from .seed64_module import Seed64Linear
 
 logger = logging.getLogger(__name__)
 
@@ -37,31 +38,43 @@ def replace_with_rbe_linear(
     owners: set[str] = set()
     replaced = []
     for name, module in list(model.named_modules()):
-        if not isinstance(module, (nn.Linear, Conv1D)) or isinstance(module, RBELinear):
+        if not isinstance(module, (nn.Linear, Conv1D)) or isinstance(module, (RBELinear, Seed64Linear)):
             continue
         if not should_convert_module(name, skip):
             continue
-        spec = config.layer_spec(name)
+        seed64 = config.codec == "seed64"
+        spec = config.seed64_residual_spec(name) if seed64 else config.layer_spec(name)
         if isinstance(module, Conv1D):
             in_f, out_f = module.weight.shape
         else:
             in_f, out_f = module.in_features, module.out_features
         try:
-            spec.check_shape(out_f, in_f)
+            if seed64 and (in_f % config.tile or out_f % config.tile):
+                raise FormatError(f"{out_f}x{in_f} is not a multiple of the seed64 tile {config.tile}")
+            if spec is not None:
+                spec.check_shape(out_f, in_f)
         except FormatError as err:
             logger.warning("hf-rbe: keeping %s unquantized: %s", name, err)
             continue
         per_layer = config.table == "per_layer"
-        key = None if per_layer else table_key(spec)
+        key = None if per_layer or spec is None else table_key(spec)
         owns = per_layer or key not in owners
         if key is not None:
             owners.add(key)
-        new = RBELinear(
-            in_f, out_f, module.bias is not None, spec, table_key=key, owns_table=owns,
-            compute_dtype=module.weight.dtype if module.weight.is_floating_point() else torch.float32,
-            device=module.weight.device, from_conv1d=isinstance(module, Conv1D),
-            default_rotation_seed=config.layer_rotation_seed(name),
-        )
+        dtype = module.weight.dtype if module.weight.is_floating_point() else torch.float32
+        if seed64:
+            new: nn.Module = Seed64Linear(
+                in_f, out_f, module.bias is not None, config.tile, config.seed64_scale, spec, residual_table_key=key,
+                residual_owns_table=owns, compute_dtype=dtype, device=module.weight.device,
+                default_rotation_seed=config.layer_rotation_seed(name),
+            )
+            new.from_conv1d = isinstance(module, Conv1D)
+        else:
+            new = RBELinear(
+                in_f, out_f, module.bias is not None, spec, table_key=key, owns_table=owns, compute_dtype=dtype,
+                device=module.weight.device, from_conv1d=isinstance(module, Conv1D),
+                default_rotation_seed=config.layer_rotation_seed(name),
+            )
         model.set_submodule(name, new)
         replaced.append(name)
     if not replaced:
@@ -86,14 +99,24 @@ def quantize_model(model: nn.Module, config: RBEConfig | None = None, modules_to
         layer = model.get_submodule(name)
         old = originals[name]
         weight = old.weight.detach().T if isinstance(old, Conv1D) else old.weight.detach()
-        layer.load_packed(_encode(layer, weight, name))
+        encoded = _encode(layer, weight, name)
+        if isinstance(layer, Seed64Linear):
+            layer.load_encoded(encoded)
+        else:
+            layer.load_packed(encoded)
         if old.bias is not None:
             layer.bias.data.copy_(old.bias.detach())
     link_shared_tables(model)
     return model
 
 
-def _encode(layer: RBELinear, weight: torch.Tensor, name: str) -> dict[str, torch.Tensor]:
+def _encode(layer: RBELinear | Seed64Linear, weight: torch.Tensor, name: str) -> dict[str, torch.Tensor]:
+    if isinstance(layer, Seed64Linear):
+        res = layer.residual
+        try:
+            return layer.encode(weight, None if res is None or res.table_key is None else tables_for(res.spec))
+        except ValueError as err:
+            raise ValueError(f"{name}: {err}") from err
     tables = None if layer.table_key is None else tables_for(layer.spec)
     try:
         out = quantize_weight(weight, layer.spec, tables, layer.default_rotation_seed)
@@ -116,7 +139,7 @@ class RBEQuantize(ConversionOps):
         value = value[0] if isinstance(value, list) else value
         layer, _ = get_module_from_name(model, target_key)
         base = target_key.rsplit(".", 1)[0]
-        weight = value.T if layer.from_conv1d else value
+        weight = value.T if getattr(layer, "from_conv1d", False) else value
         out = _encode(layer, weight, base)
         result = {f"{base}.{k}": v for k, v in out.items()}
         if missing_keys is not None:

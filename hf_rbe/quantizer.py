@@ -17,6 +17,7 @@ from transformers.quantizers.quantizers_utils import get_module_from_name
 
 from .config import RBEConfig
 from .modules import RBELinear, link_shared_tables
+from .seed64_module import Seed64Linear
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ class RBEHfQuantizer(HfQuantizer):
 
     def param_needs_quantization(self, model: nn.Module, param_name: str, **kwargs: Any) -> bool:
         module, tensor_name = get_module_from_name(model, param_name)
-        return isinstance(module, RBELinear) and tensor_name == "weight" and not self.pre_quantized
+        return isinstance(module, (RBELinear, Seed64Linear)) and tensor_name == "weight" and not self.pre_quantized
 
     def _process_model_before_weight_loading(self, model: nn.Module, keep_in_fp32_modules: list[str] | None = None, **kwargs: Any) -> None:
         from .integration import replace_with_rbe_linear
@@ -49,6 +50,7 @@ class RBEHfQuantizer(HfQuantizer):
         for module in model.modules():
             if isinstance(module, RBELinear):
                 module.rebuild_buffers()
+            if isinstance(module, (RBELinear, Seed64Linear)):
                 module.validate()
                 for name, p in module.named_parameters(recurse=False):
                     p.requires_grad_(False)  # loaded companions would otherwise be trainable
@@ -76,7 +78,7 @@ class RBEHfQuantizer(HfQuantizer):
 
     def _dequantize(self, model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
         for name, module in list(model.named_modules()):
-            if isinstance(module, RBELinear):
+            if isinstance(module, (RBELinear, Seed64Linear)) and "residual" not in name.rsplit(".", 1)[-1]:
                 lin = module.to_linear()
                 if dtype is not None:
                     lin = lin.to(dtype)

@@ -89,3 +89,66 @@ def test_triton_generator_matches_reference():
     ref = S.generate(seeds, 16) * scales.double()[:, None, None]
     err = (out.double() - ref).norm(dim=(1, 2)) / ref.norm(dim=(1, 2)).clamp_min(1e-30)
     assert (err < 1e-4).all(), err
+
+
+@pytest.mark.parametrize("residual", ["none", "rbe"])
+def test_seed64_in_a_transformers_model(tiny_llama_dir, tmp_path, residual):
+    import subprocess
+    import sys
+
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    from hf_rbe import RBEConfig
+    from hf_rbe.seed64_module import Seed64Linear
+
+    kw = {"residual_stage": {"dim": 4, "idx": 7, "amp": 2}} if residual == "rbe" else {}
+    cfg = RBEConfig(codec="seed64", tile=32, residual=residual, **kw)
+    ref = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    m = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=cfg)
+    layer = m.model.layers[0].mlp.up_proj
+    assert isinstance(layer, Seed64Linear) and (layer.residual is not None) == (residual == "rbe")
+    w = ref.model.layers[0].mlp.up_proj.weight
+    rel = float((layer.dequantize() - w).pow(2).sum() / w.pow(2).sum())
+    assert rel <= 1.0 + 1e-6 and (residual == "none" or rel < 0.1), rel
+    expected_bpw = (64 + 16) / 32**2 + (layer.residual.bits_per_weight if layer.residual is not None else 0)
+    assert layer.bits_per_weight == pytest.approx(expected_bpw)
+    ids = torch.tensor([[1, 5, 9, 33]])
+    with torch.no_grad():
+        logits = m(ids).logits
+    assert torch.isfinite(logits).all()
+    m.save_pretrained(tmp_path)
+    save_file({"logits": logits.contiguous()}, tmp_path / "expected.safetensors")
+    code = ("import torch, hf_rbe; from safetensors.torch import load_file; from transformers import AutoModelForCausalLM;"
+            f"m = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r});"
+            "out = m(torch.tensor([[1, 5, 9, 33]])).logits.detach();"
+            f"assert torch.equal(out, load_file({str(tmp_path / 'expected.safetensors')!r})['logits']); print('identical')")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "identical" in res.stdout, res.stderr[-2000:]
+
+
+def test_seed64_config_errors():
+    from hf_rbe import RBEConfig
+
+    with pytest.raises(ValueError, match="residual"):
+        RBEConfig(codec="seed64", residual="int8")
+    with pytest.raises(ValueError, match="tile"):
+        RBEConfig(codec="seed64", tile=24)
+    with pytest.raises(ValueError, match="codec"):
+        RBEConfig(codec="jpeg")
+
+
+def test_seed64_layer_rejects_tampered_seeds():
+    from hf_rbe.format import FormatError
+    from hf_rbe.seed64_module import Seed64Linear
+
+    layer = Seed64Linear(64, 32, bias=False, tile=32)
+    layer.load_encoded(layer.encode(torch.randn(32, 64)))
+    layer.validate()
+    layer.weight.data[0, 0] |= 1  # a reserved bit
+    with pytest.raises(FormatError, match="reserved"):
+        layer.validate()
+    with pytest.raises(FormatError, match="divisible"):
+        Seed64Linear(48, 32, bias=False, tile=32)
+    with pytest.raises(ValueError, match="NaN"):
+        layer.encode(torch.full((32, 64), float("nan")))

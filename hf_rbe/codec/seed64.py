@@ -31,6 +31,7 @@ leaves most of it open; our choices, each documented where it is made:
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -194,6 +195,13 @@ def _grid_candidates(device: torch.device | str) -> dict[str, torch.Tensor]:
     return {k: v.reshape(-1).to(device) for k, v in f.items()}
 
 
+@functools.lru_cache(maxsize=4)
+def _start_shapes(tile: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The grid starts and their generated tiles [starts, T*T] (the same for every call)."""
+    starts = _grid_candidates("cpu")
+    return starts, generate_fields(starts, tile).reshape(len(starts["r"]), -1)
+
+
 def _fit(w: torch.Tensor, g: torch.Tensor, scaled: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(squared error, least-squares scale) of tiles w [..., P] against shapes g [..., P]."""
     gg = (g * g).sum(-1)
@@ -220,8 +228,8 @@ def encode(tiles: torch.Tensor, scaled: bool = True, refine_steps: int = 16, sta
     n, tile, _ = tiles.shape
     device = tiles.device
     w_all = tiles.reshape(n, -1).double()
-    starts = _grid_candidates(device)
-    shapes = generate_fields(starts, tile).reshape(len(starts["r"]), -1)
+    starts, shapes = _start_shapes(tile)
+    starts, shapes = {k: v.to(device) for k, v in starts.items()}, shapes.to(device)
     finite = torch.isfinite(shapes).all(-1)
     seeds, scales = [], []
     for lo in tqdm(range(0, n, chunk), desc="seed64 encoding", unit="chunk", disable=not progress):
