@@ -54,6 +54,10 @@ class RBEHfQuantizer(HfQuantizer):
                 module.validate()
                 for name, p in module.named_parameters(recurse=False):
                     p.requires_grad_(False)  # loaded companions would otherwise be trainable
+        if self.quantization_config.qat:
+            from .training import prepare_qat
+
+            prepare_qat(model)  # latent weights start from the decoded codes
         return model
 
     def get_quantize_ops(self):  # type: ignore[no-untyped-def]
@@ -78,7 +82,7 @@ class RBEHfQuantizer(HfQuantizer):
 
     def _dequantize(self, model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
         for name, module in list(model.named_modules()):
-            if isinstance(module, (RBELinear, Seed64Linear)) and "residual" not in name.rsplit(".", 1)[-1]:
+            if isinstance(module, (RBELinear, Seed64Linear)) and name.rsplit(".", 1)[-1] not in ("residual", "codes"):
                 lin = module.to_linear()
                 if dtype is not None:
                     lin = lin.to(dtype)
