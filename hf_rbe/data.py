@@ -81,6 +81,8 @@ _MARKUP = [
     (re.compile(r"\[https?://\S+ ([^\]]*)\]"), r"\1"),
     (re.compile(r"\[https?://\S+\]"), ""),
     (re.compile(r"<[^>]+>"), ""),
+    (re.compile(r"^thumb\|(?:[^|\n]*\|)*", re.M), ""),  # captions of images cut mid-link
+    (re.compile(r"\[\[|\]\]"), ""),  # unbalanced link brackets left by truncated articles
     (re.compile(r"'{2,}"), ""),
     (re.compile(r"^=+\s*(.*?)\s*=+\s*$", re.M), r"\1"),
     (re.compile(r"^[*#:;]+\s*", re.M), ""),

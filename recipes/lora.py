@@ -31,12 +31,14 @@ from hf_rbe import RBEConfig, RBELinear
 from hf_rbe.data import smollm2_path, wikipedia_articles
 from hf_rbe.eval import perplexity
 from hf_rbe.lora import merge_and_unload
+from hf_rbe.training import TimeBudgetCallback
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="rbe-2.5", choices=sorted(hf_rbe.PRESETS))
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--minutes", type=float, default=None, help="time budget instead of a step count")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--batch", type=int, default=4)
@@ -62,10 +64,11 @@ def main() -> None:
                                                   target_modules="all-linear", task_type="CAUSAL_LM"))
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     with tempfile.TemporaryDirectory() as tmp:
-        targs = TrainingArguments(output_dir=tmp, max_steps=args.steps, per_device_train_batch_size=args.batch,
+        targs = TrainingArguments(output_dir=tmp, max_steps=100_000 if args.minutes else args.steps, per_device_train_batch_size=args.batch,
                                   learning_rate=args.lr, lr_scheduler_type="constant", logging_steps=1,
                                   report_to=[], save_strategy="no", use_cpu=True, seed=0)
-        trainer = Trainer(model=peft_model, args=targs, train_dataset=data)
+        callbacks = [TimeBudgetCallback(args.minutes)] if args.minutes else []
+        trainer = Trainer(model=peft_model, args=targs, train_dataset=data, callbacks=callbacks)
         result = trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     ppl_adapter = perplexity(peft_model.eval(), held_out, 1024, 1024).perplexity
@@ -74,7 +77,7 @@ def main() -> None:
     n_rbe = sum(isinstance(m, RBELinear) for m in merged.modules())
     ppl_merged = perplexity(merged.eval(), held_out, 1024, 1024).perplexity
 
-    row = {"preset": args.preset, "steps": args.steps, "lr": args.lr, "rank": args.rank, "batch": args.batch,
+    row = {"preset": args.preset, "steps": trainer.state.global_step, "minutes": args.minutes, "lr": args.lr, "rank": args.rank, "batch": args.batch,
            "seq": args.seq, "trainable_params": trainable, "losses": losses,
            "first5_mean_loss": sum(losses[:5]) / 5, "last5_mean_loss": sum(losses[-5:]) / 5,
            "train_seconds": result.metrics["train_runtime"], "heldout_tokens": args.eval_tokens,
@@ -87,7 +90,7 @@ def main() -> None:
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": [row]}, indent=2))
     md = (f"`{meta['command']}` on {meta['machine']}, {meta['date']}\n\n"
           f"LoRA r={args.rank} on all linear layers of SmolLM2-135M at {args.preset} ({trainable:,} trainable "
-          f"parameters), {args.steps} steps of {args.batch}x{args.seq} tokens, lr {args.lr}, "
+          f"parameters), {row['steps']} steps of {args.batch}x{args.seq} tokens, lr {args.lr}, "
           f"{row['train_seconds']:.0f} s.\n\n"
           "| | mean loss, first 5 steps | mean loss, last 5 steps | held-out perplexity |\n|---|---|---|---|\n"
           f"| before training | {row['first5_mean_loss']:.3f} | | {ppl_before:.2f} |\n"
