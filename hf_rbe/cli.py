@@ -47,6 +47,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     import torch
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
+    from .card import write_card
     from .eval import model_size
 
     path = _resolve(args.model)
@@ -54,6 +55,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     model = auto.from_pretrained(path, quantization_config=_config(args), dtype=getattr(torch, args.dtype))
     model.save_pretrained(args.out)
     AutoTokenizer.from_pretrained(path).save_pretrained(args.out)
+    write_card(model, args.out, base_model=args.model)
     size = model_size(model)
     print(f"saved to {args.out}: {size['rbe_layers']} RBE layers at {size['bits_per_weight']:.3f} bits/weight "
           f"({size['rbe_bytes'] / 2**20:.2f} MiB), whole state dict {size['state_dict_bytes'] / 2**20:.1f} MiB")

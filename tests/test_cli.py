@@ -33,6 +33,12 @@ def test_quantize_command(tiny_llama_dir, tmp_path, capsys):
     assert m.model.layers[0].mlp.down_proj.spec.stage.layout.idx == 10
     assert m.model.layers[0].mlp.up_proj.spec.stage.layout.idx == 9
     assert AutoTokenizer.from_pretrained(out) is not None
+    card = (out / "README.md").read_text()
+    assert "import hf_rbe" in card and "bits per weight" in card and '"quant_method": "rbe"' in card
+    from hf_rbe.eval import model_size
+
+    assert "base_model: " + str(src) in card
+    assert f"**{model_size(m)['bits_per_weight']:.3f} bits per weight**" in card
 
 
 def test_bad_config_json_is_rejected():

@@ -54,6 +54,7 @@ def test_wheel_ships_hf_rbe_kernels(tmp_path):
 
     names = zipfile.ZipFile(next(tmp_path.glob("*.whl"))).namelist()
     assert "hf_rbe/kernels/triton_rbe.py" in names and "hf_rbe/kernels/reference.py" in names
+    assert "hf_rbe/model_cards/rbe_model_card.md" in names
     assert not any(n.startswith("kernels/") for n in names)
 
 

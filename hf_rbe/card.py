@@ -1,0 +1,48 @@
+"""Model cards for RBE checkpoints, from the template in ``model_cards/``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .eval import model_size
+
+_TEMPLATE = "rbe_model_card.md"
+
+
+def _template() -> str:
+    # hf_rbe/model_cards links to the repository's model_cards/ and ships in the wheel
+    return (Path(__file__).parent / "model_cards" / _TEMPLATE).read_text()
+
+
+def render_card(model: nn.Module, base_model: str, repo_id: str, metrics: dict[str, Any] | None = None,
+                size_bytes: int | None = None) -> str:
+    """The card text: base model, RBE config, bits per weight, size, metrics, how to load it."""
+    size = model_size(model)
+    cfg = model.config.quantization_config
+    cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+    if metrics:
+        rows = "\n".join(f"| {k} | {v} |" for k, v in metrics.items())
+        metrics_md = f"| metric | value |\n|---|---|\n{rows}"
+    else:
+        metrics_md = "Not measured yet: run `hf-rbe eval` on this checkpoint."
+    return _template().format(
+        name=repo_id.rsplit("/", 1)[-1], base_model=base_model, repo_id=repo_id, n_layers=size["rbe_layers"],
+        bits_per_weight=size["bits_per_weight"], size_mib=(size_bytes or size["state_dict_bytes"]) / 2**20,
+        config_json=json.dumps(cfg, indent=2, sort_keys=True), metrics=metrics_md,
+    )
+
+
+def write_card(model: nn.Module, out_dir: str | Path, base_model: str, repo_id: str | None = None,
+               metrics: dict[str, Any] | None = None) -> Path:
+    """Write ``README.md`` into a saved checkpoint directory (through ``huggingface_hub.ModelCard``)."""
+    from huggingface_hub import ModelCard
+
+    out = Path(out_dir)
+    disk = sum(f.stat().st_size for f in out.glob("*.safetensors")) or None
+    card = ModelCard(render_card(model, base_model, repo_id or out.name, metrics, disk))
+    card.save(out / "README.md")
+    return out / "README.md"
