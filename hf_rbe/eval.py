@@ -6,8 +6,14 @@ so a number can never be quoted without its conditions.
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import platform
+import sys
 import time
+from datetime import date
+from pathlib import Path
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -102,3 +108,40 @@ def model_size(model: nn.Module) -> dict[str, float]:
     state_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     return {"rbe_layers": len(layers), "rbe_weights": n, "bits_per_weight": bits / n if n else float("nan"),
             "rbe_bytes": bits / 8, "state_dict_bytes": state_bytes}
+
+
+def wikipedia_ids(tokenizer: Any) -> torch.Tensor:
+    """The Wikipedia articles, joined by blank lines, as one token stream (the held-out text
+    is its start; training recipes use what follows token 32,768)."""
+    from .data import wikipedia_articles
+
+    return tokenizer("\n\n".join(a["text"] for a in wikipedia_articles()), return_tensors="pt").input_ids[0]
+
+
+TRAIN_START = 32768  # training text starts here: the perplexity recipes score only tokens before it
+
+
+def wikipedia_lm_splits(tokenizer: Any, eval_tokens: int, seq: int) -> tuple[torch.Tensor, Any]:
+    """(held-out token stream: the first ``eval_tokens`` tokens, training ``datasets.Dataset``
+    of ``seq``-token blocks from token ``TRAIN_START`` on)."""
+    from datasets import Dataset
+
+    ids = wikipedia_ids(tokenizer)
+    train = ids[TRAIN_START:]
+    blocks = train[: train.numel() // seq * seq].reshape(-1, seq).tolist()
+    return ids[:eval_tokens], Dataset.from_dict({"input_ids": blocks, "labels": blocks})
+
+
+def run_meta() -> dict[str, str]:
+    """Machine, date and command line, stamped on every result file."""
+    return {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
+                       f"({torch.get_num_threads()} threads)",
+            "date": date.today().isoformat(), "command": "python " + " ".join(sys.argv)}
+
+
+def write_results(out: str | Path, meta: dict[str, str], rows: list[dict], markdown: str) -> None:
+    """``out``.json (meta + rows) and ``out``.md (the table a README quotes)."""
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    path.with_suffix(".md").write_text(markdown)

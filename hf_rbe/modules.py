@@ -186,12 +186,7 @@ class RBELinear(nn.Linear):
 
     def to_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` with the decoded weight."""
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                        device=self.weight.device, dtype=self.compute_dtype)
-        lin.weight.data.copy_(self.dequantize())
-        if self.bias is not None:
-            lin.bias.data.copy_(self.bias.data)
-        return lin
+        return dense_linear(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype not in _FLOAT_DTYPES:
@@ -283,6 +278,16 @@ class RBELinear(nn.Linear):
             f"dim={st.dim}, code_bits={st.layout.width}, residual={self.spec.residual.kind}, "
             f"bpw={self.bits_per_weight:.3f}, format=v{FORMAT_VERSION}"
         )
+
+
+def dense_linear(layer: nn.Linear) -> nn.Linear:
+    """A plain ``nn.Linear`` holding ``layer.dequantize()`` and its bias (any packed layer)."""
+    lin = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                    device=layer.weight.device, dtype=layer.compute_dtype)
+    lin.weight.data.copy_(layer.dequantize())
+    if layer.bias is not None:
+        lin.bias.data.copy_(layer.bias.data)
+    return lin
 
 
 def quantize_weight(

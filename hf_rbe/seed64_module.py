@@ -19,7 +19,7 @@ from torch import nn
 
 from .codec import seed64 as S
 from .format import FormatError, LayerSpec
-from .modules import RBELinear
+from .modules import RBELinear, dense_linear
 
 _RESERVED_MASK = (1 << 6) - 1
 
@@ -119,12 +119,7 @@ class Seed64Linear(nn.Linear):
         return out if self.bias is None else out + self.bias.to(out.dtype)
 
     def to_linear(self) -> nn.Linear:
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                        device=self.weight.device, dtype=self.compute_dtype)
-        lin.weight.data.copy_(self.dequantize())
-        if self.bias is not None:
-            lin.bias.data.copy_(self.bias.data)
-        return lin
+        return dense_linear(self)
 
     # ------------------------------------------------------------------ checks and sizes
 

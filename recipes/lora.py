@@ -12,24 +12,17 @@ active) and after ``hf_rbe.lora.merge_and_unload`` re-encodes W + BA into RBE co
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import sys
 import tempfile
-from datetime import date
-from pathlib import Path
 
 import torch
-from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 from transformers.utils import logging as hf_logging
 
 import hf_rbe
 from hf_rbe import RBEConfig, RBELinear
-from hf_rbe.data import smollm2_path, wikipedia_articles
-from hf_rbe.eval import perplexity
+from hf_rbe.data import smollm2_path
+from hf_rbe.eval import perplexity, run_meta, wikipedia_lm_splits, write_results
 from hf_rbe.lora import merge_and_unload
 from hf_rbe.training import TimeBudgetCallback
 
@@ -51,11 +44,7 @@ def main() -> None:
 
     path = smollm2_path()
     tok = AutoTokenizer.from_pretrained(path)
-    ids = tok("\n\n".join(a["text"] for a in wikipedia_articles()), return_tensors="pt").input_ids[0]
-    held_out, train = ids[: args.eval_tokens], ids[32768:]  # training never sees the quantize recipe's text
-    n_blocks = train.numel() // args.seq
-    blocks = train[: n_blocks * args.seq].reshape(n_blocks, args.seq)
-    data = Dataset.from_dict({"input_ids": blocks.tolist(), "labels": blocks.tolist()})
+    held_out, data = wikipedia_lm_splits(tok, args.eval_tokens, args.seq)
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
                                                  quantization_config=RBEConfig.from_preset(args.preset))
@@ -83,11 +72,7 @@ def main() -> None:
            "train_seconds": result.metrics["train_runtime"], "heldout_tokens": args.eval_tokens,
            "ppl_before": ppl_before, "ppl_with_adapters": ppl_adapter, "ppl_merged": ppl_merged,
            "rbe_layers_after_merge": n_rbe}
-    meta = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
-            "date": date.today().isoformat(), "command": "python " + " ".join(sys.argv)}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": [row]}, indent=2))
+    meta = run_meta()
     md = (f"`{meta['command']}` on {meta['machine']}, {meta['date']}\n\n"
           f"LoRA r={args.rank} on all linear layers of SmolLM2-135M at {args.preset} ({trainable:,} trainable "
           f"parameters), {row['steps']} steps of {args.batch}x{args.seq} tokens, lr {args.lr}, "
@@ -97,7 +82,7 @@ def main() -> None:
           f"| with adapters | | {row['last5_mean_loss']:.3f} | {ppl_adapter:.2f} |\n"
           f"| merged into RBE codes ({n_rbe} layers) | | | {ppl_merged:.2f} |\n\n"
           f"Held-out perplexity: first {args.eval_tokens} Wikipedia tokens, context 1024, stride 1024.\n")
-    out.with_suffix(".md").write_text(md)
+    write_results(args.out, meta, [row], md)
     print(md)
 
 

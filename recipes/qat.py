@@ -13,23 +13,17 @@ the model is frozen into codes, saved, reloaded, and scored. Writes results/qat.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import sys
 import tempfile
-from datetime import date
 from pathlib import Path
 
 import torch
-from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 from transformers.utils import logging as hf_logging
 
 import hf_rbe
 from hf_rbe import RBEConfig
-from hf_rbe.data import smollm2_path, wikipedia_articles
-from hf_rbe.eval import perplexity
+from hf_rbe.data import smollm2_path
+from hf_rbe.eval import perplexity, run_meta, wikipedia_lm_splits, write_results
 from hf_rbe.training import DistillTrainer, ReencodeCallback, TimeBudgetCallback, freeze, prepare_qat
 
 
@@ -50,11 +44,7 @@ def main() -> None:
 
     path = smollm2_path()
     tok = AutoTokenizer.from_pretrained(path)
-    ids = tok("\n\n".join(a["text"] for a in wikipedia_articles()), return_tensors="pt").input_ids[0]
-    held_out, train = ids[: args.eval_tokens], ids[32768:]
-    n_blocks = train.numel() // args.seq
-    blocks = train[: n_blocks * args.seq].reshape(n_blocks, args.seq)
-    data = Dataset.from_dict({"input_ids": blocks.tolist(), "labels": blocks.tolist()})
+    held_out, data = wikipedia_lm_splits(tok, args.eval_tokens, args.seq)
 
     teacher = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     ppl_fp32 = perplexity(teacher, held_out, 1024, 1024).perplexity
@@ -87,11 +77,7 @@ def main() -> None:
            "train_seconds": result.metrics["train_runtime"], "losses_every_5_steps": losses,
            "heldout_tokens": args.eval_tokens, "ppl_fp32": ppl_fp32, "ppl_ptq": ppl_ptq,
            "ppl_qat_frozen_reloaded": ppl_qat, "gap_closed": gap_closed}
-    meta = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
-            "date": date.today().isoformat(), "command": "python " + " ".join(sys.argv)}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": [row]}, indent=2))
+    meta = run_meta()
     md = (f"`{meta['command']}` on {meta['machine']}, {meta['date']}\n\n"
           f"QAT of SmolLM2-135M at {args.preset}: {row['steps']} steps of {args.batch}x{args.seq} tokens in "
           f"{row['train_seconds'] / 60:.1f} min, lr {args.lr}, {'distillation from fp32 + CE' if row['kd'] else 'CE'}, "
@@ -100,7 +86,7 @@ def main() -> None:
           f"| fp32 | {ppl_fp32:.2f} |\n| {args.preset} post-training | {ppl_ptq:.2f} |\n"
           f"| {args.preset} after QAT (frozen, saved, reloaded) | {ppl_qat:.2f} |\n\n"
           f"Gap to fp32 closed: {100 * gap_closed:.1f}%.\n")
-    out.with_suffix(".md").write_text(md)
+    write_results(args.out, meta, [row], md)
     print(md)
 
 

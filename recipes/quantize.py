@@ -16,14 +16,11 @@ first 1,000 movie-review snippets. Results go to ``results/quantize.{json,md}``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
 
 import torch
@@ -34,8 +31,8 @@ from transformers.utils import logging as hf_logging
 import hf_rbe
 from hf_rbe import RBEConfig
 from hf_rbe.config import DEFAULT_PRESET
-from hf_rbe.data import minilm_path, movie_reviews, smollm2_path, wikipedia_articles
-from hf_rbe.eval import mean_pooled_embeddings, model_size, perplexity
+from hf_rbe.data import minilm_path, movie_reviews, smollm2_path
+from hf_rbe.eval import mean_pooled_embeddings, model_size, perplexity, run_meta, wikipedia_ids, write_results
 
 PROMPT = "The capital of France is"
 _RELOAD = """
@@ -52,8 +49,7 @@ print("bit-identical" if torch.equal(out, exp["logits"]) else f"DIFFERENT max|d|
 
 
 def wiki_ids(tokenizer, n_tokens: int) -> torch.Tensor:
-    text = "\n\n".join(a["text"] for a in wikipedia_articles())
-    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    ids = wikipedia_ids(tokenizer)
     if ids.numel() < n_tokens:
         raise ValueError(f"the Wikipedia text has only {ids.numel()} tokens")
     return ids[:n_tokens]
@@ -138,13 +134,8 @@ def main() -> None:
 
     rows = smollm2(args.settings, args.tokens, args.context, args.stride)
     rows.append(minilm(DEFAULT_PRESET))
-    meta = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
-                       f"({torch.get_num_threads()} threads)", "date": date.today().isoformat(),
-            "hf_rbe": hf_rbe.__version__, "command": "python " + " ".join(sys.argv)}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    out.with_suffix(".md").write_text(table(rows, meta))
+    meta = {**run_meta(), "hf_rbe": hf_rbe.__version__}
+    write_results(args.out, meta, rows, table(rows, meta))
     print(table(rows, meta))
 
 
