@@ -199,7 +199,10 @@ def _grid_candidates(device: torch.device | str) -> dict[str, torch.Tensor]:
 def _start_shapes(tile: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """The grid starts and their generated tiles [starts, T*T] (the same for every call)."""
     starts = _grid_candidates("cpu")
-    return starts, generate_fields(starts, tile).reshape(len(starts["r"]), -1)
+    n, step = len(starts["r"]), max(1, (1 << 22) // (tile * tile))  # bounded temporaries for large tiles
+    shapes = [generate_fields({k: v[i : i + step] for k, v in starts.items()}, tile).reshape(-1, tile * tile)
+              for i in range(0, n, step)]
+    return starts, torch.cat(shapes)
 
 
 def _fit(w: torch.Tensor, g: torch.Tensor, scaled: bool) -> tuple[torch.Tensor, torch.Tensor]:
