@@ -86,12 +86,14 @@ def quantize_model(model: nn.Module, config: RBEConfig | None = None, modules_to
     """Quantize an already-loaded model in place (outside ``from_pretrained``), with a progress bar.
 
     Skips are merged as in ``from_pretrained``: transformers' defaults (LM head, tied
-    embeddings) plus ``modules_to_not_convert`` and the config's own list.
+    embeddings), task heads, ``modules_to_not_convert`` and the config's own list.
     """
     from transformers.quantizers.base import get_keys_to_not_convert
 
     config = config or RBEConfig()
-    skips = get_keys_to_not_convert(model) if isinstance(model, PreTrainedModel) else []
+    from .quantizer import TASK_HEADS
+
+    skips = (get_keys_to_not_convert(model) if isinstance(model, PreTrainedModel) else []) + list(TASK_HEADS)
     modules_to_not_convert = list(set(skips + list(modules_to_not_convert or []) + list(config.modules_to_not_convert or [])))
     originals = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))}
     names = replace_with_rbe_linear(model, config, modules_to_not_convert)

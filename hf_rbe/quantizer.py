@@ -21,6 +21,10 @@ from .seed64_module import Seed64Linear
 
 logger = logging.getLogger(__name__)
 
+#: Task heads (sequence/token classification, reward scores, extractive QA) usually arrive
+#: untrained from ``from_pretrained`` and are what fine-tuning trains: kept in full precision.
+TASK_HEADS = ("classifier", "score", "qa_outputs")
+
 
 class RBEHfQuantizer(HfQuantizer):
     """Quantize to RBE while loading, and load RBE checkpoints."""
@@ -42,7 +46,7 @@ class RBEHfQuantizer(HfQuantizer):
 
         self.modules_to_not_convert = self.get_modules_to_not_convert(
             model, self.quantization_config.modules_to_not_convert, model._keep_in_fp32_modules, add_default_skips=True
-        )
+        ) + list(TASK_HEADS)
         replace_with_rbe_linear(model, self.quantization_config, self.modules_to_not_convert)
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:

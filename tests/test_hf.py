@@ -180,3 +180,15 @@ def test_registration_is_idempotent():
 
     importlib.reload(hf_rbe)
     hf_rbe._register()
+
+
+def test_new_task_heads_stay_full_precision(tmp_path):
+    # a fresh classification head has no checkpoint weight to quantize; it must load, untouched
+    from transformers import AutoModelForSequenceClassification, BertConfig, BertModel
+
+    cfg = BertConfig(vocab_size=64, hidden_size=64, num_hidden_layers=1, num_attention_heads=4, intermediate_size=128)
+    BertModel(cfg).save_pretrained(tmp_path)
+    m = AutoModelForSequenceClassification.from_pretrained(tmp_path, num_labels=2, quantization_config=RBEConfig())
+    assert type(m.classifier) is nn.Linear
+    assert isinstance(m.bert.encoder.layer[0].attention.self.query, RBELinear)
+    assert m(torch.tensor([[1, 2, 3]])).logits.shape == (1, 2)
