@@ -13,6 +13,7 @@ the model is frozen into codes, saved, reloaded, and scored. Writes results/qat.
 from __future__ import annotations
 
 import argparse
+import math
 import tempfile
 from pathlib import Path
 
@@ -72,11 +73,12 @@ def main() -> None:
     ppl_qat = perplexity(reloaded, held_out, 1024, 1024).perplexity
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     gap_closed = (ppl_ptq - ppl_qat) / (ppl_ptq - ppl_fp32)
+    nll_gap_closed = (math.log(ppl_ptq) - math.log(ppl_qat)) / (math.log(ppl_ptq) - math.log(ppl_fp32))
     row = {"preset": args.preset, "minutes": args.minutes, "steps": trainer.state.global_step, "lr": args.lr,
            "batch": args.batch, "seq": args.seq, "kd": not args.no_kd, "reencode_every": args.reencode_every,
            "train_seconds": result.metrics["train_runtime"], "losses_every_5_steps": losses,
            "heldout_tokens": args.eval_tokens, "ppl_fp32": ppl_fp32, "ppl_ptq": ppl_ptq,
-           "ppl_qat_frozen_reloaded": ppl_qat, "gap_closed": gap_closed}
+           "ppl_qat_frozen_reloaded": ppl_qat, "gap_closed": gap_closed, "nll_gap_closed": nll_gap_closed}
     meta = run_meta()
     md = (f"`{meta['command']}` on {meta['machine']}, {meta['date']}\n\n"
           f"QAT of SmolLM2-135M at {args.preset}: {row['steps']} steps of {args.batch}x{args.seq} tokens in "
@@ -85,7 +87,8 @@ def main() -> None:
           "context 1024, stride 1024.\n\n| model | held-out perplexity |\n|---|---|\n"
           f"| fp32 | {ppl_fp32:.2f} |\n| {args.preset} post-training | {ppl_ptq:.2f} |\n"
           f"| {args.preset} after QAT (frozen, saved, reloaded) | {ppl_qat:.2f} |\n\n"
-          f"Gap to fp32 closed: {100 * gap_closed:.1f}%.\n")
+          f"Gap to fp32 closed: {100 * gap_closed:.1f}% in perplexity, "
+          f"{100 * nll_gap_closed:.1f}% in log-perplexity (nats per token).\n")
     write_results(args.out, meta, [row], md)
     print(md)
 
