@@ -60,3 +60,24 @@ def test_trainer_runs_qat_without_peft(tiny_llama_dir, tmp_path):
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
     assert not torch.equal(model.model.layers[1].self_attn.q_proj.weight.detach(), start)
+
+
+def test_qat_checkpoint_saves_and_resumes(tiny_llama_dir, tmp_path):
+    ids = (torch.arange(16)[None] + torch.arange(8)[:, None]) % 128
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+
+    def run(max_steps, resume=None):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(
+            tiny_llama_dir, quantization_config=RBEConfig.from_preset("rbe-2.5", qat=True))
+        args = TrainingArguments(output_dir=str(tmp_path / "ckpt"), max_steps=max_steps, per_device_train_batch_size=4,
+                                 learning_rate=1e-3, report_to=[], save_strategy="steps", save_steps=2, use_cpu=True,
+                                 logging_steps=1, seed=0)
+        Trainer(model=model, args=args, train_dataset=data).train(resume_from_checkpoint=resume)
+        return model
+
+    straight = run(4)
+    w = straight.model.layers[0].mlp.up_proj.weight.detach().clone()
+    assert (tmp_path / "ckpt" / "checkpoint-2").exists()
+    resumed = run(4, resume=str(tmp_path / "ckpt" / "checkpoint-2"))
+    assert torch.allclose(resumed.model.layers[0].mlp.up_proj.weight.detach(), w, atol=1e-6)
