@@ -12,11 +12,12 @@ from .format import FORMAT_VERSION, CodeLayout, FormatError, LayerSpec, Residual
 from .integration import quantize_model, replace_with_rbe_linear
 from .modules import RBELinear
 from .quantizer import RBEHfQuantizer
+from .seed64_module import Seed64Linear
 
 __version__ = "0.1.0"
 __all__ = [
     "FORMAT_VERSION", "PRESETS", "CodeLayout", "FormatError", "LayerSpec", "RBEConfig", "RBEHfQuantizer",
-    "RBELinear", "ResidualSpec", "StageSpec", "quantize_model", "replace_with_rbe_linear",
+    "RBELinear", "ResidualSpec", "Seed64Linear", "StageSpec", "quantize_model", "replace_with_rbe_linear",
 ]
 
 
