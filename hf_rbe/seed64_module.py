@@ -3,7 +3,7 @@
 Stored tensors::
 
     weight        int64 [out / T, in / T]   one seed per tile (layout in ``codec.seed64``)
-    tile_scale    fp16  [out / T, in / T]   (with ``scaled``) least-squares scale per tile
+    tile_scale    fp16  [out / T, in / T]   (with ``scaled``) least-squares scale of the unit-RMS tile
     residual.*    an ``RBELinear`` (no bias) holding W - seed64(W), when a residual is set
 
 Like ``RBELinear``, the seeds sit under ``weight`` so that loading without ``import hf_rbe``
@@ -99,9 +99,7 @@ class Seed64Linear(nn.Linear):
             theta_ij, d_ij = S.disk_grid(self.tile, seeds.device)
             tiles = seed64_generate(seeds.reshape(-1), theta_ij, d_ij, scale)
         else:
-            tiles = S.generate(seeds.reshape(-1), self.tile)
-            if scale is not None:
-                tiles = tiles * scale.reshape(-1, 1, 1).double()
+            tiles = S.generate(seeds.reshape(-1), self.tile, None if scale is None else scale.reshape(-1))
         return S.untile_matrix(tiles, self.out_features, self.in_features)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -53,14 +53,15 @@ def _seed64_kernel(seeds_ptr, scales_ptr, theta_ij_ptr, d_ij_ptr, out_ptr, TT: t
                    tl.where(b == 1, tl.where(d, ch, sh),
                             tl.where(b == 2, tl.where(d, sech * sech, th), tl.where(d, -sech * th, sech))))
     w = jac * phi * psi
-    if HAS_SCALE:
-        w = w * tl.load(scales_ptr + t).to(tl.float32)
+    if HAS_SCALE:  # scaled variant: unit-RMS tile times the stored scale
+        rms = tl.sqrt(tl.sum(w * w, axis=0) / TT)
+        w = w * (tl.load(scales_ptr + t).to(tl.float32) / tl.maximum(rms, 1e-30))
     tl.store(out_ptr + t.to(tl.int64) * TT + offs, w)
 
 
 def seed64_generate(seeds: torch.Tensor, theta_ij: torch.Tensor, d_ij: torch.Tensor,
                     scales: torch.Tensor | None = None) -> torch.Tensor:
-    """fp32 tiles [n, T, T] from int64 seeds [n] (times per-tile ``scales`` if given).
+    """fp32 tiles [n, T, T] from int64 seeds [n] (unit-RMS tiles times per-tile ``scales`` if given).
 
     ``theta_ij``/``d_ij`` [T, T]: polar angle and hyperbolic radius of each cell.
     """

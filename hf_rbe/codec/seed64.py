@@ -174,9 +174,20 @@ def generate_fields(f: dict[str, torch.Tensor], tile: int) -> torch.Tensor:
     return ex(jac) * phi * psi
 
 
-def generate(seeds: torch.Tensor, tile: int = 32) -> torch.Tensor:
-    """float64 tiles [*S, tile, tile] generated from int64 seeds [*S] (the PyTorch reference)."""
-    return generate_fields(unpack_tensor(seeds), tile)
+def generate(seeds: torch.Tensor, tile: int = 32, scales: torch.Tensor | None = None) -> torch.Tensor:
+    """float64 tiles [*S, tile, tile] generated from int64 seeds [*S] (the PyTorch reference).
+
+    With per-tile ``scales`` (the scaled variant) each tile is first normalised to unit RMS,
+    so the stored fp16 scale is simply the tile's RMS and never overflows, whatever J and Psi
+    make of the raw tile."""
+    g = generate_fields(unpack_tensor(seeds), tile)
+    if scales is None:
+        return g
+    return g * (scales.double() / _rms(g))[..., None, None]
+
+
+def _rms(g: torch.Tensor) -> torch.Tensor:
+    return g.pow(2).mean((-2, -1)).sqrt().clamp_min(1e-30)
 
 
 # ----------------------------------------------------------------------------- encoder
@@ -223,7 +234,7 @@ def encode(tiles: torch.Tensor, scaled: bool = True, refine_steps: int = 16, sta
 
     Search: score every tile against all grid starts at once (one matmul), keep the
     ``starts_kept`` best, refine r and theta of each by a shrinking pattern search, keep the best. Deterministic; vectorised over tiles, no loop over tiles.
-    ``scaled`` fits a least-squares scale per tile (stored next to the seed); without it the
+    ``scaled`` fits a least-squares scale per unit-RMS tile (stored next to the seed); without it the
     seed alone must carry the magnitude (the paper's setting).
     """
     from tqdm.auto import tqdm
@@ -273,7 +284,10 @@ def encode(tiles: torch.Tensor, scaled: bool = True, refine_steps: int = 16, sta
                              2**THETA_BITS).long()
         f["r"] = (qr.double() + 0.5) / 2**R_BITS
         f["theta"] = (qt.double() + 0.5) / 2**THETA_BITS * 2 * math.pi
-        _, alpha = _fit(w, generate_fields(f, tile).reshape(len(w), -1), scaled)
+        g = generate_fields(f, tile)
+        _, alpha = _fit(w, g.reshape(len(w), -1), scaled)
+        if scaled:
+            alpha = alpha * _rms(g)  # the scale of the unit-RMS tile (see ``generate``)
         seeds.append(pack_tensor({**f, "r": qr, "theta": qt}))
         scales.append(alpha)
     return torch.cat(seeds), torch.cat(scales)
