@@ -1,6 +1,6 @@
 """MiniLM sentiment classifier: fp32 fine-tuning vs RBE QAT fine-tuning under the same budget.
 
-    python recipes/qat_minilm.py                  # rbe-2.5, 300 steps each, results/qat_minilm.{json,md}
+    python recipes/qat_minilm.py                  # rbe-2.5, 60 steps each, results/qat_minilm.{json,md}
 
 all-MiniLM-L6-v2 with a fresh classification head, trained with ``Trainer`` on the movie-review
 snippets (label = sign of the rating; a fixed shuffled split, 80% train / 20% test):
@@ -62,7 +62,7 @@ def train(model: torch.nn.Module, data: Dataset, steps: int, lr: float, callback
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="rbe-2.5", choices=sorted(hf_rbe.PRESETS))
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--reencode-every", type=int, default=20)
     ap.add_argument("--out", default="results/qat_minilm")
