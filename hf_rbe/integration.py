@@ -20,7 +20,7 @@ from transformers.quantizers.quantizers_utils import get_module_from_name, shoul
 from .codec.rbe import tables_for, table_key
 from .config import RBEConfig
 from .format import FormatError
-from .modules import RBELinear, link_shared_tables, quantize_weight
+from .modules import RBELinear, link_shared_tables
 from .seed64_module import Seed64Linear
 
 logger = logging.getLogger(__name__)
@@ -121,13 +121,9 @@ def _encode(layer: RBELinear | Seed64Linear, weight: torch.Tensor, name: str) ->
             raise ValueError(f"{name}: {err}") from err
     tables = None if layer.table_key is None else tables_for(layer.spec)
     try:
-        out = quantize_weight(weight, layer.spec, tables, layer.default_rotation_seed)
+        return layer.encode(weight, tables, layer.default_rotation_seed)
     except ValueError as err:
         raise ValueError(f"{name}: {err}") from err
-    if not layer.owns_table:
-        for n in ("table", "lut", "residual_table", "residual_lut"):
-            out.pop(n, None)
-    return out
 
 
 class RBEQuantize(ConversionOps):

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .modules import RBELinear, quantize_weight
+from .modules import RBELinear
 
 
 def merge_and_unload(peft_model: nn.Module) -> nn.Module:
@@ -27,11 +27,5 @@ def merge_and_unload(peft_model: nn.Module) -> nn.Module:
             for name in wrapper.active_adapters:
                 if name in wrapper.lora_A:
                     w += wrapper.get_delta_weight(name).to(w)
-            seed = int(base.rotation_seed.item()) if base.spec.rotation else 0
-            tables = base._tables() if base.table_key is not None else None  # keep the shared table
-            packed = quantize_weight(w, base.spec, tables, seed)
-        if not base.owns_table:
-            for n in ("table", "lut", "residual_table", "residual_lut"):
-                packed.pop(n, None)
-        base.load_packed(packed)
+            base.load_packed(base.encode(w))  # same spec, shared table and rotation seed
     return peft_model.unload()

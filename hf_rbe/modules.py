@@ -156,6 +156,24 @@ class RBELinear(nn.Linear):
             own[name].data = t.to(dtype=own[name].dtype, device=own[name].device)
         self.rebuild_buffers()
 
+    def encode(self, weight: torch.Tensor, tables: LayerTables | None = None,
+               rotation_seed: int | None = None) -> dict[str, torch.Tensor]:
+        """Stored tensors for a float weight [out, in], ready for :meth:`load_packed`.
+
+        Defaults re-encode in place of the current codes: this layer's own tables (shared or
+        refitted per layer) and its stored rotation seed. A layer that does not own its shared
+        table gets no table tensors back.
+        """
+        if tables is None and self.table_key is not None:
+            tables = self._tables()
+        if rotation_seed is None:
+            rotation_seed = int(self.rotation_seed.item()) if self.spec.rotation else 0
+        packed = quantize_weight(weight, self.spec, tables, rotation_seed)
+        if not self.owns_table:
+            for n in ("table", "lut", "residual_table", "residual_lut"):
+                packed.pop(n, None)
+        return packed
+
     def rebuild_buffers(self) -> None:
         """Recompute non-persistent buffers (Hadamard signs) from the stored seed."""
         if self.spec.rotation:

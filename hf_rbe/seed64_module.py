@@ -57,7 +57,6 @@ class Seed64Linear(nn.Linear):
     def encode(self, weight: torch.Tensor, residual_tables=None) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
         """Stored tensors for a float weight [out, in] (seeds, scales, and the residual's)."""
         from .codec.rbe import check_finite
-        from .modules import quantize_weight
 
         check_finite(weight)
         w = weight.detach().double()
@@ -67,11 +66,7 @@ class Seed64Linear(nn.Linear):
             out["tile_scale"] = scale.reshape(self.weight.shape).half()
         if self.residual is not None:
             rec = self._generate(out["weight"], out.get("tile_scale"))
-            res = quantize_weight((w - rec).float(), self.residual.spec, residual_tables,
-                                  self.residual.default_rotation_seed)
-            if not self.residual.owns_table:
-                for n in ("table", "lut", "residual_table", "residual_lut"):
-                    res.pop(n, None)
+            res = self.residual.encode((w - rec).float(), residual_tables, self.residual.default_rotation_seed)
             out.update({f"residual.{k}": v for k, v in res.items()})
         return out
 

@@ -25,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback
 
-from .modules import RBELinear, link_shared_tables, quantize_weight
+from .modules import RBELinear, link_shared_tables
 
 logger = logging.getLogger(__name__)
 
@@ -44,22 +44,24 @@ class RBEQATLinear(nn.Linear):
             self.bias.requires_grad_(True)
         codes.bias = None  # the bias lives here while training
 
+    def _decoded(self) -> torch.Tensor:
+        """``codes.dequantize()``, decoded again only when the codes change (re-encoding,
+        ``load_state_dict`` or a device move), not on every forward pass."""
+        stored = [*self.codes.parameters(), *self.codes.buffers()]  # buffers: linked shared tables, signs
+        key = tuple((t.data_ptr(), t._version) for t in stored) + (self.weight.dtype,)
+        if getattr(self, "_cache_key", None) != key:
+            self._cache = self.codes.dequantize(self.weight.dtype)
+            self._cache_key = key
+        return self._cache
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        wq = self.codes.dequantize(self.weight.dtype)
-        w = straight_through(self.weight, wq)
+        w = straight_through(self.weight, self._decoded())
         return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     @torch.no_grad()
     def reencode(self) -> None:
         """Encode the current latent weight into the codes (same spec, table and rotation seed)."""
-        c = self.codes
-        seed = int(c.rotation_seed.item()) if c.spec.rotation else 0
-        tables = c._tables() if c.table_key is not None else None
-        packed = quantize_weight(self.weight.detach().float(), c.spec, tables, seed)
-        if not c.owns_table:
-            for n in ("table", "lut", "residual_table", "residual_lut"):
-                packed.pop(n, None)
-        c.load_packed(packed)
+        self.codes.load_packed(self.codes.encode(self.weight.detach().float()))
 
     def to_rbe(self) -> RBELinear:
         self.reencode()

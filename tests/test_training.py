@@ -28,6 +28,12 @@ def test_gradients_reach_latent_weights_not_codes(tiny_llama_dir):
     # the forward pass sees exactly the decoded codes
     x = torch.randn(3, 64)
     assert torch.allclose(layer(x), x @ layer.codes.dequantize().T, atol=1e-6)
+    with torch.no_grad():  # after the latent moves and the codes are refreshed, forward follows them
+        layer.weight.mul_(-1.5)
+        before = layer(x)
+        layer.reencode()
+        assert not torch.allclose(layer(x), before)
+        assert torch.allclose(layer(x), x @ layer.codes.dequantize().T, atol=1e-6)
 
 
 def test_freeze_save_reload_identical(tiny_llama_dir, tmp_path):
