@@ -1,0 +1,146 @@
+"""Poincaré-ball operations for Hb-BERT, on top of geoopt.
+
+geoopt (maintained, on PyPI) supplies the ball with a learnable curvature, Möbius addition,
+distances, projection and the Riemannian optimisers (``ManifoldParameter``, ``RiemannianAdam``).
+Four pieces are written here because geoopt's versions do not fit a transformer:
+
+- the exp/log maps at the origin and the Möbius scalar product use ``torch.atanh``: geoopt's
+  artanh is (log(1+x) - log(1-x))/2, which in float32 loses digits for small x = sqrt(c)|v|
+  (relative error ~1e-7/x: 3e-4 on MiniLM's outputs at c = 1e-6, measured);
+
+- ``mobius_linear`` takes the Euclidean product ``W x`` from any linear module (an
+  ``nn.Linear`` or an ``RBELinear`` decoding packed codes) instead of a weight matrix, so a
+  Poincaré layer stays quantizable like any other layer;
+- ``gyromidpoint`` contracts attention weights [.., Lq, Lk] with points [.., Lk, d] by einsum;
+  geoopt's ``weighted_midpoint`` would broadcast them to [.., Lq, Lk, d] (hundreds of MB);
+- ``HyperbolicMLR`` is the multinomial logistic regression of Ganea et al. (2018), which geoopt
+  does not ship.
+
+Conventions: ``ball`` is a ``geoopt.PoincareBall`` (curvature -c, c > 0); points are the last
+dimension of a tensor. Every map into the ball is followed by a projection a hair inside the
+boundary (geoopt's ``projx``), so float32 never reaches ||x|| = 1/sqrt(c).
+"""
+
+from __future__ import annotations
+
+import math
+
+import geoopt
+import torch
+from torch import nn
+
+
+def make_ball(curvature: float, learnable: bool = True) -> geoopt.PoincareBall:
+    """A Poincaré ball of curvature -``curvature`` (``curvature`` > 0)."""
+    if not (isinstance(curvature, (int, float)) and math.isfinite(curvature) and curvature > 0):
+        raise ValueError(f"curvature must be a finite number > 0, got {curvature!r}")
+    ball = geoopt.PoincareBall(c=float(curvature), learnable=learnable)
+    with torch.no_grad():  # geoopt inverts softplus in float32, which gives -inf below c ~ 1e-7
+        ball.isp_c.copy_(inverse_softplus(curvature))
+    return ball
+
+
+def inverse_softplus(c: float) -> torch.Tensor:
+    """The stored parameter of a ball of curvature -c (c = softplus(p)), computed in float64."""
+    return torch.tensor(float(c), dtype=torch.float64).expm1().log()
+
+
+def _tan(r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """tan_c(r) = tanh(sqrt(c) r) / sqrt(c)."""
+    sc = c.clamp_min(1e-30).sqrt()
+    return torch.tanh((sc * r).clamp(max=15.0)) / sc
+
+
+def _artan(r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """artan_c(r) = atanh(sqrt(c) r) / sqrt(c), kept finite a hair inside the boundary."""
+    sc = c.clamp_min(1e-30).sqrt()
+    limit = 1.0 - (4e-3 if r.dtype in (torch.float16, torch.bfloat16) else 1e-7 if r.dtype == torch.float64 else 1e-6)
+    return torch.atanh((sc * r).clamp(max=limit)) / sc
+
+
+def _norm(v: torch.Tensor) -> torch.Tensor:
+    return v.norm(dim=-1, keepdim=True).clamp_min(1e-15)
+
+
+def expmap0(ball: geoopt.PoincareBall, u: torch.Tensor) -> torch.Tensor:
+    """Tangent vector at the origin -> point of the ball (projected strictly inside)."""
+    n = _norm(u)
+    return ball.projx(_tan(n, ball.c) * u / n)
+
+
+def logmap0(ball: geoopt.PoincareBall, x: torch.Tensor) -> torch.Tensor:
+    """Point of the ball -> tangent vector at the origin (inverse of ``expmap0``)."""
+    n = _norm(x)
+    return _artan(n, ball.c) * x / n
+
+
+def mobius_scalar_mul(ball: geoopt.PoincareBall, r: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """r ⊗_c x = tan_c(r artan_c(|x|)) x / |x|."""
+    n = _norm(x)
+    return ball.projx(_tan(r * _artan(n, ball.c), ball.c) * x / n)
+
+
+def mobius_add(ball: geoopt.PoincareBall, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return ball.projx(ball.mobius_add(x, y))
+
+
+def mobius_linear(ball: geoopt.PoincareBall, linear: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None,
+                  bias_scale: float = 1.0) -> torch.Tensor:
+    """``(W ⊗_c x) ⊕_c exp0(b * bias_scale)`` for a ball point ``x``, with ``W x`` from ``linear``.
+
+    Möbius matrix-vector product: tan_c(|Wx|/|x| artan_c(|x|)) Wx/|Wx| (Ganea et al. 2018),
+    then the bias, mapped into the ball, is Möbius-added. As c -> 0 this is ``W x + b * bias_scale``
+    (``bias_scale`` puts a bias stored in other units into the ball's coordinates). ``linear``
+    must have no bias of its own: subtracting it from ``W x + b`` would cancel digits in float32.
+    """
+    if getattr(linear, "bias", None) is not None:
+        raise ValueError("mobius_linear needs a bias-free linear module; pass the bias separately")
+    wx = linear(x)
+    x_norm, wx_norm = _norm(x), _norm(wx)
+    out = ball.projx(_tan(wx_norm / x_norm * _artan(x_norm, ball.c), ball.c) * (wx / wx_norm))
+    if bias is not None:
+        out = mobius_add(ball, out, expmap0(ball, bias * bias_scale))
+    return out
+
+
+def gyromidpoint(ball: geoopt.PoincareBall, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted gyro-midpoint of points ``x`` [..., n, d] with ``weights`` [..., m, n] -> [..., m, d].
+
+    m_i = 1/2 ⊗ (Σ_j w_ij λ_j x_j / Σ_j w_ij (λ_j - 1)), λ_j = 2 / (1 - c|x_j|²): the Poincaré
+    form of the Einstein midpoint. For weights summing to one and c -> 0 it is Σ_j w_ij x_j,
+    the Euclidean attention average.
+    """
+    lam = 2.0 / (1.0 + ball.k * x.pow(2).sum(-1)).clamp_min(1e-15)  # [..., n]
+    num = torch.einsum("...mn,...n,...nd->...md", weights, lam, x)
+    den = torch.einsum("...mn,...n->...m", weights, lam - 1.0)[..., None]
+    den = torch.where(den.abs() < 1e-10, torch.full_like(den, 1e-10), den)
+    return mobius_scalar_mul(ball, 0.5, num / den)
+
+
+class HyperbolicMLR(nn.Module):
+    """Multinomial logistic regression on the ball (Ganea et al. 2018, eq. 25).
+
+    Class k has a point p_k on the ball (a ``geoopt.ManifoldParameter``, trained by Riemannian
+    Adam) and a tangent normal a_k; its logit is the signed, scaled distance to the gyroplane
+    through p_k orthogonal to a_k:
+
+        (λ_pk |a_k| / sqrt c) asinh(2 sqrt c <-p_k ⊕ x, a_k> / ((1 - c|-p_k ⊕ x|²) |a_k|))
+
+    As c -> 0 this is 4 <x - p_k, a_k>, a Euclidean affine classifier.
+    """
+
+    def __init__(self, ball: geoopt.PoincareBall, dim: int, num_classes: int) -> None:
+        super().__init__()
+        # the ball belongs to the encoder: referenced by the parameter, not registered twice
+        self.p = geoopt.ManifoldParameter(torch.zeros(num_classes, dim), manifold=ball)
+        self.a = nn.Parameter(torch.empty(num_classes, dim).normal_(0, dim**-0.5))
+
+    def forward(self, x: torch.Tensor, ball: geoopt.PoincareBall) -> torch.Tensor:
+        c = ball.c
+        sc = c.sqrt()
+        diff = ball.mobius_add(-self.p, x[..., None, :])  # [..., K, d]
+        a_norm = self.a.norm(dim=-1).clamp_min(1e-15)
+        lam_p = 2.0 / (1.0 - c * self.p.pow(2).sum(-1)).clamp_min(1e-15)
+        inner = (diff * self.a).sum(-1)
+        denom = ((1.0 - c * diff.pow(2).sum(-1)).clamp_min(1e-15)) * a_norm
+        return lam_p * a_norm / sc * torch.asinh(2.0 * sc * inner / denom)
