@@ -64,6 +64,8 @@ class RBEConfig(QuantizationConfigMixin):
         overrides: ``{glob pattern: {field: value}}`` per-module settings, e.g.
             ``{"*.down_proj": {"idx": 9}}``; later patterns win.
         qat: keep latent float weights for quantization-aware training (``hf_rbe.training``).
+        qat_train_quantizer: with ``qat``, also train the per-group scales, the gain curves and
+            the basis tables (``prepare_qat(train_quantizer=True)``).
         codec: ``"rbe"``, or ``"seed64"`` (paper 000: one 64-bit seed per ``tile`` x ``tile``
             block, plus an fp16 scale per tile if ``seed64_scale``, plus an RBE residual if
             ``residual="rbe"`` with ``residual_stage``).
@@ -91,6 +93,7 @@ class RBEConfig(QuantizationConfigMixin):
         modules_to_not_convert: list[str] | None = None,
         overrides: dict[str, dict[str, Any]] | None = None,
         qat: bool = False,
+        qat_train_quantizer: bool = False,
         codec: str = "rbe",
         tile: int = 32,
         seed64_scale: bool = True,
@@ -120,6 +123,7 @@ class RBEConfig(QuantizationConfigMixin):
         self.modules_to_not_convert = list(modules_to_not_convert) if modules_to_not_convert is not None else None
         self.overrides = {k: dict(v) for k, v in (overrides or {}).items()}
         self.qat = qat
+        self.qat_train_quantizer = qat_train_quantizer
         self.codec, self.tile, self.seed64_scale = codec, tile, seed64_scale
         self.format_version = format_version
         self.post_init()
@@ -144,8 +148,10 @@ class RBEConfig(QuantizationConfigMixin):
             t = self.tile
             if not isinstance(t, int) or t < 4 or t > 128 or t & (t - 1):
                 raise ValueError(f"seed64 tile must be a power of two in [4, 128], got {t!r}")
-        if not isinstance(self.rotation, bool) or not isinstance(self.qat, bool):
-            raise ValueError("rotation and qat must be booleans")
+        if not all(isinstance(v, bool) for v in (self.rotation, self.qat, self.qat_train_quantizer)):
+            raise ValueError("rotation, qat and qat_train_quantizer must be booleans")
+        if self.qat_train_quantizer and not self.qat:
+            raise ValueError("qat_train_quantizer=True needs qat=True")
         for seed_name in ("rotation_seed", "table_seed"):
             s = getattr(self, seed_name)
             if not isinstance(s, int) or not 0 <= s < 2**63:

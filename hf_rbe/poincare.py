@@ -11,7 +11,7 @@ Four pieces are written here because geoopt's versions do not fit a transformer:
 - ``mobius_linear`` takes the Euclidean product ``W x`` from any linear module (an
   ``nn.Linear`` or an ``RBELinear`` decoding packed codes) instead of a weight matrix, so a
   Poincaré layer stays quantizable like any other layer;
-- ``gyromidpoint`` contracts attention weights [.., Lq, Lk] with points [.., Lk, d] by einsum;
+- ``gyromidpoint`` contracts attention weights [.., Lq, Lk] with points [.., Lk, d] by matmul;
   geoopt's ``weighted_midpoint`` would broadcast them to [.., Lq, Lk, d] (hundreds of MB);
 - ``HyperbolicMLR`` is the multinomial logistic regression of Ganea et al. (2018), which geoopt
   does not ship.
@@ -111,8 +111,8 @@ def gyromidpoint(ball: geoopt.PoincareBall, x: torch.Tensor, weights: torch.Tens
     the Euclidean attention average.
     """
     lam = 2.0 / (1.0 + ball.k * x.pow(2).sum(-1)).clamp_min(1e-15)  # [..., n]
-    num = torch.einsum("...mn,...n,...nd->...md", weights, lam, x)
-    den = torch.einsum("...mn,...n->...m", weights, lam - 1.0)[..., None]
+    num = weights @ (lam[..., None] * x)  # two matmuls: never a [..., m, n, d] temporary
+    den = weights @ (lam - 1.0)[..., None]
     den = torch.where(den.abs() < 1e-10, torch.full_like(den, 1e-10), den)
     return mobius_scalar_mul(ball, 0.5, num / den)
 

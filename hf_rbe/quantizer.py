@@ -61,7 +61,7 @@ class RBEHfQuantizer(HfQuantizer):
         if self.quantization_config.qat:
             from .training import prepare_qat
 
-            prepare_qat(model)  # latent weights start from the decoded codes
+            prepare_qat(model, train_quantizer=self.quantization_config.qat_train_quantizer)  # latents = decoded codes
         from .card import attach
 
         attach(model)

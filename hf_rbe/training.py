@@ -10,7 +10,17 @@ reaches the latent weight unchanged (straight-through):
 The codes are refreshed from the latent weight by ``reencode`` (every ``reencode_every``
 optimizer steps with ``ReencodeCallback``), so training sees the quantizer it will be
 frozen with. ``freeze(model)`` re-encodes once more and puts plain ``RBELinear`` layers back,
-ready for ``save_pretrained``. ``RBEConfig(qat=True)`` makes the quantizer call
+ready for ``save_pretrained``.
+
+With ``train_quantizer=True`` the quantizer's float parts train too: each layer's per-group
+scales (float32 copies), and the basis tables and gain curves (one trainable copy per table,
+shared by every layer that decodes with it). The forward pass then decodes on every step,
+
+    w_eff = decode(codes; scales, tables) + latent - stopgrad(latent)
+
+so the codes (integers) stay fixed between re-encodings while the gradient reaches the
+latent weight (straight-through) and the scales and tables (exactly). Re-encoding uses the
+trained tables and refits the scales to the new codes; ``freeze`` writes the tables back. ``RBEConfig(qat=True)`` makes the quantizer call
 ``prepare_qat`` after loading and tells ``Trainer`` the model is trainable without PEFT.
 """
 
@@ -25,7 +35,25 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback
 
+from .codec.rbe import LayerTables, StageTables, decode_layer
+from .codec.rotation import unrotate
 from .modules import RBELinear, link_shared_tables
+
+_TABLES = ("table", "lut", "residual_table", "residual_lut")
+
+
+class TrainableTables(nn.Module):
+    """Float32 trainable copies of the basis tables and gain curves one or more layers decode with."""
+
+    def __init__(self, codes: RBELinear) -> None:
+        super().__init__()
+        for name in _TABLES:
+            if hasattr(codes, name):
+                setattr(self, name, nn.Parameter(getattr(codes, name).detach().float().clone()))
+
+    def tables(self) -> LayerTables:
+        res = StageTables(self.residual_table, self.residual_lut) if hasattr(self, "residual_table") else None
+        return LayerTables(StageTables(self.table, self.lut), res)
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +61,8 @@ logger = logging.getLogger(__name__)
 class RBEQATLinear(nn.Linear):
     """A Linear trained through RBE codes: latent float ``weight`` + frozen ``codes`` (an RBELinear)."""
 
-    def __init__(self, codes: RBELinear, latent: torch.Tensor | None = None) -> None:
+    def __init__(self, codes: RBELinear, latent: torch.Tensor | None = None,
+                 tables: TrainableTables | None = None, owns_tables: bool = True) -> None:
         nn.Module.__init__(self)
         self.in_features, self.out_features = codes.in_features, codes.out_features
         self.codes = codes
@@ -43,6 +72,28 @@ class RBEQATLinear(nn.Linear):
         if self.bias is not None:
             self.bias.requires_grad_(True)
         codes.bias = None  # the bias lives here while training
+        self.train_quantizer = tables is not None
+        if tables is not None:
+            self.scale = nn.Parameter(codes.scale.detach().float().clone())
+            if hasattr(codes, "residual_scale"):
+                self.residual_scale = nn.Parameter(codes.residual_scale.detach().float().clone())
+            if owns_tables:
+                self.tables = tables
+            else:  # registered once, on the owner; a list keeps it out of this layer's state dict
+                self._shared_tables = [tables]
+
+    def _trainable_tables(self) -> TrainableTables:
+        return self.tables if "tables" in self._modules else self._shared_tables[0]
+
+    def _decoded_trainable(self) -> torch.Tensor:
+        """The decoded weight as a differentiable function of the scales and tables."""
+        stored = {**self.codes._stored(), "scale": self.scale}
+        if hasattr(self, "residual_scale"):
+            stored["residual_scale"] = self.residual_scale
+        w = decode_layer(stored, self.codes.spec, self._trainable_tables().tables(), self.in_features)
+        if self.codes.spec.rotation:
+            w = unrotate(w, self.codes.signs.float(), self.codes.spec.hadamard_block(self.in_features))
+        return w.to(self.weight.dtype)
 
     def _decoded(self) -> torch.Tensor:
         """``codes.dequantize()``, decoded again only when the codes change (re-encoding,
@@ -55,13 +106,32 @@ class RBEQATLinear(nn.Linear):
         return self._cache
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = straight_through(self.weight, self._decoded())
+        if self.train_quantizer:
+            w = self._decoded_trainable() + (self.weight - self.weight.detach())
+        else:
+            w = straight_through(self.weight, self._decoded())
         return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     @torch.no_grad()
     def reencode(self) -> None:
-        """Encode the current latent weight into the codes (same spec, table and rotation seed)."""
-        self.codes.load_packed(self.codes.encode(self.weight.detach().float()))
+        """Encode the current latent weight into the codes (same spec, rotation seed, and table:
+        the trained one with ``train_quantizer``, whose scales are then refitted to the codes)."""
+        if not self.train_quantizer:
+            self.codes.load_packed(self.codes.encode(self.weight.detach().float()))
+            return
+        trained = self._trainable_tables()
+        live = trained.tables()
+        tables = LayerTables(StageTables(live.stage.table.detach(), live.stage.lut.detach()),
+                             None if live.residual is None else
+                             StageTables(live.residual.table.detach(), live.residual.lut.detach()))
+        self.codes.load_packed(self.codes.encode(self.weight.detach().float(), tables=tables))
+        self.scale.copy_(self.codes.scale.float())
+        if hasattr(self, "residual_scale"):
+            self.residual_scale.copy_(self.codes.residual_scale.float())
+        if self.codes.owns_table:
+            for name in _TABLES:
+                if hasattr(trained, name):
+                    getattr(self.codes, name).copy_(getattr(trained, name))
 
     def to_rbe(self) -> RBELinear:
         self.reencode()
@@ -76,16 +146,19 @@ def straight_through(latent: torch.Tensor, quantized: torch.Tensor) -> torch.Ten
     return latent + (quantized - latent).detach()
 
 
-def prepare_qat(model: nn.Module, latent_from: nn.Module | None = None) -> nn.Module:
+def prepare_qat(model: nn.Module, latent_from: nn.Module | None = None, train_quantizer: bool = False) -> nn.Module:
     """Swap every ``RBELinear`` of ``model`` for an ``RBEQATLinear`` (in place; QAT layers stay).
 
     ``latent_from``: an unquantized copy of the model whose float weights start the latent
     weights (better than the decoded codes: nothing is lost before training starts).
+    ``train_quantizer``: also train scales, gain curves and basis tables (module docstring).
     """
     source = dict(latent_from.named_modules()) if latent_from is not None else {}
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, (RBELinear, RBEQATLinear)) or name.endswith(".codes"):
-            continue
+    shared: dict[str, TrainableTables] = {}  # table_key -> the one trainable copy of that table
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (RBELinear, RBEQATLinear)) and not n.endswith(".codes")]
+    if train_quantizer:  # owners first, so that every shared table is copied from its stored values
+        layers.sort(key=lambda nm: not (isinstance(nm[1], RBELinear) and nm[1].owns_table))
+    for name, module in layers:
         src = source.get(name)
         latent = src.weight if src is not None and hasattr(src, "weight") else None
         codes = module.codes if isinstance(module, RBEQATLinear) else module
@@ -95,8 +168,15 @@ def prepare_qat(model: nn.Module, latent_from: nn.Module | None = None) -> nn.Mo
             if latent is not None:
                 with torch.no_grad():
                     module.weight.copy_(latent)
-        else:
-            model.set_submodule(name, RBEQATLinear(module, latent))
+            continue
+        tables, owns = None, True
+        if train_quantizer:
+            if codes.table_key is None:
+                tables = TrainableTables(codes)
+            else:
+                owns = codes.table_key not in shared
+                tables = shared.setdefault(codes.table_key, TrainableTables(codes))
+        model.set_submodule(name, RBEQATLinear(module, latent, tables, owns))
     return model
 
 
@@ -109,11 +189,17 @@ def reencode(model: nn.Module, progress: bool = False) -> int:
 
 
 def freeze(model: nn.Module) -> nn.Module:
-    """Re-encode every QAT layer and put packed ``RBELinear`` layers back (for saving)."""
+    """Re-encode every QAT layer and put packed ``RBELinear`` layers back (for saving).
+
+    The saved config says ``qat=False``: a frozen checkpoint reloads as packed codes, not as a
+    new QAT run."""
     for name, module in list(model.named_modules()):
         if isinstance(module, RBEQATLinear):
             model.set_submodule(name, module.to_rbe())
     link_shared_tables(model)
+    cfg = getattr(getattr(model, "config", None), "quantization_config", None)
+    if cfg is not None and getattr(cfg, "qat", False):
+        cfg.qat = cfg.qat_train_quantizer = False
     return model
 
 
@@ -167,5 +253,5 @@ class DistillTrainer(Trainer):
         return (loss, out) if return_outputs else loss
 
 
-__all__ = ["DistillTrainer", "RBEQATLinear", "ReencodeCallback", "TimeBudgetCallback", "freeze", "prepare_qat", "reencode",
-           "straight_through"]
+__all__ = ["DistillTrainer", "RBEQATLinear", "ReencodeCallback", "TimeBudgetCallback", "TrainableTables", "freeze",
+           "prepare_qat", "reencode", "straight_through"]

@@ -1,5 +1,6 @@
 """QAT: the straight-through estimator, gradient routing, freeze/save/reload, Trainer without PEFT."""
 
+import pytest
 import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
@@ -87,3 +88,51 @@ def test_qat_checkpoint_saves_and_resumes(tiny_llama_dir, tmp_path):
     assert (tmp_path / "ckpt" / "checkpoint-2").exists()
     resumed = run(4, resume=str(tmp_path / "ckpt" / "checkpoint-2"))
     assert torch.allclose(resumed.model.layers[0].mlp.up_proj.weight.detach(), w, atol=1e-6)
+
+
+def test_train_quantizer_flag_trains_scales_and_tables(tiny_llama_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from hf_rbe.training import RBEQATLinear, TrainableTables, freeze
+
+    cfg = RBEConfig.from_preset("rbe-3", qat=True, qat_train_quantizer=True)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=cfg)
+    layers = [m for m in model.modules() if isinstance(m, RBEQATLinear)]
+    assert layers and all(m.train_quantizer for m in layers)
+    tables = {id(m._trainable_tables()) for m in layers}
+    assert len(tables) == len({m.codes.table_key for m in layers})  # one trainable copy per shared table
+    n_table_params = sum(1 for n, _ in model.named_parameters() if ".tables." in n)
+    assert n_table_params == 2 * len(tables)  # table + gain curves, registered once each
+
+    ids = torch.randint(0, 128, (2, 16))
+    model.train()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    layer = layers[0]
+    assert layer.weight.grad is not None and layer.scale.grad is not None
+    assert layer._trainable_tables().table.grad.abs().sum() > 0
+    assert all(p.grad is None for p in layer.codes.parameters())  # the integer codes stay frozen
+
+    # one optimizer step on scales and tables only moves the decoded weight
+    before = layer._decoded_trainable().detach().clone()
+    opt = torch.optim.SGD([p for n, p in model.named_parameters() if "scale" in n or ".tables." in n], lr=1e-2)
+    opt.step()
+    assert not torch.equal(layer._decoded_trainable().detach(), before)
+    trained_table = layer._trainable_tables().table.detach().clone()
+
+    model.eval()
+    frozen = freeze(model)
+    assert not any(isinstance(m, RBEQATLinear) for m in frozen.modules())
+    owner = next(m for m in frozen.modules() if isinstance(m, RBELinear) and m.owns_table
+                 and m.table_key == layer.codes.table_key)
+    torch.testing.assert_close(owner.table.float(), trained_table)  # the trained table is what gets saved
+    with torch.no_grad():
+        ref = frozen(ids).logits
+    frozen.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert isinstance(again.model.layers[0].mlp.up_proj, RBELinear)  # frozen reloads frozen, not as a new QAT run
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, ref)
+    with pytest.raises(ValueError, match="needs qat=True"):
+        RBEConfig(qat_train_quantizer=True)
+    assert isinstance(TrainableTables(owner).table, torch.nn.Parameter)
