@@ -18,7 +18,8 @@ Four pieces are written here because geoopt's versions do not fit a transformer:
 
 Conventions: ``ball`` is a ``geoopt.PoincareBall`` (curvature -c, c > 0); points are the last
 dimension of a tensor. Every map into the ball is followed by a projection a hair inside the
-boundary (geoopt's ``projx``), so float32 never reaches ||x|| = 1/sqrt(c).
+boundary (geoopt's margin: 4e-3 of the radius in float32), so float32 never reaches
+||x|| = 1/sqrt(c). Möbius addition is written out too, in one pass (see ``_along``).
 """
 
 from __future__ import annotations
@@ -62,26 +63,45 @@ def _norm(v: torch.Tensor) -> torch.Tensor:
     return v.norm(dim=-1, keepdim=True).clamp_min(1e-15)
 
 
+def _max_norm(ball: geoopt.PoincareBall, dtype: torch.dtype) -> torch.Tensor:
+    """The largest radius a point may have: geoopt's projection margin inside 1/sqrt(c)."""
+    eps = 4e-3 if dtype in (torch.float16, torch.bfloat16, torch.float32) else 1e-5
+    return (1 - eps) / ball.c.clamp_min(1e-30).sqrt()
+
+
+def _along(v: torch.Tensor, v_norm: torch.Tensor, radius: torch.Tensor, ball: geoopt.PoincareBall) -> torch.Tensor:
+    """The point at ``radius`` (clamped inside the ball) in the direction of ``v``: one pass over v.
+    Each map here computes per-row scalars first and touches the big tensor once: on CPU these
+    elementwise passes, not the matmuls, are what Hb-BERT's time goes to."""
+    return v * (radius.clamp(max=_max_norm(ball, v.dtype)) / v_norm)
+
+
 def expmap0(ball: geoopt.PoincareBall, u: torch.Tensor) -> torch.Tensor:
-    """Tangent vector at the origin -> point of the ball (projected strictly inside)."""
+    """Tangent vector at the origin -> point of the ball (strictly inside)."""
     n = _norm(u)
-    return ball.projx(_tan(n, ball.c) * u / n)
+    return _along(u, n, _tan(n, ball.c), ball)
 
 
 def logmap0(ball: geoopt.PoincareBall, x: torch.Tensor) -> torch.Tensor:
     """Point of the ball -> tangent vector at the origin (inverse of ``expmap0``)."""
     n = _norm(x)
-    return _artan(n, ball.c) * x / n
+    return x * (_artan(n, ball.c) / n)
 
 
 def mobius_scalar_mul(ball: geoopt.PoincareBall, r: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """r ⊗_c x = tan_c(r artan_c(|x|)) x / |x|."""
     n = _norm(x)
-    return ball.projx(_tan(r * _artan(n, ball.c), ball.c) * x / n)
+    return _along(x, n, _tan(r * _artan(n, ball.c), ball.c), ball)
 
 
 def mobius_add(ball: geoopt.PoincareBall, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return ball.projx(ball.mobius_add(x, y))
+    """x ⊕_c y = ((1 + 2c<x,y> + c|y|²) x + (1 - c|x|²) y) / (1 + 2c<x,y> + c²|x|²|y|²)."""
+    c = ball.c
+    xy, x2, y2 = (x * y).sum(-1, keepdim=True), x.pow(2).sum(-1, keepdim=True), y.pow(2).sum(-1, keepdim=True)
+    den = (1 + 2 * c * xy + c * c * x2 * y2).clamp_min(1e-15)
+    out = x * ((1 + 2 * c * xy + c * y2) / den) + y * ((1 - c * x2) / den)
+    n = _norm(out)
+    return _along(out, n, n, ball)
 
 
 def mobius_linear(ball: geoopt.PoincareBall, linear: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None,
@@ -97,7 +117,7 @@ def mobius_linear(ball: geoopt.PoincareBall, linear: nn.Module, x: torch.Tensor,
         raise ValueError("mobius_linear needs a bias-free linear module; pass the bias separately")
     wx = linear(x)
     x_norm, wx_norm = _norm(x), _norm(wx)
-    out = ball.projx(_tan(wx_norm / x_norm * _artan(x_norm, ball.c), ball.c) * (wx / wx_norm))
+    out = _along(wx, wx_norm, _tan(wx_norm / x_norm * _artan(x_norm, ball.c), ball.c), ball)
     if bias is not None:
         out = mobius_add(ball, out, expmap0(ball, bias * bias_scale))
     return out

@@ -160,3 +160,11 @@ def test_save_reload_and_rbe_compression_through_from_pretrained(minilm_and_batc
     out = clf(**batch, labels=torch.zeros(8, dtype=torch.long))
     out.loss.backward()
     assert clf.classifier.p.grad is not None and clf.hb_bert.ball.isp_c.grad is not None
+
+
+def test_mobius_add_and_scalar_mul_match_geoopt():
+    ball = _ball(0.8)
+    x, y = _points(30, 6, 1.05, seed=1), _points(30, 6, 1.05, seed=2)  # radius 1/sqrt(0.8) = 1.118
+    torch.testing.assert_close(P.mobius_add(ball, x, y), ball.projx(ball.mobius_add(x, y)), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(P.mobius_scalar_mul(ball, 0.5, x), ball.mobius_scalar_mul(torch.tensor(0.5, dtype=torch.float64), x),
+                               rtol=1e-9, atol=1e-12)
