@@ -99,12 +99,15 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_compare(args: argparse.Namespace) -> None:
     from transformers.utils import logging as hf_logging
 
-    from .compare import run
+    from .compare import render, run
 
     hf_logging.set_verbosity_error()
-    result = run(args.models, args.families, args.tokens, args.context, args.stride, args.out)
+    if args.render_only:
+        render(args.out)
+    else:
+        run(args.models, args.families, args.tokens, args.context, args.stride, args.out)
     print(Path(args.out).with_suffix(".md").read_text())
-    print(f"{len(result['rows'])} rows -> {args.out}.json, .md, .png")
+    print(f"-> {args.out}.json, .md, .png")
 
 
 def cmd_card(args: argparse.Namespace) -> None:
@@ -164,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--context", type=int, default=1024)
     c.add_argument("--stride", type=int, default=1024)
     c.add_argument("--out", default="results/compare", help="output path without extension")
+    c.add_argument("--render-only", action="store_true",
+                   help="redraw the table and plot from OUT.json without measuring anything")
     c.set_defaults(func=cmd_compare)
 
     k = sub.add_parser("card", help="write a model card (README.md) into a saved RBE checkpoint")

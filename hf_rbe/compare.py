@@ -273,7 +273,8 @@ def targets(rows: list[dict]) -> list[str]:
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
-    lines = [f"`{meta['command']}` on {meta['machine']}, {meta['date']}", ""]
+    took = f" ({meta['wall_seconds'] / 60:.0f} minutes)" if "wall_seconds" in meta else ""
+    lines = [f"`{meta['command']}` on {meta['machine']}, {meta['date']}{took}", ""]
     lm = [r for r in rows if r["model"] == SMOLLM2]
     if lm:
         ok = next((r for r in lm if "context" in r), {})
@@ -321,6 +322,7 @@ def plot(rows: list[dict], meta: dict, out: Path) -> None:
               (SMOLLM2, "austen_ppl", "SmolLM2-135M Austen perplexity (log)", True),
               (MINILM, "cos_mean", "MiniLM embedding cosine to fp32", False),
               (MINILM, "accuracy", "MiniLM sentiment probe accuracy", False)]
+    colors = {"RBE": "C0", "seed64": "C1", "HQQ": "C2", "quanto": "C3", "bitsandbytes": "C4"}
     fig, axes = plt.subplots(2, 2, figsize=(12, 9))
     for ax, (model, key, title, log) in zip(axes.flat, panels):
         rs = [r for r in rows if r["model"] == model and key in r]
@@ -329,7 +331,7 @@ def plot(rows: list[dict], meta: dict, out: Path) -> None:
             if fam == "fp32":
                 ax.axhline(pts[0][1], ls="--", c="k", lw=1, label="fp32")
             else:
-                ax.plot(*zip(*pts), marker="o", label=fam)
+                ax.plot(*zip(*pts), marker="o", label=fam, color=colors.get(fam))
         ax.set(title=title, xlabel="bits per weight", xlim=(1, 9))
         if log:
             ax.set_yscale("log")
@@ -345,6 +347,7 @@ def run(models: list[str], families: list[str] | None, tokens: int, context: int
         out: str) -> dict[str, Any]:
     """Measure, then write ``out``.json/.md/.png; returns the JSON content."""
     ms = methods(families)
+    t0 = time.perf_counter()
     rows: list[dict] = []
     if "smollm2" in models:
         # seed64's tile search takes ~2 min for MiniLM's 10.8M weights, ~25 min for SmolLM2's 106M:
@@ -353,11 +356,18 @@ def run(models: list[str], families: list[str] | None, tokens: int, context: int
         rows += compare_smollm2(lm, tokens, context, stride)
     if "minilm" in models:
         rows += compare_minilm(ms)
-    meta = run_meta()
+    result = {"meta": {**run_meta(), "wall_seconds": round(time.perf_counter() - t0)}, "rows": rows,
+              "targets": targets(rows)}
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    result = {"meta": meta, "rows": rows, "targets": targets(rows)}
     path.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    path.with_suffix(".md").write_text(markdown(rows, meta))
-    plot(rows, meta, path.with_suffix(".png"))
+    render(path)
     return result
+
+
+def render(out: str | Path) -> None:
+    """Write ``out``.md and ``out``.png from the measurements in ``out``.json (nothing re-measured)."""
+    path = Path(out)
+    result = json.loads(path.with_suffix(".json").read_text())
+    path.with_suffix(".md").write_text(markdown(result["rows"], result["meta"]))
+    plot(result["rows"], result["meta"], path.with_suffix(".png"))

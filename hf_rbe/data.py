@@ -320,15 +320,22 @@ def hypernym_pairs(n_train: int = 2000, n_test: int = 1000, min_depth: int = 4, 
 # ----------------------------------------------------------------------------- datasets
 
 
-def text_dataset(corpus: str) -> "datasets.Dataset":  # type: ignore[name-defined]  # noqa: F821
-    """One of the offline corpora as a ``datasets.Dataset``: ``wikipedia`` and ``austen``
-    (columns title, text), ``movie_reviews`` (text, score, label)."""
+def text_dataset(corpus: str, hub_config: str | None = None, hub_split: str = "test") -> "datasets.Dataset":  # type: ignore[name-defined]  # noqa: F821
+    """A corpus as a ``datasets.Dataset``: the offline ones by name, ``wikipedia`` and ``austen``
+    (columns title, text) and ``movie_reviews`` (text, score, label); any other name is a Hub
+    dataset (e.g. ``text_dataset("wikitext", "wikitext-2-raw-v1")``), where a Hub is reachable."""
     from datasets import Dataset
 
     loaders = {"wikipedia": wikipedia_articles, "austen": austen_novels, "movie_reviews": movie_reviews}
-    if corpus not in loaders:
-        raise ValueError(f"unknown corpus {corpus!r}; choose from {sorted(loaders)}")
-    return Dataset.from_list(loaders[corpus]())
+    if corpus in loaders:
+        return Dataset.from_list(loaders[corpus]())
+    try:
+        from datasets import load_dataset
+
+        return load_dataset(corpus, hub_config, split=hub_split)
+    except Exception as e:  # offline, unknown name, gated...: say what works instead
+        raise DataNotFound(f"{corpus!r} is not one of the offline corpora {sorted(loaders)} and the Hub could not "
+                           f"provide it ({type(e).__name__}: {str(e)[:200]})") from e
 
 
 # ----------------------------------------------------------------------------- models

@@ -168,7 +168,15 @@ def run_meta() -> dict[str, str]:
     """Machine, date and command line, stamped on every result file."""
     return {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
                        f"({torch.get_num_threads()} threads)",
-            "date": date.today().isoformat(), "command": "python " + " ".join(sys.argv)}
+            "date": date.today().isoformat(), "command": _command()}
+
+
+def _command() -> str:
+    """The command line as typed: ``hf-rbe compare``, or ``python recipes/x.py --flag``."""
+    prog = Path(sys.argv[0]).name if sys.argv else ""
+    if prog == "hf-rbe":
+        return " ".join(["hf-rbe", *sys.argv[1:]])
+    return "python " + " ".join(sys.argv)
 
 
 def write_results(out: str | Path, meta: dict[str, str], rows: list[dict], markdown: str) -> None:
