@@ -74,6 +74,9 @@ def _apt_extract(package: str, members: dict[str, Path]) -> None:
     (path inside the package -> destination) out of it; nothing is installed."""
     with tempfile.TemporaryDirectory() as tmp:
         res = subprocess.run(["apt-get", "download", package], cwd=tmp, capture_output=True, text=True)
+        if res.returncode and "Unable to locate" in res.stderr:  # a fresh machine may have no package lists yet
+            subprocess.run(["apt-get", "update", "-qq"], capture_output=True)
+            res = subprocess.run(["apt-get", "download", package], cwd=tmp, capture_output=True, text=True)
         debs = list(Path(tmp).glob("*.deb"))
         if res.returncode or not debs:
             raise DataNotFound(f"could not download the Debian package {package} (`apt-get download {package}`): "
