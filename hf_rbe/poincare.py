@@ -1,13 +1,16 @@
 """Poincaré-ball operations for Hb-BERT, on top of geoopt.
 
-geoopt (maintained, on PyPI) supplies the ball with a learnable curvature, Möbius addition,
-distances, projection and the Riemannian optimisers (``ManifoldParameter``, ``RiemannianAdam``).
-Four pieces are written here because geoopt's versions do not fit a transformer:
+geoopt (maintained, on PyPI) supplies the ball and its learnable curvature parameter, the
+manifold parameters and the Riemannian optimisers (``ManifoldParameter``, ``RiemannianAdam``),
+and serves as the reference the tests check these operations against. The operations
+themselves are written here, because geoopt's versions do not fit a transformer:
 
-- the exp/log maps at the origin and the Möbius scalar product use ``torch.atanh``: geoopt's
-  artanh is (log(1+x) - log(1-x))/2, which in float32 loses digits for small x = sqrt(c)|v|
-  (relative error ~1e-7/x: 3e-4 on MiniLM's outputs at c = 1e-6, measured);
-
+- the exp/log maps and the Möbius scalar product use ``torch.atanh``: geoopt's artanh is
+  (log(1+x) - log(1-x))/2, which in float32 loses digits for small x = sqrt(c)|v| (relative
+  error ~1e-7/x: 3e-4 on MiniLM's outputs at c = 1e-6, measured);
+- every map computes its per-row scalars first and then touches the [batch, tokens, hidden]
+  tensor once (``_along``), Möbius addition included: on CPU these elementwise passes, not the
+  matmuls, were Hb-BERT's cost (a training step at 7x BERT's time with geoopt's maps, 2x now);
 - ``mobius_linear`` takes the Euclidean product ``W x`` from any linear module (an
   ``nn.Linear`` or an ``RBELinear`` decoding packed codes) instead of a weight matrix, so a
   Poincaré layer stays quantizable like any other layer;
@@ -17,9 +20,8 @@ Four pieces are written here because geoopt's versions do not fit a transformer:
   does not ship.
 
 Conventions: ``ball`` is a ``geoopt.PoincareBall`` (curvature -c, c > 0); points are the last
-dimension of a tensor. Every map into the ball is followed by a projection a hair inside the
-boundary (geoopt's margin: 4e-3 of the radius in float32), so float32 never reaches
-||x|| = 1/sqrt(c). Möbius addition is written out too, in one pass (see ``_along``).
+dimension of a tensor. Every map into the ball keeps its result a hair inside the boundary
+(geoopt's margin: 4e-3 of the radius in float32), so float32 never reaches ||x|| = 1/sqrt(c).
 """
 
 from __future__ import annotations
@@ -70,9 +72,7 @@ def _max_norm(ball: geoopt.PoincareBall, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _along(v: torch.Tensor, v_norm: torch.Tensor, radius: torch.Tensor, ball: geoopt.PoincareBall) -> torch.Tensor:
-    """The point at ``radius`` (clamped inside the ball) in the direction of ``v``: one pass over v.
-    Each map here computes per-row scalars first and touches the big tensor once: on CPU these
-    elementwise passes, not the matmuls, are what Hb-BERT's time goes to."""
+    """The point at ``radius`` (clamped inside the ball) in the direction of ``v``: one pass over v."""
     return v * (radius.clamp(max=_max_norm(ball, v.dtype)) / v_norm)
 
 
@@ -158,7 +158,7 @@ class HyperbolicMLR(nn.Module):
     def forward(self, x: torch.Tensor, ball: geoopt.PoincareBall) -> torch.Tensor:
         c = ball.c
         sc = c.sqrt()
-        diff = ball.mobius_add(-self.p, x[..., None, :])  # [..., K, d]
+        diff = ball.mobius_add(-self.p, x[..., None, :])  # [..., K, d] (small: geoopt's op is fine here)
         a_norm = self.a.norm(dim=-1).clamp_min(1e-15)
         lam_p = 2.0 / (1.0 - c * self.p.pow(2).sum(-1)).clamp_min(1e-15)
         inner = (diff * self.a).sum(-1)
