@@ -2,11 +2,13 @@
 
 ``import hf_rbe`` registers the ``"rbe"`` quantization method with transformers, so that
 ``from_pretrained(..., quantization_config=RBEConfig())`` quantizes on load and
-``from_pretrained(saved_dir)`` loads an RBE checkpoint.
+``from_pretrained(saved_dir)`` loads an RBE checkpoint. It also registers Hb-BERT
+(``hf_rbe.hb_bert``) with the Auto classes, so saved Hb-BERT checkpoints load the same way.
 """
 
 from __future__ import annotations
 
+from . import hb_bert  # noqa: F401  (registers the hb_bert model type; geoopt is imported only when used)
 from .config import PRESETS, RBEConfig
 from .format import FORMAT_VERSION, CodeLayout, FormatError, LayerSpec, ResidualSpec, StageSpec
 from .integration import quantize_model, replace_with_rbe_linear

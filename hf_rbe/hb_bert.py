@@ -30,7 +30,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import geoopt
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -195,6 +194,8 @@ class HbBertForSequenceClassification(HbBertPreTrainedModel):
     def from_pretrained(cls, *args, **kwargs):  # type: ignore[no-untyped-def,override]
         # loading materialises parameters as plain nn.Parameter; the class points must stay
         # geoopt.ManifoldParameter so that Riemannian Adam keeps them on the ball
+        import geoopt
+
         model = super().from_pretrained(*args, **kwargs)
         p = model.classifier.p
         if not isinstance(p, geoopt.ManifoldParameter):

@@ -27,16 +27,21 @@ dimension of a tensor. Every map into the ball keeps its result a hair inside th
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-import geoopt
 import torch
 from torch import nn
+
+if TYPE_CHECKING:  # geoopt is imported where it is used: `import hf_rbe` stays light
+    import geoopt
 
 
 def make_ball(curvature: float, learnable: bool = True) -> geoopt.PoincareBall:
     """A Poincaré ball of curvature -``curvature`` (``curvature`` > 0)."""
     if not (isinstance(curvature, (int, float)) and math.isfinite(curvature) and curvature > 0):
         raise ValueError(f"curvature must be a finite number > 0, got {curvature!r}")
+    import geoopt
+
     ball = geoopt.PoincareBall(c=float(curvature), learnable=learnable)
     with torch.no_grad():  # geoopt inverts softplus in float32, which gives -inf below c ~ 1e-7
         ball.isp_c.copy_(inverse_softplus(curvature))
@@ -150,6 +155,8 @@ class HyperbolicMLR(nn.Module):
     """
 
     def __init__(self, ball: geoopt.PoincareBall, dim: int, num_classes: int) -> None:
+        import geoopt
+
         super().__init__()
         # the ball belongs to the encoder: referenced by the parameter, not registered twice
         self.p = geoopt.ManifoldParameter(torch.zeros(num_classes, dim), manifold=ball)
