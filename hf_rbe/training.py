@@ -20,7 +20,8 @@ shared by every layer that decodes with it). The forward pass then decodes on ev
 
 so the codes (integers) stay fixed between re-encodings while the gradient reaches the
 latent weight (straight-through) and the scales and tables (exactly). Re-encoding uses the
-trained tables and refits the scales to the new codes; ``freeze`` writes the tables back. ``RBEConfig(qat=True)`` makes the quantizer call
+trained tables and refits the scales to the new codes; ``freeze`` does not re-encode: it
+stores the codes with the trained scales and tables, the function training optimised. ``RBEConfig(qat=True)`` makes the quantizer call
 ``prepare_qat`` after loading and tells ``Trainer`` the model is trainable without PEFT.
 """
 
@@ -128,13 +129,28 @@ class RBEQATLinear(nn.Linear):
         self.scale.copy_(self.codes.scale.float())
         if hasattr(self, "residual_scale"):
             self.residual_scale.copy_(self.codes.residual_scale.float())
+
+    @torch.no_grad()
+    def _write_trained(self) -> None:
+        """Trained scales (to fp16) and, on the table's owner, trained tables into the codes."""
+        self.codes.scale.copy_(self.scale)
+        if hasattr(self, "residual_scale"):
+            self.codes.residual_scale.copy_(self.residual_scale)
         if self.codes.owns_table:
+            trained = self._trainable_tables()
             for name in _TABLES:
                 if hasattr(trained, name):
                     getattr(self.codes, name).copy_(getattr(trained, name))
+        self.codes.rebuild_buffers()
 
     def to_rbe(self) -> RBELinear:
-        self.reencode()
+        """The packed layer: re-encoded from the latent weight, or, with ``train_quantizer``,
+        the codes as they are with the trained scales and tables (what training optimised;
+        a re-encode would refit the scales and drop that)."""
+        if self.train_quantizer:
+            self._write_trained()
+        else:
+            self.reencode()
         self.codes.bias = self.bias
         if self.bias is not None:
             self.bias.requires_grad_(False)

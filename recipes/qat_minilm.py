@@ -65,6 +65,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--reencode-every", type=int, default=20)
+    ap.add_argument("--train-quantizer", action="store_true",
+                    help="also train scales, gain curves and basis tables (RBEConfig(qat_train_quantizer=True))")
     ap.add_argument("--out", default="results/qat_minilm")
     args = ap.parse_args()
     hf_logging.set_verbosity_error()
@@ -80,13 +82,15 @@ def main() -> None:
 
     torch.manual_seed(0)
     qat = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=2, quantization_config=RBEConfig.from_preset(args.preset, qat=True))
+        path, num_labels=2,
+        quantization_config=RBEConfig.from_preset(args.preset, qat=True, qat_train_quantizer=args.train_quantizer))
     t_qat = train(qat, train_set, args.steps, args.lr, [ReencodeCallback(args.reencode_every)])
     acc_qat = accuracy(freeze(qat), test_set)
 
     rows = [{"model": "fp32 fine-tuned", "accuracy": acc_fp32, "train_seconds": t_fp32},
             {"model": f"fp32 fine-tuned, then {args.preset} (post-training)", "accuracy": acc_ptq, "train_seconds": t_fp32},
-            {"model": f"{args.preset} QAT fine-tuned (frozen codes)", "accuracy": acc_qat, "train_seconds": t_qat}]
+            {"model": f"{args.preset} QAT fine-tuned{' (scales and tables trained too)' if args.train_quantizer else ''}"
+                      " (frozen codes)", "accuracy": acc_qat, "train_seconds": t_qat}]
     meta = {**run_meta(), "split": f"{len(train_set)} train / {len(test_set)} test snippets, shuffled with seed 0",
             "steps": str(args.steps)}
     md = "\n".join([f"`{meta['command']}` on {meta['machine']}, {meta['date']}; {meta['split']}; "

@@ -121,6 +121,8 @@ def test_train_quantizer_flag_trains_scales_and_tables(tiny_llama_dir, tmp_path)
     trained_table = layer._trainable_tables().table.detach().clone()
 
     model.eval()
+    with torch.no_grad():
+        trained_logits = model(ids).logits
     frozen = freeze(model)
     assert not any(isinstance(m, RBEQATLinear) for m in frozen.modules())
     owner = next(m for m in frozen.modules() if isinstance(m, RBELinear) and m.owns_table
@@ -128,6 +130,8 @@ def test_train_quantizer_flag_trains_scales_and_tables(tiny_llama_dir, tmp_path)
     torch.testing.assert_close(owner.table.float(), trained_table)  # the trained table is what gets saved
     with torch.no_grad():
         ref = frozen(ids).logits
+    # freeze keeps the trained scales (rounded to fp16) instead of refitting them
+    torch.testing.assert_close(ref, trained_logits, rtol=0, atol=2e-3)
     frozen.save_pretrained(tmp_path)
     again = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert isinstance(again.model.layers[0].mlp.up_proj, RBELinear)  # frozen reloads frozen, not as a new QAT run
