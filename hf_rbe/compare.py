@@ -236,10 +236,6 @@ def _short(row: dict) -> str:
 # ----------------------------------------------------------------------------- report
 
 
-def _num(v: Any, fmt: str) -> str:
-    return "-" if v is None else format(v, fmt)
-
-
 def targets(rows: list[dict]) -> list[str]:
     """The issue's acceptance targets, checked against the measured rows (met or missed)."""
     lm = [r for r in rows if r["model"] == SMOLLM2 and "error" not in r]
@@ -272,39 +268,42 @@ def targets(rows: list[dict]) -> list[str]:
     return out
 
 
+def _mib(row: dict) -> str:
+    return "-" if row.get("bytes_on_disk") is None else f"{row['bytes_on_disk'] / 2**20:.1f}"
+
+
+def _table(rows: list[dict], columns: dict[str, Callable[[dict], str]]) -> list[str]:
+    """Markdown rows: a method column, then ``columns`` (header -> cell); failed rows say why."""
+    lines = ["| method | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for r in rows:
+        cells = [f"did not run here: {r['error']}"] + [""] * (len(columns) - 1) if "error" in r else \
+            [cell(r) for cell in columns.values()]
+        lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(rows: list[dict], meta: dict) -> str:
     took = f" ({meta['wall_seconds'] / 60:.0f} minutes)" if "wall_seconds" in meta else ""
     lines = [f"`{meta['command']}` on {meta['machine']}, {meta['date']}{took}", ""]
+    bpw: Callable[[dict], str] = lambda r: f"{r['bits_per_weight']:.3f}"  # noqa: E731
     lm = [r for r in rows if r["model"] == SMOLLM2]
     if lm:
         ok = next((r for r in lm if "context" in r), {})
         lines += [f"SmolLM2-135M-Instruct, perplexity over the first {ok.get('tokens')} tokens of each corpus "
                   f"(context {ok.get('context')}, stride {ok.get('stride')}). Its weights came as a Q4_1 GGUF "
-                  "(4-bit grid, blocks of 32): rows at >= 4 bits favour group sizes dividing 32.", "",
-                  "| method | bits/weight | Wikipedia ppl | Austen ppl | load+quantize s | peak load MiB | MiB on disk |",
-                  "|---|---|---|---|---|---|---|"]
-        for r in lm:
-            if "error" in r:
-                lines.append(f"| {r['method']} | - | did not run here: {r['error']} | | | | |")
-                continue
-            disk = None if r["bytes_on_disk"] is None else r["bytes_on_disk"] / 2**20
-            lines.append(f"| {r['method']} | {r['bits_per_weight']:.3f} | {r['wikipedia_ppl']:.2f} | "
-                         f"{r['austen_ppl']:.2f} | {r['load_seconds']:.1f} | {r['peak_load_mib']:.0f} | "
-                         f"{_num(disk, '.1f')} |")
+                  "(4-bit grid, blocks of 32): rows at >= 4 bits favour group sizes dividing 32.", ""]
+        lines += _table(lm, {"bits/weight": bpw, "Wikipedia ppl": lambda r: f"{r['wikipedia_ppl']:.2f}",
+                             "Austen ppl": lambda r: f"{r['austen_ppl']:.2f}",
+                             "load+quantize s": lambda r: f"{r['load_seconds']:.1f}",
+                             "peak load MiB": lambda r: f"{r['peak_load_mib']:.0f}", "MiB on disk": _mib})
     enc = [r for r in rows if r["model"] == MINILM]
     if enc:
         lines += ["", f"all-MiniLM-L6-v2 on {PROBE_TRAIN + PROBE_TEST} movie-review snippets: embedding cosine to "
                       f"fp32, and sentiment accuracy of a logistic-regression probe ({PROBE_TRAIN} train / "
-                      f"{PROBE_TEST} test, fixed split).", "",
-                  "| method | bits/weight | cosine mean / min | probe accuracy | load+quantize s | MiB on disk |",
-                  "|---|---|---|---|---|---|"]
-        for r in enc:
-            if "error" in r:
-                lines.append(f"| {r['method']} | - | did not run here: {r['error']} | | | |")
-                continue
-            disk = None if r["bytes_on_disk"] is None else r["bytes_on_disk"] / 2**20
-            lines.append(f"| {r['method']} | {r['bits_per_weight']:.3f} | {r['cos_mean']:.4f} / {r['cos_min']:.4f} | "
-                         f"{r['accuracy']:.3f} | {r['load_seconds']:.1f} | {_num(disk, '.1f')} |")
+                      f"{PROBE_TEST} test, fixed split).", ""]
+        lines += _table(enc, {"bits/weight": bpw, "cosine mean / min": lambda r: f"{r['cos_mean']:.4f} / {r['cos_min']:.4f}",
+                              "probe accuracy": lambda r: f"{r['accuracy']:.3f}",
+                              "load+quantize s": lambda r: f"{r['load_seconds']:.1f}", "MiB on disk": _mib})
     lines += ["", "Bits per weight: every tensor the quantized layers store; the baselines' floating-point "
                   "scales and zeros counted at 16 bits (their fp16 deployment). '-' on disk: the method has no "
                   "`save_pretrained` serialization here.", "", "Targets (issue #4):"] + targets(rows)
