@@ -37,6 +37,9 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--reencode-every", type=int, default=25)
     ap.add_argument("--no-kd", action="store_true", help="plain cross-entropy, no distillation")
+    ap.add_argument("--train-quantizer", action="store_true",
+                    help="also train scales, gain curves and basis tables (RBEConfig(qat_train_quantizer=True))")
+    ap.add_argument("--quantizer-lr", type=float, default=1e-4, help="learning rate of trained scales and tables")
     ap.add_argument("--eval-tokens", type=int, default=8192)
     ap.add_argument("--out", default="results/qat")
     args = ap.parse_args()
@@ -50,7 +53,8 @@ def main() -> None:
     teacher = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     ppl_fp32 = perplexity(teacher, held_out, 1024, 1024).perplexity
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
-                                                 quantization_config=RBEConfig.from_preset(args.preset, qat=True))
+                                                 quantization_config=RBEConfig.from_preset(
+                                                     args.preset, qat=True, qat_train_quantizer=args.train_quantizer))
     prepare_qat(model, latent_from=teacher)  # latent weights from fp32, not from the decoded codes
     ppl_ptq = perplexity(model.eval(), held_out, 1024, 1024).perplexity
     print(f"held-out perplexity: fp32 {ppl_fp32:.2f}, {args.preset} post-training {ppl_ptq:.2f}", flush=True)
@@ -60,11 +64,13 @@ def main() -> None:
                                   learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0,
                                   logging_steps=5, report_to=[], save_strategy="no", use_cpu=True, seed=0)
         callbacks = [ReencodeCallback(args.reencode_every), TimeBudgetCallback(args.minutes)]
-        if args.no_kd:
-            trainer = Trainer(model=model.train(), args=targs, train_dataset=data, callbacks=callbacks)
-        else:
-            trainer = DistillTrainer(model=model.train(), args=targs, train_dataset=data, callbacks=callbacks,
-                                     teacher=teacher)
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        quant = [p for n, p in named if n.endswith("scale") or ".tables." in n]
+        opt = torch.optim.AdamW([{"params": [p for n, p in named if not (n.endswith("scale") or ".tables." in n)],
+                                  "lr": args.lr}] + ([{"params": quant, "lr": args.quantizer_lr}] if quant else []),
+                                weight_decay=0.0)  # as Trainer's default optimizer
+        common = dict(model=model.train(), args=targs, train_dataset=data, callbacks=callbacks, optimizers=(opt, None))
+        trainer = Trainer(**common) if args.no_kd else DistillTrainer(**common, teacher=teacher)
         result = trainer.train()
         freeze(model)
         model.config.quantization_config.qat = False  # the saved model is a plain RBE checkpoint
@@ -75,6 +81,7 @@ def main() -> None:
     gap_closed = (ppl_ptq - ppl_qat) / (ppl_ptq - ppl_fp32)
     nll_gap_closed = (math.log(ppl_ptq) - math.log(ppl_qat)) / (math.log(ppl_ptq) - math.log(ppl_fp32))
     row = {"preset": args.preset, "minutes": args.minutes, "steps": trainer.state.global_step, "lr": args.lr,
+           "train_quantizer": args.train_quantizer, "quantizer_lr": args.quantizer_lr if args.train_quantizer else None,
            "batch": args.batch, "seq": args.seq, "kd": not args.no_kd, "reencode_every": args.reencode_every,
            "train_seconds": result.metrics["train_runtime"], "losses_every_5_steps": losses,
            "heldout_tokens": args.eval_tokens, "ppl_fp32": ppl_fp32, "ppl_ptq": ppl_ptq,
@@ -83,6 +90,7 @@ def main() -> None:
     md = (f"`{meta['command']}` on {meta['machine']}, {meta['date']}\n\n"
           f"QAT of SmolLM2-135M at {args.preset}: {row['steps']} steps of {args.batch}x{args.seq} tokens in "
           f"{row['train_seconds'] / 60:.1f} min, lr {args.lr}, {'distillation from fp32 + CE' if row['kd'] else 'CE'}, "
+          f"{f'scales and tables trained (lr {args.quantizer_lr}), ' if args.train_quantizer else ''}"
           f"codes re-encoded every {args.reencode_every} steps. Held-out: first {args.eval_tokens} Wikipedia tokens, "
           "context 1024, stride 1024.\n\n| model | held-out perplexity |\n|---|---|\n"
           f"| fp32 | {ppl_fp32:.2f} |\n| {args.preset} post-training | {ppl_ptq:.2f} |\n"
