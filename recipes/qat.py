@@ -73,7 +73,6 @@ def main() -> None:
         trainer = Trainer(**common) if args.no_kd else DistillTrainer(**common, teacher=teacher)
         result = trainer.train()
         freeze(model)
-        model.config.quantization_config.qat = False  # the saved model is a plain RBE checkpoint
         model.save_pretrained(Path(tmp) / "frozen")
         reloaded = AutoModelForCausalLM.from_pretrained(Path(tmp) / "frozen").eval()
     ppl_qat = perplexity(reloaded, held_out, 1024, 1024).perplexity
