@@ -53,8 +53,12 @@ class TrainableTables(nn.Module):
                 setattr(self, name, nn.Parameter(getattr(codes, name).detach().float().clone()))
 
     def tables(self) -> LayerTables:
-        res = StageTables(self.residual_table, self.residual_lut) if hasattr(self, "residual_table") else None
-        return LayerTables(StageTables(self.table, self.lut), res)
+        """The tables as the decoder sees them: basis rows renormalised to unit length (the
+        format's invariant, checked on load), so training moves directions, not lengths."""
+        res = None
+        if hasattr(self, "residual_table"):
+            res = StageTables(F.normalize(self.residual_table, dim=-1), self.residual_lut)
+        return LayerTables(StageTables(F.normalize(self.table, dim=-1), self.lut), res)
 
 logger = logging.getLogger(__name__)
 
@@ -137,10 +141,11 @@ class RBEQATLinear(nn.Linear):
         if hasattr(self, "residual_scale"):
             self.codes.residual_scale.copy_(self.residual_scale)
         if self.codes.owns_table:
-            trained = self._trainable_tables()
-            for name in _TABLES:
-                if hasattr(trained, name):
-                    getattr(self.codes, name).copy_(getattr(trained, name))
+            live = self._trainable_tables().tables()
+            stages = [("", live.stage)] + ([("residual_", live.residual)] if live.residual is not None else [])
+            for prefix, st in stages:
+                getattr(self.codes, prefix + "table").copy_(st.table)
+                getattr(self.codes, prefix + "lut").copy_(st.lut)
         self.codes.rebuild_buffers()
 
     def to_rbe(self) -> RBELinear:
