@@ -140,10 +140,11 @@ def _load(method: Method, path: str, auto: type) -> tuple[nn.Module, dict[str, A
         t0 = time.perf_counter()
         model = method.load(path, auto).eval()
         secs = time.perf_counter() - t0
-    weights, bits = quantized_size(model)
     if method.family == "fp32":
-        weights, bits = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear)), 0.0
-    bpw = 32.0 if method.family == "fp32" else bits / weights
+        weights, bpw = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear)), 32.0
+    else:
+        weights, bits = quantized_size(model)
+        bpw = bits / weights
     return model, {"method": method.name, "family": method.family, "bits_per_weight": bpw,
                    "quantized_weights": weights, "load_seconds": secs, "peak_load_mib": rss.added_mib,
                    "bytes_on_disk": _disk_bytes(model)}

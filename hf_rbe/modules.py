@@ -195,9 +195,13 @@ class RBELinear(nn.Linear):
         w = decode_layer(self._stored(), self.spec, self._tables(), self.in_features)
         return w.to(dtype or self.compute_dtype)
 
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The decoded weight in the original basis [out, in] (what ``nn.Linear.weight`` was)."""
-        w = decode_layer(self._stored(), self.spec, self._tables(), self.in_features)
+    def dequantize(self, dtype: torch.dtype | None = None, scales: dict[str, torch.Tensor] | None = None,
+                   tables: LayerTables | None = None) -> torch.Tensor:
+        """The decoded weight in the original basis [out, in] (what ``nn.Linear.weight`` was).
+
+        ``scales`` / ``tables`` replace the stored ones (QAT decodes its trainable copies this
+        way, differentiably)."""
+        w = decode_layer({**self._stored(), **(scales or {})}, self.spec, tables or self._tables(), self.in_features)
         if self.spec.rotation:
             w = unrotate(w, self.signs.float(), self.spec.hadamard_block(self.in_features))
         return w.to(dtype or self.compute_dtype)

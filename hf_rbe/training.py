@@ -36,8 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback
 
-from .codec.rbe import LayerTables, StageTables, decode_layer
-from .codec.rotation import unrotate
+from .codec.rbe import LayerTables, StageTables
 from .modules import RBELinear, link_shared_tables
 
 _TABLES = ("table", "lut", "residual_table", "residual_lut")
@@ -92,13 +91,10 @@ class RBEQATLinear(nn.Linear):
 
     def _decoded_trainable(self) -> torch.Tensor:
         """The decoded weight as a differentiable function of the scales and tables."""
-        stored = {**self.codes._stored(), "scale": self.scale}
+        scales = {"scale": self.scale}
         if hasattr(self, "residual_scale"):
-            stored["residual_scale"] = self.residual_scale
-        w = decode_layer(stored, self.codes.spec, self._trainable_tables().tables(), self.in_features)
-        if self.codes.spec.rotation:
-            w = unrotate(w, self.codes.signs.float(), self.codes.spec.hadamard_block(self.in_features))
-        return w.to(self.weight.dtype)
+            scales["residual_scale"] = self.residual_scale
+        return self.codes.dequantize(self.weight.dtype, scales, self._trainable_tables().tables())
 
     def _decoded(self) -> torch.Tensor:
         """``codes.dequantize()``, decoded again only when the codes change (re-encoding,
@@ -201,6 +197,18 @@ def prepare_qat(model: nn.Module, latent_from: nn.Module | None = None, train_qu
     return model
 
 
+def quantizer_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable scales and tables of ``train_quantizer`` QAT layers (for their own
+    optimizer group: they start near their optimum and want another learning rate)."""
+    params: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        if isinstance(module, RBEQATLinear) and module.train_quantizer:
+            for p in [module.scale, getattr(module, "residual_scale", None), *module._trainable_tables().parameters()]:
+                if p is not None:
+                    params[id(p)] = p
+    return list(params.values())
+
+
 @torch.no_grad()
 def reencode(model: nn.Module, progress: bool = False) -> int:
     layers = [m for m in model.modules() if isinstance(m, RBEQATLinear)]
@@ -275,4 +283,4 @@ class DistillTrainer(Trainer):
 
 
 __all__ = ["DistillTrainer", "RBEQATLinear", "ReencodeCallback", "TimeBudgetCallback", "TrainableTables", "freeze",
-           "prepare_qat", "reencode", "straight_through"]
+           "prepare_qat", "quantizer_parameters", "reencode", "straight_through"]

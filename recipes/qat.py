@@ -25,7 +25,8 @@ import hf_rbe
 from hf_rbe import RBEConfig
 from hf_rbe.data import smollm2_path
 from hf_rbe.eval import perplexity, run_meta, wikipedia_lm_splits, write_results
-from hf_rbe.training import DistillTrainer, ReencodeCallback, TimeBudgetCallback, freeze, prepare_qat
+from hf_rbe.training import (DistillTrainer, ReencodeCallback, TimeBudgetCallback, freeze, prepare_qat,
+                             quantizer_parameters)
 
 
 def main() -> None:
@@ -64,10 +65,11 @@ def main() -> None:
                                   learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0,
                                   logging_steps=5, report_to=[], save_strategy="no", use_cpu=True, seed=0)
         callbacks = [ReencodeCallback(args.reencode_every), TimeBudgetCallback(args.minutes)]
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        quant = [p for n, p in named if n.endswith("scale") or ".tables." in n]
-        opt = torch.optim.AdamW([{"params": [p for n, p in named if not (n.endswith("scale") or ".tables." in n)],
-                                  "lr": args.lr}] + ([{"params": quant, "lr": args.quantizer_lr}] if quant else []),
+        quant = quantizer_parameters(model)
+        special = {id(x) for x in quant}
+        rest = [p for p in model.parameters() if p.requires_grad and id(p) not in special]
+        opt = torch.optim.AdamW([{"params": rest, "lr": args.lr}] + ([{"params": quant, "lr": args.quantizer_lr}]
+                                                                     if quant else []),
                                 weight_decay=0.0)  # as Trainer's default optimizer
         common = dict(model=model.train(), args=targs, train_dataset=data, callbacks=callbacks, optimizers=(opt, None))
         trainer = Trainer(**common) if args.no_kd else DistillTrainer(**common, teacher=teacher)

@@ -26,7 +26,7 @@ import hf_rbe
 from hf_rbe import RBEConfig, quantize_model
 from hf_rbe.data import minilm_path, movie_reviews
 from hf_rbe.eval import run_meta, write_results
-from hf_rbe.training import ReencodeCallback, freeze
+from hf_rbe.training import ReencodeCallback, freeze, quantizer_parameters
 
 
 def splits(tok, seed: int = 0) -> tuple[Dataset, Dataset]:  # type: ignore[no-untyped-def]
@@ -53,16 +53,13 @@ def accuracy(model: torch.nn.Module, data: Dataset) -> float:
     return correct / len(data)
 
 
-def _fast(name: str) -> bool:
-    """The new head and, when trained, the quantizer's scales and tables: small parameter
-    counts that start far from their optimum and get ``--head-lr``."""
-    return name.startswith("classifier") or name.endswith("scale") or ".tables." in name
-
-
 def train(model: torch.nn.Module, data: Dataset, steps: int, lr: float, head_lr: float, callbacks: list) -> float:
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    opt = torch.optim.AdamW([{"params": [p for n, p in named if not _fast(n)], "lr": lr},
-                             {"params": [p for n, p in named if _fast(n)], "lr": head_lr}])
+    # the new head and, when trained, the quantizer's scales and tables start far from their
+    # optimum (or are few): they get ``head_lr``
+    fast = [p for n, p in model.named_parameters() if n.startswith("classifier")] + quantizer_parameters(model)
+    special = {id(x) for x in fast}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in special]
+    opt = torch.optim.AdamW([{"params": rest, "lr": lr}, {"params": fast, "lr": head_lr}])
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(output_dir=tmp, max_steps=steps, per_device_train_batch_size=32, learning_rate=lr,
                                  report_to=[], save_strategy="no", use_cpu=True, seed=0, logging_steps=50)
