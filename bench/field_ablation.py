@@ -12,18 +12,15 @@ plain row at equal width.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-from datetime import date
-from pathlib import Path
 
 import torch
 from transformers import AutoModel
 
 from hf_rbe import RBEConfig, RBELinear
-from hf_rbe.codec.rbe import tables_for
-from hf_rbe.data import minilm_path
+from hf_rbe.core.tables import tables_for
+from hf_rbe.evaluation.data import minilm_path
+from hf_rbe.evaluation.fetch import ensure
+from hf_rbe.evaluation.results import run_meta, write_results
 
 ROWS = {
     "plain: idx 7, amp 2": {"idx": 7, "amp": 2},
@@ -39,6 +36,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="results/field_ablation")
     args = ap.parse_args()
+    ensure("minilm")
     model = AutoModel.from_pretrained(minilm_path())
     weights = [m.weight.detach() for m in model.modules() if isinstance(m, torch.nn.Linear)]
     energy = sum(float(w.double().pow(2).sum()) for w in weights)
@@ -55,16 +53,12 @@ def main() -> None:
         rows.append({"setting": name, "code_bits": spec.stage.layout.width, "rel_mse": err / energy})
         print(rows[-1], flush=True)
     base = rows[0]["rel_mse"]
-    meta = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
-            "date": date.today().isoformat(), "command": "python bench/field_ablation.py"}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    meta = run_meta()
     lines = [f"`{meta['command']}` on {meta['machine']}, {meta['date']}; 37 all-MiniLM-L6-v2 layers, dim 4", "",
              "| setting (10-bit codes) | relMSE | vs plain |", "|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['setting']} | {r['rel_mse']:.4f} | {r['rel_mse'] / base:.3f}x |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_results(args.out, meta, rows, "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

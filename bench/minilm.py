@@ -11,12 +11,8 @@ Scalar baseline: asymmetric min-max b-bit with an fp16 scale and zero per group 
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import platform
 import time
-from datetime import date
-from pathlib import Path
 
 import torch
 from transformers import AutoModel, AutoTokenizer
@@ -24,29 +20,14 @@ from transformers.utils import logging as hf_logging
 
 import hf_rbe
 from hf_rbe import RBEConfig, RBELinear
-from hf_rbe.data import minilm_path, movie_reviews
+from hf_rbe.evaluation.baselines import minmax_quantize
+from hf_rbe.evaluation.data import minilm_path, movie_reviews
+from hf_rbe.evaluation.fetch import ensure
+from hf_rbe.evaluation.measure import mean_pooled_embeddings
+from hf_rbe.evaluation.results import run_meta, write_results
 
 N_SENTENCES = 1000
 SCALAR = [(2, 128), (2, 64), (2, 32), (3, 128), (3, 64), (4, 128), (4, 64), (5, 64), (6, 64)]
-
-
-def minmax_quantize(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:
-    g = w.reshape(-1, group)
-    lo, hi = g.amin(1, keepdim=True), g.amax(1, keepdim=True)
-    s = ((hi - lo) / (2**bits - 1)).half().float().clamp_min(1e-12)
-    lo = lo.half().float()
-    return (((g - lo) / s).round().clamp(0, 2**bits - 1) * s + lo).reshape(w.shape)
-
-
-@torch.no_grad()
-def embed(model: torch.nn.Module, tok, sentences: list[str]) -> torch.Tensor:
-    out = []
-    for i in range(0, len(sentences), 64):
-        x = tok(sentences[i : i + 64], return_tensors="pt", padding=True, truncation=True, max_length=128)
-        h = model(**x).last_hidden_state
-        m = x["attention_mask"][..., None].to(h.dtype)
-        out.append(torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1))
-    return torch.cat(out)
 
 
 def main() -> None:
@@ -54,6 +35,7 @@ def main() -> None:
     ap.add_argument("--settings", nargs="*", help="preset names (default: all presets)")
     ap.add_argument("--out", default="results/minilm", help="output path without extension")
     args = ap.parse_args()
+    ensure("minilm", "movie_reviews")
     hf_logging.disable_progress_bar()
     torch.manual_seed(0)
 
@@ -61,7 +43,7 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(path)
     sentences = [r["text"] for r in movie_reviews()[:N_SENTENCES]]
     ref = AutoModel.from_pretrained(path).eval()
-    ref_emb = embed(ref, tok, sentences)
+    ref_emb = mean_pooled_embeddings(ref, tok, sentences)
     linears = {n: m.weight.detach().clone() for n, m in ref.named_modules() if isinstance(m, torch.nn.Linear)}
     n_weights = sum(w.numel() for w in linears.values())
     energy = sum(float(w.double().pow(2).sum()) for w in linears.values())
@@ -76,7 +58,7 @@ def main() -> None:
         assert len(layers) == len(linears) == 37, (len(layers), len(linears))
         err = sum(float((layers[n].dequantize(torch.float64) - w.double()).pow(2).sum()) for n, w in linears.items())
         bits = sum(m.storage_bits() for m in layers.values())
-        cos = (embed(model, tok, sentences) * ref_emb).sum(-1)
+        cos = (mean_pooled_embeddings(model, tok, sentences) * ref_emb).sum(-1)
         rows.append(_row("RBE " + name, bits / n_weights, err / energy, cos, secs))
         print(_fmt(rows[-1]), flush=True)
     for bits, group in SCALAR:
@@ -87,17 +69,13 @@ def main() -> None:
                 q = minmax_quantize(m.weight.data, bits, group)
                 err += float((q.double() - m.weight.data.double()).pow(2).sum())
                 m.weight.data = q
-        cos = (embed(model, tok, sentences) * ref_emb).sum(-1)
+        cos = (mean_pooled_embeddings(model, tok, sentences) * ref_emb).sum(-1)
         rows.append(_row(f"scalar {bits}-bit g{group}", bits + 32 / group, err / energy, cos, None))
         print(_fmt(rows[-1]), flush=True)
 
-    meta = {"machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip(),
-            "date": date.today().isoformat(), "torch": torch.__version__, "hf_rbe": hf_rbe.__version__,
-            "model": "all-MiniLM-L6-v2 (37 Linear layers)", "sentences": f"first {N_SENTENCES} movie-review snippets"}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    out.with_suffix(".md").write_text(_table(rows, meta))
+    meta = {**run_meta(), "hf_rbe": hf_rbe.__version__, "model": "all-MiniLM-L6-v2 (37 Linear layers)",
+            "sentences": f"first {N_SENTENCES} movie-review snippets"}
+    write_results(args.out, meta, rows, _table(rows, meta))
     print(_table(rows, meta))
 
 

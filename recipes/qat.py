@@ -23,10 +23,18 @@ from transformers.utils import logging as hf_logging
 
 import hf_rbe
 from hf_rbe import RBEConfig
-from hf_rbe.data import smollm2_path
-from hf_rbe.eval import perplexity, run_meta, wikipedia_lm_splits, write_results
-from hf_rbe.training import (DistillTrainer, ReencodeCallback, TimeBudgetCallback, freeze, prepare_qat,
-                             quantizer_parameters)
+from hf_rbe.evaluation.data import lm_splits, smollm2_path
+from hf_rbe.evaluation.fetch import ensure
+from hf_rbe.evaluation.measure import perplexity
+from hf_rbe.evaluation.results import run_meta, write_results
+from hf_rbe.training import (
+    DistillTrainer,
+    ReencodeCallback,
+    TimeBudgetCallback,
+    freeze,
+    prepare_qat,
+    quantizer_parameters,
+)
 
 
 def main() -> None:
@@ -44,12 +52,13 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=8192)
     ap.add_argument("--out", default="results/qat")
     args = ap.parse_args()
+    ensure("smollm2", "wikipedia")
     hf_logging.set_verbosity_error()
     torch.manual_seed(0)
 
     path = smollm2_path()
     tok = AutoTokenizer.from_pretrained(path)
-    held_out, data = wikipedia_lm_splits(tok, args.eval_tokens, args.seq)
+    held_out, data = lm_splits(tok, args.eval_tokens, args.seq)
 
     teacher = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     ppl_fp32 = perplexity(teacher, held_out, 1024, 1024).perplexity

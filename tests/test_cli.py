@@ -16,10 +16,9 @@ def test_help_lists_the_commands(capsys):
 
 
 def test_quantize_command(tiny_llama_dir, tmp_path, capsys):
-    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
-
     # the tiny model has no tokenizer; give it one so the command can copy it
     from tokenizers import Tokenizer, models
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]")))
     src = tmp_path / "src"
@@ -35,10 +34,10 @@ def test_quantize_command(tiny_llama_dir, tmp_path, capsys):
     assert AutoTokenizer.from_pretrained(out) is not None
     card = (out / "README.md").read_text()
     assert "import hf_rbe" in card and "bits per weight" in card and '"quant_method": "rbe"' in card
-    from hf_rbe.eval import model_size
+    from hf_rbe.core.packed import packed_size
 
     assert "base_model: " + str(src) in card
-    assert f"**{model_size(m)['bits_per_weight']:.3f} bits per weight**" in card
+    assert f"**{packed_size(m)['bits_per_weight']:.3f} bits per weight**" in card
 
 
 def test_bad_config_json_is_rejected():

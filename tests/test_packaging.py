@@ -1,7 +1,6 @@
-"""Packaging: the kernels ship inside hf_rbe, import nothing from transformers, and never pose
-as Hugging Face's unrelated top-level ``kernels`` package."""
+"""Packaging: the kernels ship inside hf_rbe and never pose as Hugging Face's unrelated top-level
+``kernels`` package (what imports what is tests/test_layering.py's job)."""
 
-import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -9,20 +8,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def test_kernel_sources_import_neither_transformers_nor_hf_rbe():
-    files = sorted((ROOT / "kernels").glob("*.py"))
-    assert files, "kernels/ is empty"
-    for f in files:
-        for node in ast.walk(ast.parse(f.read_text())):
-            names = []
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.level == 0:
-                names = [node.module or ""]
-            for n in names:
-                assert not n.split(".")[0] in ("transformers", "hf_rbe"), f"{f.name} imports {n}"
 
 
 def test_kernels_dir_is_not_a_regular_package_and_transformers_does_not_see_it():
@@ -38,13 +23,6 @@ def test_kernels_dir_is_not_a_regular_package_and_transformers_does_not_see_it()
         assert res.stdout.strip().endswith("False")
 
 
-def test_reference_module_loads_standalone_without_transformers():
-    code = ("import sys; sys.path.insert(0, 'kernels'); import reference;"
-            "assert 'transformers' not in sys.modules; print('ok')")
-    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
-
-
 def test_wheel_ships_hf_rbe_kernels(tmp_path):
     res = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
                           str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=600)
@@ -53,7 +31,8 @@ def test_wheel_ships_hf_rbe_kernels(tmp_path):
     import zipfile
 
     names = zipfile.ZipFile(next(tmp_path.glob("*.whl"))).namelist()
-    assert "hf_rbe/kernels/triton_rbe.py" in names and "hf_rbe/kernels/reference.py" in names
+    assert "hf_rbe/kernels/triton_v1.py" in names and "hf_rbe/kernels/dispatch.py" in names
+    assert "hf_rbe/evaluation/metrics/perplexity.py" in names and "hf_rbe/core/ops.py" in names
     assert "hf_rbe/model_cards/rbe_model_card.md" in names
     assert not any(n.startswith("kernels/") for n in names)
 

@@ -1,0 +1,195 @@
+"""Encode a weight matrix into the RBE format and decode it back (the PyTorch reference).
+
+Encoding is calibration-free and vectorised: every vector's code comes from one matrix
+product with the table (best direction), then a few Lloyd steps fit each group's scale to
+the gain levels. No loop runs over vectors; rows are processed in chunks to bound memory.
+All functions run on the tensor's own device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .bits import pack_codes, unpack_codes
+from .format import LayerSpec, ResidualSpec, StageSpec
+from .rotation import random_signs, rotate
+from .spec import FP16_MAX, FormatError, check_finite
+from .tables import LayerTables, StageTables, best_projection, directions
+
+_CHUNK_ELEMENTS = 1 << 24  # projections held at once (vectors x directions)
+_SCALE_STEPS = 4  # Lloyd steps on each group scale
+_FP8_MAX = 448.0  # largest finite float8_e4m3fn
+_CLIP_RATIOS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)  # int residual: fractions of the group max tried as its range
+_TINY = 1e-30
+
+
+# ----------------------------------------------------------------------------- one stage
+
+
+def _nearest_level(t: torch.Tensor, levels_sorted: torch.Tensor) -> torch.Tensor:
+    """Index into ``levels_sorted`` of the level nearest to each element of ``t``."""
+    j = torch.searchsorted(levels_sorted, t.contiguous()).clamp(1, len(levels_sorted) - 1)
+    lo, hi = levels_sorted[j - 1], levels_sorted[j]
+    return torch.where((t - lo) <= (hi - t), j - 1, j)
+
+
+def encode_stage(w: torch.Tensor, stage: StageSpec, tables: StageTables) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes (int32 words [N, words]) and scales (fp16 [N, groups]) for ``w`` [N, K] (fp32)."""
+    n_rows, k = w.shape
+    lay, dim = stage.layout, stage.dim
+    table, lut = tables.table.to(w.device), tables.lut.to(w.device)
+    dirs = directions(table, lay.deriv)
+    signed = bool(lay.sign)
+    vecs = w.reshape(-1, dim)
+    rows_per_chunk = max(1, _CHUNK_ELEMENTS // len(dirs))
+    best, proj = [], []
+    for start in range(0, len(vecs), rows_per_chunk):
+        a, p = best_projection(vecs[start : start + rows_per_chunk], dirs, signed)
+        best.append(a)
+        proj.append(p)
+    a, p = torch.cat(best), torch.cat(proj)
+
+    n_groups = stage.n_groups(k)
+    g = p.abs().reshape(n_rows, n_groups, -1)
+    flat = lut.flatten()
+    levels, order = flat.sort()
+    scale = w.reshape(n_rows, n_groups, -1).pow(2).mean(-1).sqrt()
+    for _ in range(_SCALE_STEPS):  # Lloyd steps on the group scale
+        f = levels[_nearest_level(g / scale.clamp_min(_TINY)[..., None], levels)]
+        num, den = (g * f).sum(-1), (f * f).sum(-1)
+        scale = torch.where(den > 0, num / den.clamp_min(_TINY), scale)
+    if not torch.isfinite(scale).all() or scale.abs().max() > FP16_MAX:
+        raise FormatError("group scales overflow fp16; the weights are too large for the RBE format")
+    scale16 = scale.half()
+    s = scale16.float().clamp_min(_TINY)[..., None]
+    flat_idx = order[_nearest_level(g / s, levels)].reshape(-1)
+
+    n_levels = lay.n_levels
+    curve, q = flat_idx // n_levels, flat_idx % n_levels
+    fields = {
+        "idx": a % len(table),
+        "deriv": a // len(table),
+        "sign": (p < 0).to(torch.int64),
+        "amp": q >> lay.amp_fine,
+        "amp_fine": q & ((1 << lay.amp_fine) - 1),
+        "cat": curve >> lay.sub,
+        "sub": curve & ((1 << lay.sub) - 1),
+    }
+    codes = lay.pack_fields(**fields).reshape(n_rows, k // dim)
+    return pack_codes(codes, lay.width), scale16
+
+
+def decode_stage(
+    words: torch.Tensor, scale: torch.Tensor, stage: StageSpec, tables: StageTables, in_features: int
+) -> torch.Tensor:
+    """fp32 [N, in_features] from packed codes and scales (the reference decoder)."""
+    lay, dim = stage.layout, stage.dim
+    n_rows, n_vec = words.shape[0], in_features // dim
+    f = lay.unpack_fields(unpack_codes(words, lay.width, n_vec))
+    table, lut = tables.table.to(words.device).float(), tables.lut.to(words.device).float()
+    dirs = directions(table, lay.deriv)
+    vec = dirs[f["idx"] + len(table) * f["deriv"]]  # [N, V, dim]
+    q = (f["amp"] << lay.amp_fine) | f["amp_fine"]
+    curve = (f["cat"] << lay.sub) | f["sub"]
+    gain = lut[curve, q] * (1 - 2 * f["sign"]).float()
+    groups = scale.float().repeat_interleave(n_vec // scale.shape[1], dim=1)
+    return (vec * (gain * groups)[..., None]).reshape(n_rows, in_features)
+
+
+# ----------------------------------------------------------------------------- residuals
+
+
+def _int_levels(bits: int) -> float:
+    return ((1 << bits) - 1) / 2  # codes q in [0, 2**b - 1] stand for (q - half) * scale
+
+
+def encode_int_residual(r: torch.Tensor, spec: ResidualSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group-scaled integers: packed int32 words and fp16 scales [N, K // group]."""
+    bits = spec.int_bits or 0
+    n_rows, k = r.shape
+    half = _int_levels(bits)
+    grp = r.reshape(n_rows, k // spec.group_size, spec.group_size)
+    amax = grp.abs().amax(-1)
+    best_err, best_scale = None, None
+    for clip in _CLIP_RATIOS:  # clipping search: pick the lowest MSE per group
+        s = (amax * clip / half).half().float().clamp_min(_TINY)
+        q = (grp / s[..., None] + half).round().clamp(0, 2 * half)
+        err = ((q - half) * s[..., None] - grp).pow(2).sum(-1)
+        if best_err is None:
+            best_err, best_scale = err, s
+        else:
+            better = err < best_err
+            best_err, best_scale = torch.where(better, err, best_err), torch.where(better, s, best_scale)
+    q = (grp / best_scale[..., None] + half).round().clamp(0, 2 * half).to(torch.int64)
+    return pack_codes(q.reshape(n_rows, k), bits), best_scale.half()
+
+
+def decode_int_residual(words: torch.Tensor, scale: torch.Tensor, spec: ResidualSpec, in_features: int) -> torch.Tensor:
+    bits = spec.int_bits or 0
+    q = unpack_codes(words, bits, in_features).float() - _int_levels(bits)
+    return q * scale.float().repeat_interleave(spec.group_size, dim=1)
+
+
+def encode_fp8_residual(r: torch.Tensor, spec: ResidualSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    n_rows, k = r.shape
+    grp = r.reshape(n_rows, k // spec.group_size, spec.group_size)
+    s = (grp.abs().amax(-1) / _FP8_MAX).half().float().clamp_min(_TINY)
+    q = (grp / s[..., None]).clamp(-_FP8_MAX, _FP8_MAX).to(torch.float8_e4m3fn)
+    return q.reshape(n_rows, k), s.half()
+
+
+def decode_fp8_residual(values: torch.Tensor, scale: torch.Tensor, spec: ResidualSpec) -> torch.Tensor:
+    return values.float() * scale.float().repeat_interleave(spec.group_size, dim=1)
+
+
+# ----------------------------------------------------------------------------- whole layer
+
+
+def rotate_weight(weight: torch.Tensor, spec: LayerSpec, rotation_seed: int) -> torch.Tensor:
+    """fp32 ``W S H`` (or ``W`` without rotation): the matrix the codes describe."""
+    w = weight.float()
+    if not spec.rotation:
+        return w
+    k = w.shape[1]
+    return rotate(w, random_signs(rotation_seed, k, device=w.device), spec.hadamard_block(k))
+
+
+def encode_layer(
+    weight: torch.Tensor, spec: LayerSpec, tables: LayerTables, rotation_seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """All stored tensors of one layer (see ``hf_rbe.format``), tables excluded."""
+    check_finite(weight)
+    n_rows, k = weight.shape
+    spec.check_shape(n_rows, k)
+    w = rotate_weight(weight, spec, rotation_seed)
+    words, scale = encode_stage(w, spec.stage, tables.stage)
+    out = {"weight": words, "scale": scale}
+    if spec.rotation:
+        out["rotation_seed"] = torch.tensor([rotation_seed], dtype=torch.int64, device=weight.device)
+    res = spec.residual
+    if res.kind == "none":
+        return out
+    r = w - decode_stage(words, scale, spec.stage, tables.stage, k)
+    if res.kind == "rbe":
+        out["residual_weight"], out["residual_scale"] = encode_stage(r, res.stage, tables.residual)  # type: ignore[arg-type]
+    elif res.kind == "fp8":
+        out["residual_weight"], out["residual_scale"] = encode_fp8_residual(r, res)
+    else:
+        out["residual_weight"], out["residual_scale"] = encode_int_residual(r, res)
+    return out
+
+
+def decode_layer(
+    tensors: dict[str, torch.Tensor], spec: LayerSpec, tables: LayerTables, in_features: int
+) -> torch.Tensor:
+    """fp32 rotated weight ``W S H`` [N, in_features] from the stored tensors."""
+    w = decode_stage(tensors["weight"], tensors["scale"], spec.stage, tables.stage, in_features)
+    res = spec.residual
+    if res.kind == "rbe":
+        w = w + decode_stage(tensors["residual_weight"], tensors["residual_scale"], res.stage,  # type: ignore[arg-type]
+                             tables.residual, in_features)
+    elif res.kind == "fp8":
+        w = w + decode_fp8_residual(tensors["residual_weight"], tensors["residual_scale"], res)
+    elif res.kind != "none":
+        w = w + decode_int_residual(tensors["residual_weight"], tensors["residual_scale"], res, in_features)
+    return w

@@ -1,0 +1,103 @@
+"""The layer ops, registered once with ``torch.library``: ``hf_rbe::linear`` and ``hf_rbe::dequantize``.
+
+Every packed layer computes ``y = x W^T + b`` by calling this one op with its stored tensors
+(a list, in the order its format defines) and its layout as a list of ints (first the format
+id, then what the format's ``to_layout`` writes). Registering it as a custom op means:
+
+- the dispatcher picks the implementation by device: this module registers the PyTorch
+  reference (any device; the oracle every kernel is tested against), and ``hf_rbe.kernels``
+  registers faster ones for CUDA (Triton) and the CPU over it;
+- ``torch.compile`` sees one opaque node with a fake (shape-only) implementation, so a model
+  compiles with ``fullgraph=True`` and CUDA graphs can capture it;
+- autograd: the gradient reaches ``x`` (adapters before the layer train) and the bias; the
+  stored tensors are constants. The backward multiplies by ``hf_rbe::dequantize`` (the decoded
+  weight, also an opaque op, so a compiled backward traces no decoder internals).
+
+Formats register their reference decoder with :func:`register_format`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .spec import FormatError
+
+
+@dataclass(frozen=True)
+class FormatOps:
+    """How the reference decodes one format: ``dequantize(tensors, layout) -> fp32 W [out, in]``
+    in the original basis, and ``linear(x, tensors, layout) -> x W^T`` (without bias)."""
+
+    dequantize: Callable[[list[torch.Tensor], list[int]], torch.Tensor]
+    linear: Callable[[torch.Tensor, list[torch.Tensor], list[int]], torch.Tensor]
+
+
+_FORMATS: dict[int, FormatOps] = {}
+
+
+def register_format(format_id: int, ops: FormatOps) -> None:
+    """Register the reference of a format (done once, by the module that defines the layer;
+    each format module defines its own ``FORMAT_ID``)."""
+    _FORMATS[format_id] = ops
+
+
+def format_ops(layout: list[int]) -> FormatOps:
+    try:
+        return _FORMATS[layout[0]]
+    except (KeyError, IndexError):
+        raise FormatError(f"unknown packed-layer format id {layout[:1]}") from None
+
+
+def out_features(layout: list[int]) -> int:
+    """Every layout stores ``[format_id, out_features, in_features, ...]``."""
+    return layout[1]
+
+
+@torch.library.custom_op("hf_rbe::linear", mutates_args=())
+def linear(x: torch.Tensor, tensors: list[torch.Tensor], layout: list[int],
+           bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``x W^T + b`` for x [..., in_features] in fp32/fp16/bf16; output in x's dtype."""
+    return reference_linear(x, tensors, layout, bias)
+
+
+def reference_linear(x: torch.Tensor, tensors: list[torch.Tensor], layout: list[int],
+                     bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """The PyTorch reference of ``hf_rbe::linear`` (what every kernel is checked against)."""
+    y = format_ops(layout).linear(x, tensors, layout)
+    return y if bias is None else y + bias.to(y.dtype)
+
+
+@linear.register_fake
+def _linear_fake(x: torch.Tensor, tensors: list[torch.Tensor], layout: list[int],
+                 bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], out_features(layout)))
+
+
+@torch.library.custom_op("hf_rbe::dequantize", mutates_args=())
+def dequantize(tensors: list[torch.Tensor], layout: list[int]) -> torch.Tensor:
+    """The decoded weight, fp32 [out_features, in_features], in the original basis."""
+    return format_ops(layout).dequantize(tensors, layout).float()
+
+
+@dequantize.register_fake
+def _dequantize_fake(tensors: list[torch.Tensor], layout: list[int]) -> torch.Tensor:
+    return tensors[0].new_empty((layout[1], layout[2]), dtype=torch.float32)
+
+
+def _setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+    x, tensors, layout, bias = inputs
+    ctx.tensors, ctx.layout = tensors, layout
+    ctx.x_dtype, ctx.has_bias = x.dtype, bias is not None
+
+
+def _backward(ctx, grad):  # type: ignore[no-untyped-def]
+    grad_x = (grad.float() @ dequantize(ctx.tensors, ctx.layout)).to(ctx.x_dtype)
+    grad_b = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
+    return grad_x, [None] * len(ctx.tensors), None, grad_b  # stored tensors and layout get no gradient
+
+
+linear.register_autograd(_backward, setup_context=_setup_context)

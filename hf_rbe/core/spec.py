@@ -1,0 +1,54 @@
+"""What every stored format shares: one exception type and exact descriptions of stored tensors.
+
+A format (RBE v1, seed64, ...) describes each tensor a layer stores as a :class:`TensorSpec`
+(shape and dtype); layers allocate from those descriptions and check loaded tensors against
+them, so no shape or dtype is written down a second time anywhere else.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+#: dtypes a packed layer computes in (activations and decoded weights).
+COMPUTE_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
+#: The largest finite fp16 value: fp16 scales must stay below it.
+FP16_MAX = 65504.0
+
+
+class FormatError(ValueError):
+    """A setting, a weight or a stored tensor that the format cannot hold (the one error type
+    for format problems; a subclass of ``ValueError``)."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Shape and dtype of one stored tensor."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    def empty(self, device: torch.device | str | None = None) -> torch.Tensor:
+        return torch.zeros(self.shape, dtype=self.dtype, device=device)
+
+    def check(self, name: str, t: torch.Tensor, where: str = "") -> None:
+        """Raise :class:`FormatError` unless ``t`` has exactly this shape and dtype."""
+        prefix = f"{where}: " if where else ""
+        if t.dtype != self.dtype:
+            raise FormatError(f"{prefix}'{name}' is {t.dtype}, the format stores {self.dtype} (tampered checkpoint?)")
+        if tuple(t.shape) != self.shape:
+            raise FormatError(f"{prefix}'{name}' has shape {tuple(t.shape)}, the format needs {self.shape}")
+
+
+def n_words(n_values: int, bits: int) -> int:
+    """int32 words holding ``n_values`` values of ``bits`` bits as one bit stream."""
+    return math.ceil(n_values * bits / 32)
+
+
+def check_finite(weight: torch.Tensor, name: str = "weight") -> None:
+    """Refuse NaN/Inf weights (no format can encode them)."""
+    if not torch.isfinite(weight).all():
+        bad = int((~torch.isfinite(weight)).sum())
+        raise FormatError(f"{name} has {bad} NaN/Inf values; they cannot be encoded")

@@ -1,0 +1,11 @@
+"""Measuring RBE models next to others: data, metrics, sizes, results, the comparison.
+
+    data        offline models and corpora (read from the cache)
+    fetch       the data-fetch tool (pip / apt; the only code here that downloads)
+    metrics     local ``evaluate`` metric modules (perplexity, embedding cosine, probe accuracy)
+    measure     sliding-window perplexity, sentence embeddings
+    sizes       bits per weight of any quantized model (RBE, HQQ, quanto, bitsandbytes)
+    baselines   the scalar min-max quantizer the benchmarks compare with
+    results     result files stamped with machine, date and command
+    compare     hf-rbe compare: methods, run, report
+"""

@@ -1,0 +1,71 @@
+"""The rows of ``hf-rbe compare``: each method and how it gets its quantized model from the fp32 checkpoint.
+
+HQQ runs through the ``hqq`` library's own ``HQQLinear`` (transformers 5.23 has no HQQ
+loader); optimum-quanto and bitsandbytes through their transformers configs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...hf.config import RBEConfig
+
+SMOLLM2, MINILM = "SmolLM2-135M", "all-MiniLM-L6-v2"
+PROBE_TRAIN, PROBE_TEST = 2000, 1000  # movie-review snippets for the sentiment probe
+BASELINES = ("HQQ", "quanto", "bitsandbytes")
+RBE_SETTINGS = ("rbe-1.5", "rbe-2", "rbe-2.5", "rbe-3", "rbe-4", "rbe-4.5")
+
+
+@dataclass
+class Method:
+    """One row of the comparison: how to get the quantized model from the fp32 checkpoint."""
+
+    name: str
+    family: str  # one line in the plot
+    load: Callable[[str, type], nn.Module]  # (checkpoint path, Auto class) -> quantized model
+
+
+def _fp32(path: str, auto: type) -> nn.Module:
+    return auto.from_pretrained(path, dtype=torch.float32)
+
+
+def _with_config(config: Any) -> Callable[[str, type], nn.Module]:
+    def load(path: str, auto: type) -> nn.Module:
+        return auto.from_pretrained(path, dtype=torch.float32, quantization_config=config, device_map="cpu")
+
+    return load
+
+
+def _hqq(nbits: int, group: int) -> Callable[[str, type], nn.Module]:
+    def load(path: str, auto: type) -> nn.Module:
+        from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+        model = auto.from_pretrained(path, dtype=torch.float32)
+        cfg = BaseQuantizeConfig(nbits=nbits, group_size=group)
+        for name, module in list(model.named_modules()):
+            if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] != "lm_head":
+                model.set_submodule(name, HQQLinear(module, cfg, compute_dtype=torch.float32, device="cpu"))
+        return model
+
+    return load
+
+
+def methods(families: list[str] | None = None) -> list[Method]:
+    """Every row, in table order; ``families`` keeps only those families."""
+    from transformers import BitsAndBytesConfig, QuantoConfig
+
+    rows = [Method("fp32 (unquantized)", "fp32", _fp32)]
+    rows += [Method(f"RBE {p}", "RBE", _with_config(RBEConfig.from_preset(p))) for p in RBE_SETTINGS]
+    rows += [Method("seed64 + scale + rbe-2.5 residual", "seed64",
+                    _with_config(RBEConfig.from_preset("rbe-2.5", codec="seed64", tile=32, residual="rbe")))]
+    rows += [Method(f"HQQ {b}-bit g64", "HQQ", _hqq(b, 64)) for b in (2, 3, 4)]
+    rows += [Method(f"quanto {w}", "quanto", _with_config(QuantoConfig(weights=w))) for w in ("int2", "int4", "int8")]
+    rows += [Method("bitsandbytes NF4", "bitsandbytes",
+                    _with_config(BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"))),
+             Method("bitsandbytes int8", "bitsandbytes", _with_config(BitsAndBytesConfig(load_in_8bit=True)))]
+    return [m for m in rows if families is None or m.family in families]

@@ -1,0 +1,232 @@
+"""``RBEConfig``: validated settings, nothing more; it builds the per-layer ``LayerSpec``.
+
+Field widths follow paper 002's code ``[amp_fine|cat|sub|idx|sign|deriv|amp]``. The
+defaults are the ``rbe-5.5`` preset, picked by measurement (``bench/minilm.py``, README): the
+fewest bits per weight among the presets that keep all-MiniLM-L6-v2 sentence embeddings at
+cosine >= 0.99 to fp32 (0.9901 at 5.57 bits; rbe-5 reaches 0.982). For memory-bound use,
+pick a lower preset and accept the measured loss.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import hashlib
+from typing import Any
+
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from ..core.format import FIELDS, FORMAT_VERSION, CodeLayout, LayerSpec, ResidualSpec, StageSpec
+from ..core.seed64_format import Seed64Spec
+from ..core.spec import FormatError
+
+QUANT_METHOD = "rbe"
+
+_STAGE_KEYS = ("dim", "idx", "sign", "amp", "deriv", "cat", "sub", "amp_fine", "group_size")
+_LAYER_KEYS = _STAGE_KEYS + ("residual", "residual_group_size", "residual_stage", "rotation", "rotation_block")
+
+#: Named settings, from about 1.5 to 4.5 bits per weight (codes + scales; see README table).
+PRESETS: dict[str, dict[str, Any]] = {
+    "rbe-1.5": {"dim": 4, "idx": 4, "sign": 1, "amp": 1},
+    "rbe-2": {"dim": 6, "idx": 9, "sign": 1, "amp": 2},
+    "rbe-2.5": {"dim": 4, "idx": 7, "sign": 1, "amp": 2},
+    "rbe-3": {"dim": 4, "idx": 9, "sign": 1, "amp": 2},
+    "rbe-4": {"dim": 6, "idx": 9, "sign": 1, "amp": 2, "residual": "rbe",
+              "residual_stage": {"dim": 6, "idx": 9, "sign": 1, "amp": 2}},
+    "rbe-4.5": {"dim": 4, "idx": 7, "sign": 1, "amp": 2, "residual": "int2", "residual_group_size": 64},
+    "rbe-5": {"dim": 4, "idx": 7, "sign": 1, "amp": 2, "residual": "rbe",
+              "residual_stage": {"dim": 4, "idx": 7, "sign": 1, "amp": 2}},
+    "rbe-5.5": {"dim": 4, "idx": 9, "sign": 1, "amp": 2, "residual": "rbe",
+                "residual_stage": {"dim": 4, "idx": 7, "sign": 1, "amp": 2}},
+    "rbe-6": {"dim": 4, "idx": 9, "sign": 1, "amp": 2, "residual": "rbe",
+              "residual_stage": {"dim": 4, "idx": 9, "sign": 1, "amp": 2}},
+}
+DEFAULT_PRESET = "rbe-5.5"
+_DEFAULT_RESIDUAL_STAGE = {"dim": 4, "idx": 7, "sign": 1, "amp": 2}
+
+
+class RBEConfig(QuantizationConfigMixin):
+    """Quantization config for RBE (Riemannian Basis Encoding).
+
+    Args:
+        dim: weights per vector (one code each), along ``in_features``.
+        idx, sign, amp, deriv, cat, sub, amp_fine: code field widths in bits (0 switches one off).
+        group_size: weights per gain scale along ``in_features``; ``None`` = one scale per row.
+        residual: ``"none" | "int8" | "fp8" | "int4" | "int2" | "rbe"``: what corrects stage 1.
+        residual_group_size: weights per scale of an int/fp8 residual.
+        residual_stage: field widths (and ``dim``) of the second stage when ``residual="rbe"``
+            (default ``{"dim": 4, "idx": 7, "sign": 1, "amp": 2}``).
+        rotation: randomized Hadamard rotation of the input side (recommended).
+        rotation_block: largest Hadamard block (power of two).
+        rotation_seed: 64-bit seed; each layer's signs come from it and the layer's name.
+        table: ``"universal"`` (one table per model, fitted to Gaussian vectors) or ``"per_layer"``.
+        table_seed: seed of the universal table.
+        modules_to_not_convert: module names or patterns kept in full precision (added to the
+            defaults: the LM head and tied embeddings).
+        overrides: ``{glob pattern: {field: value}}`` per-module settings, e.g.
+            ``{"*.down_proj": {"idx": 9}}``; later patterns win.
+        qat: keep latent float weights for quantization-aware training (``hf_rbe.training``;
+            RBE codecs only).
+        qat_train_quantizer: with ``qat``, also train the per-group scales, the gain curves and
+            the basis tables (``prepare_qat(train_quantizer=True)``).
+        codec: ``"rbe"``, or ``"seed64"`` (paper 000: one 64-bit seed per ``tile`` x ``tile``
+            block, plus an fp16 scale per tile if ``seed64_scale``, plus an RBE residual if
+            ``residual="rbe"`` with ``residual_stage``).
+    """
+
+    def __init__(
+        self,
+        dim: int = 4,
+        idx: int = 9,
+        sign: int = 1,
+        amp: int = 2,
+        deriv: int = 0,
+        cat: int = 0,
+        sub: int = 0,
+        amp_fine: int = 0,
+        group_size: int | None = None,
+        residual: str = "rbe",
+        residual_group_size: int = 64,
+        residual_stage: dict[str, Any] | None = None,
+        rotation: bool = True,
+        rotation_block: int = 256,
+        rotation_seed: int = 0,
+        table: str = "universal",
+        table_seed: int = 0,
+        modules_to_not_convert: list[str] | None = None,
+        overrides: dict[str, dict[str, Any]] | None = None,
+        qat: bool = False,
+        qat_train_quantizer: bool = False,
+        codec: str = "rbe",
+        tile: int = 32,
+        seed64_scale: bool = True,
+        format_version: int = FORMAT_VERSION,
+        **kwargs: Any,
+    ) -> None:
+        method = kwargs.pop("quant_method", QUANT_METHOD)
+        if method != QUANT_METHOD:
+            raise ValueError(f"RBEConfig got quant_method={method!r}")
+        if kwargs:
+            raise ValueError(f"unknown RBEConfig arguments: {sorted(kwargs)}")
+        if not isinstance(format_version, int) or isinstance(format_version, bool) or format_version < 1:
+            raise FormatError(f"format_version must be a positive int, got {format_version!r}")
+        if format_version > FORMAT_VERSION:
+            raise FormatError(f"this checkpoint uses RBE format v{format_version}; this hf-rbe reads up to "
+                              f"v{FORMAT_VERSION}: upgrade hf-rbe")
+        self.quant_method = QUANT_METHOD
+        self.dim, self.idx, self.sign, self.amp = dim, idx, sign, amp
+        self.deriv, self.cat, self.sub, self.amp_fine = deriv, cat, sub, amp_fine
+        self.group_size = group_size
+        self.residual, self.residual_group_size = residual, residual_group_size
+        if residual_stage is None and residual == "rbe":
+            residual_stage = _DEFAULT_RESIDUAL_STAGE
+        self.residual_stage = dict(residual_stage) if residual_stage is not None else None
+        self.rotation, self.rotation_block, self.rotation_seed = rotation, rotation_block, rotation_seed
+        self.table, self.table_seed = table, table_seed
+        self.modules_to_not_convert = list(modules_to_not_convert) if modules_to_not_convert is not None else None
+        self.overrides = {k: dict(v) for k, v in (overrides or {}).items()}
+        self.qat = qat
+        self.qat_train_quantizer = qat_train_quantizer
+        self.codec, self.tile, self.seed64_scale = codec, tile, seed64_scale
+        self.format_version = format_version
+        self.post_init()
+
+    @classmethod
+    def from_preset(cls, name: str, **kwargs: Any) -> RBEConfig:
+        """A config from a named preset (``PRESETS``), with any field overridden."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+        # a preset names every field it sets; anything else (no residual, in particular) is off
+        return cls(**{"residual": "none", **copy.deepcopy(PRESETS[name]), **kwargs})
+
+    def post_init(self) -> None:
+        """Validate everything now, so a bad config fails before any weight is touched."""
+        if self.table not in ("universal", "per_layer"):
+            raise ValueError(f"table must be 'universal' or 'per_layer', got {self.table!r}")
+        if self.codec not in ("rbe", "seed64"):
+            raise ValueError(f"codec must be 'rbe' or 'seed64', got {self.codec!r}")
+        if self.codec == "seed64":
+            if self.residual not in ("none", "rbe"):
+                raise ValueError(f"seed64 takes residual 'none' or 'rbe', got {self.residual!r}")
+            if self.qat:
+                raise ValueError("qat=True is not available with codec='seed64' (its seeds have no gradient); "
+                                 "use codec='rbe', or quantize with seed64 after training")
+            Seed64Spec(self.tile, self.seed64_scale)
+        if not all(isinstance(v, bool) for v in (self.rotation, self.qat, self.qat_train_quantizer)):
+            raise ValueError("rotation, qat and qat_train_quantizer must be booleans")
+        if self.qat_train_quantizer and not self.qat:
+            raise ValueError("qat_train_quantizer=True needs qat=True")
+        for seed_name in ("rotation_seed", "table_seed"):
+            s = getattr(self, seed_name)
+            if not isinstance(s, int) or not 0 <= s < 2**63:
+                raise ValueError(f"{seed_name} must be an int in [0, 2**63), got {s!r}")
+        self.layer_format("")
+        for pattern, values in self.overrides.items():
+            if not isinstance(pattern, str) or not isinstance(values, dict):
+                raise ValueError("overrides must map glob patterns to dicts of settings")
+            unknown = set(values) - set(_LAYER_KEYS)
+            if unknown:
+                raise ValueError(f"override {pattern!r} has unknown keys {sorted(unknown)}")
+            self._format({**self._layer_settings(), **values})
+
+    # ------------------------------------------------------------------ per-layer specs
+
+    def _layer_settings(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in _LAYER_KEYS}
+
+    def _spec(self, s: dict[str, Any]) -> LayerSpec:
+        def stage(d: dict[str, Any]) -> StageSpec:
+            unknown = set(d) - set(_STAGE_KEYS)
+            if unknown:
+                raise ValueError(f"unknown stage settings {sorted(unknown)}")
+            layout = CodeLayout(**{k: d[k] for k in FIELDS if k in d})
+            return StageSpec(dim=d.get("dim", 4), layout=layout, group_size=d.get("group_size"))
+
+        res_stage = None
+        if s["residual"] == "rbe":
+            if not s["residual_stage"]:
+                raise ValueError("residual='rbe' needs residual_stage, e.g. {'dim': 6, 'idx': 9, 'amp': 2}")
+            res_stage = stage(s["residual_stage"])
+        elif s["residual_stage"]:
+            raise ValueError(f"residual_stage is only used with residual='rbe', not {s['residual']!r}")
+        return LayerSpec(
+            stage=stage({k: s[k] for k in _STAGE_KEYS}),
+            residual=ResidualSpec(kind=s["residual"], group_size=s["residual_group_size"], stage=res_stage),
+            rotation=s["rotation"],
+            rotation_block=s["rotation_block"],
+            table_seed=self.table_seed,
+        )
+
+    def base_spec(self) -> LayerSpec:
+        """The RBE spec of a layer that no override matches (``codec="rbe"``)."""
+        spec = self.layer_format("")
+        if not isinstance(spec, LayerSpec):
+            raise ValueError("base_spec() is for codec='rbe'; use layer_format() for seed64")
+        return spec
+
+    def layer_format(self, module_name: str) -> LayerSpec | Seed64Spec:
+        """The stored format of ``module_name``: the base settings with matching overrides
+        applied in order (a ``LayerSpec`` for RBE, a ``Seed64Spec`` for seed64)."""
+        s = self._layer_settings()
+        for pattern, values in self.overrides.items():
+            if fnmatch.fnmatchcase(module_name, pattern):
+                s.update(values)
+        return self._format(s)
+
+    def _format(self, s: dict[str, Any]) -> LayerSpec | Seed64Spec:
+        if self.codec == "rbe":
+            return self._spec(s)
+        residual = None
+        if s["residual"] == "rbe":  # the residual layer: one RBE stage with CodeLayout's defaults, per-row scale
+            stage_settings = {"dim": 4, "group_size": None, "idx": 8, "sign": 1, "amp": 2, "deriv": 0, "cat": 0,
+                              "sub": 0, "amp_fine": 0, **s["residual_stage"]}
+            residual = self._spec({**s, **stage_settings, "residual": "none", "residual_stage": None})
+        return Seed64Spec(self.tile, self.seed64_scale, residual)
+
+    def layer_rotation_seed(self, module_name: str) -> int:
+        """A 63-bit seed per layer, so no two layers share Hadamard signs."""
+        h = hashlib.blake2b(f"{self.rotation_seed}:{module_name}".encode(), digest_size=8).digest()
+        return int.from_bytes(h, "little") >> 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return copy.deepcopy(self.__dict__)
