@@ -1,4 +1,4 @@
-"""``RBEConfig``: validated settings, nothing more; it builds the per-layer ``LayerSpec``.
+"""``RBEConfig``: validated settings, nothing more; it builds each layer's format (``layer_format``).
 
 Field widths follow paper 002's code ``[amp_fine|cat|sub|idx|sign|deriv|amp]``. The
 defaults are the ``rbe-5.5`` preset, picked by measurement (``bench/minilm.py``, README): the
