@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModel
 
 from hf_rbe import RBEConfig, RBELinear
-from hf_rbe.core.tables import tables_for
+from hf_rbe.core.rbe_codecs import universal_tables
 from hf_rbe.evaluation.data import minilm_path
 from hf_rbe.evaluation.fetch import ensure
 from hf_rbe.evaluation.results import run_meta, write_results
@@ -43,7 +43,7 @@ def main() -> None:
     rows = []
     for name, fields in ROWS.items():
         spec = RBEConfig(dim=4, sign=1, residual="none", **fields).base_spec()
-        tables = tables_for(spec)
+        tables = universal_tables(spec)
         err = 0.0
         for k, w in enumerate(weights):
             lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from hf_rbe import RBEConfig, RBELinear
 from hf_rbe.core import ops
-from hf_rbe.core.tables import tables_for
+from hf_rbe.core.rbe_codecs import universal_tables
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (in_features, out_features)
 MS = [1, 4, 16, 64, 256]
@@ -76,7 +76,7 @@ def main() -> None:
             spec = RBEConfig.from_preset(name).base_spec()
             lin = torch.nn.Linear(k, n, bias=False, device=dev, dtype=torch.float16)
             lin.weight.data.copy_(w)
-            layers[name] = RBELinear.from_linear(lin, spec, tables_for(spec), rotation_seed=1)
+            layers[name] = RBELinear.from_linear(lin, spec, universal_tables(spec), rotation_seed=1)
         for m in MS:
             x = torch.randn(m, k, device=dev, dtype=torch.float16)
             if args.check:

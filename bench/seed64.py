@@ -25,7 +25,7 @@ from transformers.utils import logging as hf_logging
 
 from hf_rbe import RBEConfig, RBELinear
 from hf_rbe.core import seed64 as S
-from hf_rbe.core.tables import tables_for
+from hf_rbe.core.rbe_codecs import universal_tables
 from hf_rbe.evaluation.data import minilm_path, movie_reviews
 from hf_rbe.evaluation.fetch import ensure
 from hf_rbe.evaluation.measure import mean_pooled_embeddings
@@ -113,7 +113,7 @@ def main() -> None:
     ref_emb = mean_pooled_embeddings(ref, tok, sentences)
     n_weights = sum(w.numel() for w in weights)
     spec = RBEConfig.from_preset("rbe-2.5").base_spec()
-    tables = tables_for(spec)
+    tables = universal_tables(spec)
     emb_rows = []
     for variant in ("seed64 + scale", "seed64 + scale + rbe-2.5 residual", "rbe-2.5 alone"):
         model = AutoModel.from_pretrained(path).eval()

@@ -12,7 +12,7 @@ import torch
 
 from .bits import pack_codes, unpack_codes
 from .format import LayerSpec, ResidualSpec, StageSpec
-from .rotation import random_signs, rotate
+from .rotation import rotate_weight
 from .spec import FP16_MAX, FormatError, check_finite
 from .tables import LayerTables, StageTables, best_projection, directions
 
@@ -145,27 +145,23 @@ def decode_fp8_residual(values: torch.Tensor, scale: torch.Tensor, spec: Residua
 # ----------------------------------------------------------------------------- whole layer
 
 
-def rotate_weight(weight: torch.Tensor, spec: LayerSpec, rotation_seed: int) -> torch.Tensor:
-    """fp32 ``W S H`` (or ``W`` without rotation): the matrix the codes describe."""
-    w = weight.float()
-    if not spec.rotation:
-        return w
-    k = w.shape[1]
-    return rotate(w, random_signs(rotation_seed, k, device=w.device), spec.hadamard_block(k))
-
-
 def encode_layer(
     weight: torch.Tensor, spec: LayerSpec, tables: LayerTables, rotation_seed: int = 0
 ) -> dict[str, torch.Tensor]:
-    """All stored tensors of one layer (see ``hf_rbe.format``), tables excluded."""
+    """All stored tensors of one layer (see ``core.format``), tables excluded."""
     check_finite(weight)
-    n_rows, k = weight.shape
-    spec.check_shape(n_rows, k)
-    w = rotate_weight(weight, spec, rotation_seed)
-    words, scale = encode_stage(w, spec.stage, tables.stage)
-    out = {"weight": words, "scale": scale}
+    spec.check_shape(*weight.shape)
+    out = encode_rotated(rotate_weight(weight, spec, rotation_seed), spec, tables)
     if spec.rotation:
         out["rotation_seed"] = torch.tensor([rotation_seed], dtype=torch.int64, device=weight.device)
+    return out
+
+
+def encode_rotated(w: torch.Tensor, spec: LayerSpec, tables: LayerTables) -> dict[str, torch.Tensor]:
+    """The codes and scales of every stage for an already rotated fp32 weight ``W S H``."""
+    k = w.shape[1]
+    words, scale = encode_stage(w, spec.stage, tables.stage)
+    out = {"weight": words, "scale": scale}
     res = spec.residual
     if res.kind == "none":
         return out

@@ -34,7 +34,6 @@ from tqdm.auto import tqdm
 
 from .rbe_linear import RBELinear, link_shared_tables
 from .seed64_linear import Seed64Linear
-from .tables import LayerTables
 
 
 class TrainableTables(nn.Module):
@@ -42,14 +41,14 @@ class TrainableTables(nn.Module):
 
     def __init__(self, codes: RBELinear) -> None:
         super().__init__()
+        self._constrain = codes.codec.constrain
         for name in codes.table_names():
             setattr(self, name, nn.Parameter(getattr(codes, name).detach().float().clone()))
 
-    def tables(self) -> LayerTables:
-        """The tables as the decoder sees them: basis rows renormalised to unit length (the
-        format's invariant, checked on load), so training moves directions, not lengths."""
-        named = {n: (F.normalize(p, dim=-1) if n.endswith("table") else p) for n, p in self.named_parameters()}
-        return LayerTables.from_tensors(named)
+    def tables(self) -> dict[str, torch.Tensor]:
+        """The tables as the decoder sees them, by name: the trained values mapped back into what
+        the format allows (v1: unit basis rows, so training moves directions, not lengths)."""
+        return self._constrain(dict(self.named_parameters()))
 
 
 class RBEQATLinear(nn.Linear):
@@ -76,8 +75,7 @@ class RBEQATLinear(nn.Linear):
                 self._shared_tables = [tables]
 
     def _scale_names(self) -> list[str]:
-        return [prefix + "scale" for prefix, _ in self.codes.spec.stages] + \
-            (["residual_scale"] if self.codes.spec.residual.int_bits or self.codes.spec.residual.kind == "fp8" else [])
+        return [n for n in self.codes.spec.tensors(0, 0) if n.endswith("scale")]
 
     def trainable_tables(self) -> TrainableTables:
         return self.tables if "tables" in self._modules else self._shared_tables[0]
@@ -88,7 +86,7 @@ class RBEQATLinear(nn.Linear):
     def decoded_trainable(self) -> torch.Tensor:
         """The decoded weight as a differentiable function of the scales and tables."""
         overrides = {n: getattr(self, n) for n in self._scale_names()}
-        overrides.update(self.trainable_tables().tables().as_tensors())
+        overrides.update(self.trainable_tables().tables())
         return self.codes.dequantize(self.weight.dtype, overrides)
 
     def _decoded(self) -> torch.Tensor:
@@ -115,8 +113,7 @@ class RBEQATLinear(nn.Linear):
         if not self.train_quantizer:
             self.codes.load_packed(self.codes.encode(self.weight.detach().float()))
             return
-        live = self.trainable_tables().tables()
-        tables = LayerTables.from_tensors({n: t.detach() for n, t in live.as_tensors().items()})
+        tables = {n: t.detach() for n, t in self.trainable_tables().tables().items()}
         self.codes.load_packed(self.codes.encode(self.weight.detach().float(), tables=tables))
         for name in self._scale_names():
             getattr(self, name).copy_(getattr(self.codes, name).float())
@@ -127,7 +124,7 @@ class RBEQATLinear(nn.Linear):
         for name in self._scale_names():
             getattr(self.codes, name).copy_(getattr(self, name))
         if self.codes.owns_table:
-            for name, t in self.trainable_tables().tables().as_tensors().items():
+            for name, t in self.trainable_tables().tables().items():
                 getattr(self.codes, name).copy_(t)
         self.codes.rebuild_buffers()
 

@@ -11,6 +11,7 @@ table is fitted to.
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 
@@ -51,3 +52,13 @@ def unrotate(y: torch.Tensor, signs: torch.Tensor, block: int) -> torch.Tensor:
     h = hadamard(block, dtype=y.dtype, device=y.device)
     x = (y.reshape(*y.shape[:-1], k // block, block) @ h).reshape(y.shape)
     return x * signs.to(y.dtype)
+
+
+def rotate_weight(weight: torch.Tensor, spec: Any, rotation_seed: int) -> torch.Tensor:
+    """fp32 ``W S H`` (or ``W`` when ``spec.rotation`` is off): the matrix a layer's codes describe
+    (``spec``: any layer format with ``rotation`` and ``hadamard_block``)."""
+    w = weight.float()
+    if not spec.rotation:
+        return w
+    k = w.shape[1]
+    return rotate(w, random_signs(rotation_seed, k, device=w.device), spec.hadamard_block(k))

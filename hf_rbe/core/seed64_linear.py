@@ -19,7 +19,6 @@ from .packed import PackedLinear
 from .rbe_linear import RBELinear
 from .seed64_format import FORMAT_ID, MASK, OFFSET, Seed64Spec
 from .spec import FormatError, TensorSpec, check_finite
-from .tables import LayerTables
 
 _RESERVED = MASK["reserved"] << OFFSET["reserved"]
 _RESIDUAL = "residual."
@@ -79,7 +78,7 @@ class Seed64Linear(PackedLinear):
 
     # ------------------------------------------------------------------ encoding
 
-    def encode(self, weight: torch.Tensor, tables: LayerTables | None = None) -> dict[str, torch.Tensor]:
+    def encode(self, weight: torch.Tensor, tables: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Stored tensors for a float weight [out, in]: seeds, scales, and the residual's
         (prefixed ``residual.``; ``tables`` are the residual's, see ``RBELinear.encode``)."""
         check_finite(weight)

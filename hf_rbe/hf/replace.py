@@ -18,12 +18,12 @@ from transformers.pytorch_utils import Conv1D
 from transformers.quantizers.base import get_keys_to_not_convert
 from transformers.quantizers.quantizers_utils import should_convert_module
 
-from ..core.format import LayerSpec
 from ..core.packed import PackedLinear
+from ..core.rbe_codecs import codec_for
 from ..core.rbe_linear import RBELinear, link_shared_tables
+from ..core.seed64_format import Seed64Spec
 from ..core.seed64_linear import Seed64Linear
 from ..core.spec import FormatError
-from ..core.tables import LayerTables, table_key, tables_for
 from .config import RBEConfig
 
 logger = logging.getLogger(__name__)
@@ -73,15 +73,15 @@ def replace_with_rbe_linear(model: nn.Module, config: RBEConfig,
         except FormatError as err:
             logger.warning("hf-rbe: keeping %s unquantized: %s", name, err)
             continue
-        rbe = fmt if isinstance(fmt, LayerSpec) else fmt.residual
-        key = None if config.table == "per_layer" or rbe is None else table_key(rbe)
+        rbe = fmt.residual if isinstance(fmt, Seed64Spec) else fmt
+        key = None if config.table == "per_layer" or rbe is None else codec_for(rbe).table_key(rbe)
         owns = key is None or key not in owners
         if key is not None:
             owners.add(key)
         kw = {"compute_dtype": module.weight.dtype if module.weight.is_floating_point() else torch.float32,
               "device": module.weight.device, "from_conv1d": isinstance(module, Conv1D),
               "rotation_seed": config.layer_rotation_seed(name)}
-        if isinstance(fmt, LayerSpec):
+        if not isinstance(fmt, Seed64Spec):
             new: PackedLinear = RBELinear(in_f, out_f, module.bias is not None, fmt, table_key=key, owns_table=owns,
                                           **kw)
         else:
@@ -94,12 +94,10 @@ def replace_with_rbe_linear(model: nn.Module, config: RBEConfig,
     return replaced
 
 
-def initial_tables(layer: PackedLinear) -> LayerTables | None:
+def initial_tables(layer: PackedLinear) -> dict[str, torch.Tensor] | None:
     """The tables a fresh layer encodes against: the universal ones, or ``None`` (per-layer)."""
     rbe = layer.residual if isinstance(layer, Seed64Linear) else layer
-    if rbe is None or rbe.table_key is None:
-        return None
-    return tables_for(rbe.spec)
+    return None if rbe is None else rbe.universal_tables()
 
 
 def encode_weight(layer: PackedLinear, weight: torch.Tensor, name: str) -> dict[str, torch.Tensor]:

@@ -4,15 +4,15 @@ import pytest
 import torch
 
 from hf_rbe.core import LayerSpec, RBELinear, Seed64Linear, Seed64Spec, ops
+from hf_rbe.core.rbe_codecs import universal_tables
 from hf_rbe.core.spec import FormatError
-from hf_rbe.core.tables import tables_for
 
 
 def _layers() -> list[torch.nn.Module]:
     torch.manual_seed(0)
     lin = torch.nn.Linear(64, 32)
     spec = LayerSpec()
-    rbe = RBELinear.from_linear(lin, spec, tables_for(spec))
+    rbe = RBELinear.from_linear(lin, spec, universal_tables(spec))
     seed = Seed64Linear(64, 32, True, Seed64Spec(tile=16))
     seed.load_packed(seed.encode(lin.weight.detach()))
     return [rbe, seed]

@@ -15,20 +15,20 @@ from torch import nn
 
 from hf_rbe.core import LayerSpec, PackedLinear, RBELinear, Seed64Linear, Seed64Spec
 from hf_rbe.core.format import CodeLayout, ResidualSpec, StageSpec
+from hf_rbe.core.rbe_codecs import universal_tables
 from hf_rbe.core.spec import FormatError
-from hf_rbe.core.tables import tables_for
 
 K, N = 64, 48
 
 
 def _rbe(spec: LayerSpec, universal: bool = True) -> Callable[[nn.Linear], RBELinear]:
-    return lambda lin: RBELinear.from_linear(lin, spec, tables_for(spec) if universal else None, rotation_seed=5)
+    return lambda lin: RBELinear.from_linear(lin, spec, universal_tables(spec) if universal else None, rotation_seed=5)
 
 
 def _seed64(spec: Seed64Spec) -> Callable[[nn.Linear], Seed64Linear]:
     def make(lin: nn.Linear) -> Seed64Linear:
         layer = Seed64Linear(K, N, lin.bias is not None, spec, rotation_seed=5)
-        layer.load_packed(layer.encode(lin.weight.detach(), tables_for(spec.residual) if spec.residual else None))
+        layer.load_packed(layer.encode(lin.weight.detach(), universal_tables(spec.residual) if spec.residual else None))
         if lin.bias is not None:
             layer.bias.data.copy_(lin.bias.detach())
         return layer

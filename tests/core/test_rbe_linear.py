@@ -4,15 +4,15 @@ from conftest import rel_mse
 from torch import nn
 
 from hf_rbe import RBEConfig, RBELinear
+from hf_rbe.core.rbe_codecs import universal_tables
 from hf_rbe.core.spec import FormatError
-from hf_rbe.core.tables import tables_for
 
 
 def _layer(preset="rbe-2.5", bias=True, dtype=torch.float32, k=192, n=40):
     torch.manual_seed(0)
     lin = nn.Linear(k, n, bias=bias).to(dtype)
     spec = RBEConfig.from_preset(preset).base_spec()
-    return lin, RBELinear.from_linear(lin, spec, tables_for(spec), rotation_seed=11)
+    return lin, RBELinear.from_linear(lin, spec, universal_tables(spec), rotation_seed=11)
 
 
 @pytest.mark.parametrize("preset", ["rbe-1.5", "rbe-2.5", "rbe-4", "rbe-4.5"])
@@ -40,7 +40,7 @@ def test_per_layer_table_is_no_worse_than_universal():
     torch.manual_seed(3)
     lin = nn.Linear(128, 64)
     spec = RBEConfig().base_spec()
-    uni = RBELinear.from_linear(lin, spec, tables_for(spec))
+    uni = RBELinear.from_linear(lin, spec, universal_tables(spec))
     own = RBELinear.from_linear(lin, spec, None)
     assert own.owns_table and own.table_key is None
     assert rel_mse(own.dequantize(), lin.weight) <= rel_mse(uni.dequantize(), lin.weight) * 1.02

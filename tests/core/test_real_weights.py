@@ -5,7 +5,7 @@ import math
 import torch
 
 from hf_rbe import RBEConfig, RBELinear
-from hf_rbe.core.tables import tables_for
+from hf_rbe.core.rbe_codecs import universal_tables
 from hf_rbe.evaluation.baselines import minmax_quantize
 
 
@@ -16,7 +16,7 @@ def test_rbe_beats_scalar_on_real_minilm_layers(minilm_path):
     layers = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("encoder.layer.5.")]
     assert len(layers) == 6
     spec = RBEConfig.from_preset("rbe-2.5").base_spec()
-    tables = tables_for(spec)
+    tables = universal_tables(spec)
     err = scalar_err = energy = bits = n = 0.0
     for k, lin in enumerate(layers):
         w = lin.weight.detach()

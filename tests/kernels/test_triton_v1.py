@@ -19,8 +19,9 @@ from hf_rbe import RBEConfig, RBELinear  # noqa: E402
 from hf_rbe.core import codec, ops  # noqa: E402
 from hf_rbe.core.bits import pack_codes  # noqa: E402
 from hf_rbe.core.format import CodeLayout, ResidualSpec, StageSpec  # noqa: E402
+from hf_rbe.core.rbe_codecs import universal_tables  # noqa: E402
 from hf_rbe.core.rotation import rotate  # noqa: E402
-from hf_rbe.core.tables import StageTables, tables_for  # noqa: E402
+from hf_rbe.core.tables import StageTables  # noqa: E402
 from hf_rbe.kernels import triton_v1 as T  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -108,7 +109,7 @@ def test_layer_kernel_matches_the_op_reference(preset, residual, dtype, m, gen):
     kw = {} if residual is None else {"residual": residual, "residual_group_size": 32}
     spec = RBEConfig.from_preset(preset, **kw).base_spec()
     lin = torch.nn.Linear(192, 45).to(dtype)
-    q = RBELinear.from_linear(lin, spec, tables_for(spec), rotation_seed=gen)
+    q = RBELinear.from_linear(lin, spec, universal_tables(spec), rotation_seed=gen)
     x = torch.randn(m, 192).to(dtype)
     tensors, layout = q.op_args()
     ref = ops.reference_linear(x, tensors, layout, q.bias)

@@ -122,7 +122,7 @@ def test_train_quantizer_flag_trains_scales_and_tables(tiny_llama_dir, tmp_path)
         decoded = layer.decoded_trainable().clone()
         layer.trainable_tables().table.mul_(1.7)
         torch.testing.assert_close(layer.decoded_trainable(), decoded)
-    trained_table = layer.trainable_tables().tables().stage.table.detach().clone()
+    trained_table = layer.trainable_tables().tables()["table"].detach().clone()
 
     model.eval()
     with torch.no_grad():

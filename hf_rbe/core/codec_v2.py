@@ -1,0 +1,194 @@
+"""Encode and decode the RBE v2 planes (``core.format_v2``): the PyTorch reference.
+
+``nearest(u, plane, table)`` finds the exact nearest codeword of each 8-vector (the building
+block every encoder shares: calibration-free here, output-aware in ``core.calibrate``);
+``encode_stage`` fits a scale per row or group around it; ``decode_stage`` inverts the codes.
+All functions run on the tensor's own device, in chunks that bound memory.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .format_v2 import IDX_OFFSET, PLANES, SIGN_OFFSET, VECTOR_DIM, LayerSpecV2, StageV2, stage_prefix
+from .spec import FP16_MAX, FormatError, check_finite
+
+_CHUNK = 4096  # vectors searched at once
+_CANDIDATES = 8  # parity-mismatched entries whose exact distance is computed first (e8p)
+_SCALE_STEPS = 3  # Lloyd steps on each group scale
+_TINY = 1e-30
+_E8P_BITS = PLANES["e8p"].bits
+_U16 = 0xFFFF
+
+
+# ----------------------------------------------------------------------------- codewords
+
+
+def e8p_parts(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(|entries| [512, 8], parity [512]: 1 where the entry needs an odd number of minus signs),
+    from the stored form (coordinates 0-6 non-negative, coordinate 7 signed by the parity)."""
+    return table.abs(), (table[:, VECTOR_DIM - 1] < 0).to(torch.int64)
+
+
+def _e8p_nearest(u: torch.Tensor, mag: torch.Tensor, parity: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(entry index [n], coordinate to flip against sign(u) or -1 [n]) of the nearest e8p codeword."""
+    a = u.abs()
+    upar = (u < 0).sum(1) % 2
+    mis = upar[:, None] != parity[None, :]  # entries whose parity the signs of u do not meet
+    d0 = (mag * mag).sum(1)[None, :] - 2 * a @ mag.T  # distance to |u| up to ||u||^2, before any flip
+    inf = torch.finfo(d0.dtype).max
+    best_match, i_match = d0.masked_fill(mis, inf).min(1)
+    k = min(_CANDIDATES, mag.shape[0])
+    cand_d, cand_i = d0.masked_fill(~mis, inf).topk(k, dim=1, largest=False)
+    pen, flip_j = (a[:, None, :] * mag[cand_i]).min(-1)  # flipping coordinate j costs 4 |u_j| t_j
+    best_mis, pick = (cand_d + 4 * pen).min(1)
+    i_mis = cand_i.gather(1, pick[:, None]).squeeze(1)
+    j_mis = flip_j.gather(1, pick[:, None]).squeeze(1)
+    # exact unless a mismatched entry beyond the candidates could still win: re-search those rows
+    unsure = cand_d[:, -1] < torch.minimum(best_match, best_mis)
+    if unsure.any():
+        rows = unsure.nonzero().squeeze(1)
+        pen_all, flip_all = (a[rows, None, :] * mag[None]).min(-1)
+        full = d0[rows] + 4 * pen_all * mis[rows]
+        i_full = full.argmin(1)
+        flipped = mis[rows].gather(1, i_full[:, None]).squeeze(1)
+        i_mis[rows] = i_full
+        j_mis[rows] = torch.where(flipped, flip_all.gather(1, i_full[:, None]).squeeze(1), -1)
+        best_mis[rows] = full.gather(1, i_full[:, None]).squeeze(1)
+        best_match[rows] = inf  # the full search covered matching entries too
+    use_mis = best_mis < best_match
+    idx = torch.where(use_mis, i_mis, i_match)
+    flip = torch.where(use_mis, j_mis, torch.full_like(j_mis, -1))
+    return idx, flip
+
+
+def nearest(u: torch.Tensor, plane: str, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest codewords of the 8-vectors ``u`` [n, 8] (fp32): (codes int64 [n], decoded fp32 [n, 8])."""
+    codes, values = [], []
+    for lo in range(0, len(u), _CHUNK):
+        c, v = _nearest_chunk(u[lo : lo + _CHUNK], plane, table)
+        codes.append(c)
+        values.append(v)
+    return torch.cat(codes), torch.cat(values)
+
+
+def _nearest_chunk(u: torch.Tensor, plane: str, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    table = table.to(device=u.device, dtype=u.dtype)
+    if plane != "e8p":
+        idx = ((table * table).sum(1)[None, :] - 2 * u @ table.T).argmin(1)
+        return idx, table[idx]
+    mag, parity = e8p_parts(table)
+    idx, flip = _e8p_nearest(u, mag, parity)
+    neg = u < 0
+    has_flip = flip >= 0
+    rows = has_flip.nonzero().squeeze(1)
+    neg[rows, flip[rows]] ^= True
+    values = torch.where(neg, -mag[idx], mag[idx])
+    sign_bits = neg[:, : VECTOR_DIM - 1].to(torch.int64)
+    weights = torch.arange(VECTOR_DIM - 1, device=u.device)
+    code = (idx << IDX_OFFSET) | ((sign_bits << weights).sum(1) << SIGN_OFFSET)
+    return code, values
+
+
+def codewords(codes: torch.Tensor, plane: str, table: torch.Tensor) -> torch.Tensor:
+    """fp32 [..., 8] codewords of int64 codes [...] (the reference decoder of one plane)."""
+    table = table.float().to(codes.device)
+    if plane != "e8p":
+        return table[codes]
+    idx = (codes >> IDX_OFFSET) & (PLANES["e8p"].table_size - 1)
+    bits = (codes[..., None] >> (SIGN_OFFSET + torch.arange(VECTOR_DIM - 1, device=codes.device))) & 1
+    last = bits.sum(-1, keepdim=True) % 2  # the implied sign of coordinate 7: parity of the others
+    sign = 1 - 2 * torch.cat([bits, last], -1).float()
+    return table[idx] * sign
+
+
+# ----------------------------------------------------------------------------- code storage
+
+
+def pack_plane(codes: torch.Tensor, plane: str) -> torch.Tensor:
+    """int64 codes [N, V] -> the stored plane ([N, V] int16 / uint8, or [N, V/2] uint8 nibbles)."""
+    p = PLANES[plane]
+    if p.bits == _E8P_BITS:
+        return codes.to(torch.int32).to(torch.int16)  # two's-complement wrap: bit 15 is a sign bit
+    if p.codes_per_byte == 2:
+        codes = codes[:, 0::2] | (codes[:, 1::2] << 4)  # low nibble first
+    return codes.to(torch.uint8)
+
+
+def unpack_plane(stored: torch.Tensor, plane: str) -> torch.Tensor:
+    """Inverse of :func:`pack_plane`: int64 codes [N, V]."""
+    p = PLANES[plane]
+    if p.bits == _E8P_BITS:
+        return stored.to(torch.int64) & _U16
+    c = stored.to(torch.int64)
+    if p.codes_per_byte == 2:
+        c = torch.stack([c & 0xF, c >> 4], -1).flatten(-2)
+    return c
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def _group_view(t: torch.Tensor, stage: StageV2) -> torch.Tensor:
+    n, k = t.shape
+    return t.reshape(n, stage.n_groups(k), -1)
+
+
+def encode_stage(w: torch.Tensor, stage: StageV2, table: torch.Tensor,
+                 scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(stored codes, fp16 scales [N, groups], decoded fp32 [N, K]) for a rotated ``w`` [N, K].
+
+    Without ``scale``, each group's scale starts at the group's RMS (the universal tables are
+    fitted to unit variance) and a few Lloyd steps refit it to the codes by least squares."""
+    n, k = w.shape
+    g = _group_view(w, stage)
+
+    def codes_at(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        u = (g / s.clamp_min(_TINY)[..., None]).reshape(-1, VECTOR_DIM)
+        c, v = nearest(u, stage.plane, table)
+        return c.reshape(n, -1), v.reshape(g.shape)
+
+    if scale is None:
+        s = g.pow(2).mean(-1).sqrt()
+        for _ in range(_SCALE_STEPS):
+            _, v = codes_at(s)
+            num, den = (g * v).sum(-1), (v * v).sum(-1)
+            s = torch.where(den > 0, num / den.clamp_min(_TINY), s)
+    else:
+        s = scale.float()
+    if not torch.isfinite(s).all() or s.abs().max() > FP16_MAX:
+        raise FormatError("group scales overflow fp16; the weights are too large for the RBE format")
+    s16 = s.half()
+    codes, v = codes_at(s16.float())
+    return pack_plane(codes, stage.plane), s16, (v * s16.float()[..., None]).reshape(n, k)
+
+
+def decode_stage(stored: torch.Tensor, scale: torch.Tensor, stage: StageV2, table: torch.Tensor,
+                 in_features: int) -> torch.Tensor:
+    """fp32 [N, in_features] from one stage's stored codes and scales."""
+    n = stored.shape[0]
+    v = codewords(unpack_plane(stored, stage.plane), stage.plane, table)  # [N, K/8, 8]
+    per_group = v.shape[1] // scale.shape[1]
+    v = v.reshape(n, scale.shape[1], per_group * VECTOR_DIM) * scale.float()[..., None]
+    return v.reshape(n, in_features)
+
+
+def encode_layer(w_rot: torch.Tensor, spec: LayerSpecV2, tables: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Stored tensors of every stage for a rotated fp32 weight (rotation seed and tables excluded)."""
+    check_finite(w_rot)
+    out, r = {}, w_rot.float()
+    for prefix, stage in spec.prefixed_stages:
+        codes, scale, decoded = encode_stage(r, stage, tables[prefix + "table"])
+        out[prefix + "weight"], out[prefix + "scale"] = codes, scale
+        r = r - decoded
+    return out
+
+
+def decode_layer(tensors: dict[str, torch.Tensor], spec: LayerSpecV2, in_features: int) -> torch.Tensor:
+    """fp32 rotated weight [N, in_features]: the sum of every stage."""
+    w = None
+    for i, stage in enumerate(spec.stages):
+        p = stage_prefix(i)
+        part = decode_stage(tensors[p + "weight"], tensors[p + "scale"], stage, tensors[p + "table"], in_features)
+        w = part if w is None else w + part
+    return w  # type: ignore[return-value]

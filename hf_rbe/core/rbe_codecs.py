@@ -1,0 +1,128 @@
+"""What ``RBELinear`` needs from an RBE format, for v1 (bitfield codes) and v2 (planes).
+
+Both formats rotate the input side the same way and share tables across a model; they differ
+in how a rotated weight becomes codes and back. :class:`RBECodec` names those differences
+once, so the layer, the op reference and the transformers glue never branch on the format.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Union
+
+import torch
+import torch.nn.functional as F
+
+from . import codec as v1
+from . import codec_v2 as v2
+from . import format as format_v1
+from . import format_v2, tables_v2
+from . import tables as tables_v1
+from .bits import padding_is_clean
+from .spec import FormatError
+
+Spec = Union[format_v1.LayerSpec, format_v2.LayerSpecV2]
+Tensors = dict[str, torch.Tensor]
+_UNIT_ROW_TOL = 1e-3
+
+
+@dataclass(frozen=True)
+class RBECodec:
+    """One RBE format, as the layer sees it.
+
+    ``encode(w_rot, spec, tables)`` returns the per-layer codes and scales of a rotated fp32
+    weight; ``decode(named, spec, in_features)`` the rotated fp32 weight from stored tensors and
+    tables; ``check(named, spec, in_features, where)`` raises FormatError on values the format
+    cannot hold; ``constrain(tables)`` maps trained tables back to what the format allows.
+    """
+
+    format_id: int
+    version: int
+    spec_type: type
+    universal_tables: Callable[[Any], Tensors]
+    fit_tables: Callable[[torch.Tensor, Any], Tensors]
+    table_key: Callable[[Any], str]
+    encode: Callable[[torch.Tensor, Any, Tensors], Tensors]
+    decode: Callable[[Tensors, Any, int], torch.Tensor]
+    check: Callable[[Tensors, Any, int, str], None]
+    constrain: Callable[[Tensors], Tensors]
+
+
+def _finite(named: Tensors, names: list[str], where: str) -> None:
+    for n in names:
+        if not torch.isfinite(named[n].float()).all():
+            raise FormatError(f"{where}: '{n}' holds NaN/Inf (tampered checkpoint?)")
+
+
+def _v1_check(named: Tensors, spec: format_v1.LayerSpec, in_features: int, where: str) -> None:
+    for prefix, stage in spec.stages:
+        _finite(named, [prefix + "scale", prefix + "table", prefix + "lut"], where)
+        norms = named[prefix + "table"].float().norm(dim=1)
+        if not torch.allclose(norms, torch.ones_like(norms), atol=_UNIT_ROW_TOL):
+            raise FormatError(f"{where}: '{prefix}table' rows are not unit vectors (tampered checkpoint?)")
+        if not padding_is_clean(named[prefix + "weight"], stage.layout.width, in_features // stage.dim):
+            raise FormatError(f"{where}: '{prefix}weight' has bits set past its last code (tampered checkpoint?)")
+    if spec.residual.kind in ("int2", "int4", "int8", "fp8"):
+        _finite(named, ["residual_scale"], where)
+        if spec.residual.kind == "fp8":
+            _finite(named, ["residual_weight"], where)
+
+
+def _v2_check(named: Tensors, spec: format_v2.LayerSpecV2, in_features: int, where: str) -> None:
+    for prefix, stage in spec.prefixed_stages:
+        _finite(named, [prefix + "scale", prefix + "table"], where)
+        if stage.plane == "e8p":
+            t = named[prefix + "table"]
+            if (t[:, :-1] < 0).any() or (t[:, -1] == 0).any():
+                raise FormatError(f"{where}: '{prefix}table' is not an e8p table (coordinates 0-6 must be >= 0 "
+                                  "and coordinate 7 non-zero; tampered checkpoint?)")
+
+
+def _v1_constrain(tables: Tensors) -> Tensors:
+    """v1 basis rows are unit vectors: training moves their directions, not their lengths."""
+    return {n: F.normalize(t, dim=-1) if n.endswith("table") else t for n, t in tables.items()}
+
+
+def _v2_constrain(tables: Tensors) -> Tensors:
+    """e8p entries are non-negative before their signs (coordinate 7 carries the parity)."""
+    out = {}
+    for n, t in tables.items():
+        if t.shape[0] == format_v2.PLANES["e8p"].table_size:
+            t = torch.cat([t[:, :-1].abs(), t[:, -1:]], dim=1)
+        out[n] = t
+    return out
+
+
+V1 = RBECodec(
+    format_id=format_v1.FORMAT_ID, version=format_v1.FORMAT_VERSION, spec_type=format_v1.LayerSpec,
+    universal_tables=lambda spec: tables_v1.tables_for(spec).as_tensors(),
+    fit_tables=lambda w_rot, spec: tables_v1.layer_tables(w_rot, spec).as_tensors(),
+    table_key=tables_v1.table_key,
+    encode=lambda w_rot, spec, t: v1.encode_rotated(w_rot, spec, tables_v1.LayerTables.from_tensors(t)),
+    decode=lambda named, spec, k: v1.decode_layer(named, spec, tables_v1.LayerTables.from_tensors(named), k),
+    check=_v1_check, constrain=_v1_constrain)
+
+V2 = RBECodec(
+    format_id=format_v2.FORMAT_ID, version=format_v2.FORMAT_VERSION, spec_type=format_v2.LayerSpecV2,
+    universal_tables=tables_v2.universal_tables, fit_tables=tables_v2.fit_layer_tables,
+    table_key=tables_v2.table_key, encode=v2.encode_layer, decode=v2.decode_layer,
+    check=_v2_check, constrain=_v2_constrain)
+
+_BY_ID = {c.format_id: c for c in (V1, V2)}
+
+
+def codec_for(spec: Spec) -> RBECodec:
+    for c in (V1, V2):
+        if isinstance(spec, c.spec_type):
+            return c
+    raise FormatError(f"not an RBE layer format: {spec!r}")
+
+
+def codec_by_id(format_id: int) -> RBECodec:
+    return _BY_ID[format_id]
+
+
+def universal_tables(spec: Spec) -> Tensors:
+    """The universal tables of any RBE layer format, by stored name (what a fresh layer encodes against)."""
+    return codec_for(spec).universal_tables(spec)
