@@ -16,10 +16,12 @@ import torch
 
 from hf_rbe.core import ops
 from hf_rbe.core.format import FORMAT_ID as RBE_V1
+from hf_rbe.core.format_v2 import FORMAT_ID as RBE_V2
 from hf_rbe.core.seed64_format import FORMAT_ID as SEED64
 
-#: format id -> module whose ``linear(x, tensors, layout)`` computes x W^T in fp32 on CUDA.
-CUDA_KERNELS: dict[int, str] = {RBE_V1: "hf_rbe.kernels.triton_v1", SEED64: "hf_rbe.kernels.triton_seed64"}
+#: format id -> module with ``supports(layout)`` and ``linear(x, tensors, layout, bias)`` (x's dtype out).
+CUDA_KERNELS: dict[int, str] = {RBE_V1: "hf_rbe.kernels.triton_v1", RBE_V2: "hf_rbe.kernels.triton_v2",
+                                SEED64: "hf_rbe.kernels.triton_seed64"}
 
 
 @functools.lru_cache(maxsize=1)
@@ -30,10 +32,10 @@ def triton_available() -> bool:
 @ops.linear.register_kernel("cuda")
 def _cuda_linear(x: torch.Tensor, tensors: list[torch.Tensor], layout: list[int],
                  bias: Optional[torch.Tensor]) -> torch.Tensor:
-    module = CUDA_KERNELS.get(layout[0])
-    if module is None or not triton_available():
+    name = CUDA_KERNELS.get(layout[0])
+    if name is None or not triton_available():
         return ops.reference_linear(x, tensors, layout, bias)
-    y = importlib.import_module(module).linear(x, tensors, layout)
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(x.dtype)
+    module = importlib.import_module(name)
+    if not module.supports(layout):
+        return ops.reference_linear(x, tensors, layout, bias)
+    return module.linear(x, tensors, layout, bias)

@@ -94,9 +94,13 @@ def seed64_generate(seeds: torch.Tensor, tile: int, scales: torch.Tensor | None 
     return out
 
 
-def linear(x: torch.Tensor, tensors: list[torch.Tensor], layout: list[int]) -> torch.Tensor:
-    """``hf_rbe::linear`` of a seed64 layer without its bias: generate, then one matmul."""
+def supports(layout: list[int]) -> bool:
+    return True
+
+
+def linear(x: torch.Tensor, tensors: list[torch.Tensor], layout: list[int], bias: torch.Tensor | None) -> torch.Tensor:
+    """``hf_rbe::linear`` of a seed64 layer: generate the weight, then one matmul."""
     _, n, k, tile, scaled = layout
     tiles = seed64_generate(tensors[0], tile, tensors[1] if scaled else None)
-    return F.linear(x, S.untile_matrix(tiles, n, k).to(x.dtype))
+    return F.linear(x, S.untile_matrix(tiles, n, k).to(x.dtype), None if bias is None else bias.to(x.dtype))
 

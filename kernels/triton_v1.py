@@ -220,9 +220,13 @@ def hadamard_rotate(x: torch.Tensor, signs: torch.Tensor, block: int) -> torch.T
     return y
 
 
-def linear(x: torch.Tensor, tensors: list[torch.Tensor], layout: list[int]) -> torch.Tensor:
-    """A whole v1 layer, ``hf_rbe::linear`` without the bias: rotate ``x`` [..., K], sum the
-    weight terms; fp32 out."""
+def supports(layout: list[int]) -> bool:
+    return True
+
+
+def linear(x: torch.Tensor, tensors: list[torch.Tensor], layout: list[int], bias: torch.Tensor | None) -> torch.Tensor:
+    """A whole v1 layer, ``hf_rbe::linear``: rotate ``x`` [..., K], sum the weight terms into fp32,
+    add the bias; x's dtype out."""
     spec = LayerSpec.from_layout(layout[3:])
     named = dict(zip(op_tensor_names(spec), tensors))
     lead, k = x.shape[:-1], x.shape[-1]
@@ -238,4 +242,6 @@ def linear(x: torch.Tensor, tensors: list[torch.Tensor], layout: list[int]) -> t
         fp8_residual_matmul(x, y, named["residual_weight"], named["residual_scale"], res.group_size, True)
     elif res.int_bits is not None:
         int_residual_matmul(x, y, named["residual_weight"], named["residual_scale"], res.int_bits, res.group_size, True)
-    return y.reshape(*lead, layout[1])
+    if bias is not None:
+        y += bias.float()
+    return y.to(x.dtype).reshape(*lead, layout[1])

@@ -24,6 +24,7 @@ the Hadamard block (<= 256). Anything else uses the PyTorch reference (``hf_rbe.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -296,18 +297,31 @@ def sign_table(dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.
 
 
 _CACHE: dict[tuple, torch.Tensor] = {}
+_TABLES: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
 
 
 def _derived(key: tuple, make: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """A kernel-side tensor derived from stored ones, made once per (source, version, device)."""
+    """A kernel-side constant (sign table, split-K counters), made once per key."""
     if key not in _CACHE:
         _CACHE[key] = make()
     return _CACHE[key]
 
 
-def supports(spec: LayerSpecV2, k: int) -> bool:
+def _table16(table: torch.Tensor) -> torch.Tensor:
+    """The fp16 copy of a stored table the kernels read, remade when the table object is another
+    one (a freed table's memory can come back under a new table) or was modified in place."""
+    hit = _TABLES.get(id(table))
+    if hit is None or hit[0]() is not table or hit[1] != table._version:
+        key = id(table)
+        hit = (weakref.ref(table, lambda _: _TABLES.pop(key, None)), table._version, table.to(torch.float16).contiguous())
+        _TABLES[key] = hit
+    return hit[2]
+
+
+def supports(layout: list[int]) -> bool:
     """Whether the kernels handle this layout (else the PyTorch reference does)."""
-    return len(spec.stages) <= MAX_STAGES and spec.hadamard_block(k) <= CHUNK and all(
+    spec = LayerSpecV2.from_layout(layout[3:])
+    return len(spec.stages) <= MAX_STAGES and spec.hadamard_block(layout[2]) <= CHUNK and all(
         s.group_size is None or s.group_size % CHUNK == 0 for s in spec.stages)
 
 
@@ -315,7 +329,6 @@ def kernel_args(x2: torch.Tensor, named: dict[str, torch.Tensor], spec: LayerSpe
                 bias: torch.Tensor | None) -> tuple[list, dict[str, Any], tuple[int, int, int], torch.Tensor]:
     """(positional arguments, constexprs, grid, output) of one launch."""
     m, k = x2.shape
-    ct = torch.float16  # products in fp16 for every input dtype (RANGE keeps bf16 / fp32 rows in range)
     slice_k = triton.cdiv(triton.cdiv(k, CHUNK), cfg.split) * CHUNK
     split = triton.cdiv(k, slice_k)
     grid = (triton.cdiv(n, cfg.bn), split, triton.cdiv(m, cfg.bm))
@@ -323,14 +336,13 @@ def kernel_args(x2: torch.Tensor, named: dict[str, torch.Tensor], spec: LayerSpe
     tiles_n = grid[0] * grid[2]
     work = torch.empty(tiles_n * split * cfg.bm * cfg.bn if split > 1 else 1, device=x2.device, dtype=torch.float32)
     count = _derived(("count", x2.device, tiles_n), lambda: torch.zeros(tiles_n, device=x2.device, dtype=torch.int32))
-    sg = _derived(("signs", x2.device, ct), lambda: sign_table(ct, x2.device))
+    sg = _derived(("signs", x2.device), lambda: sign_table(torch.float16, x2.device))
     stage_args, sizes, meta = [], [], {}
     for i in range(MAX_STAGES):
         if i < len(spec.stages):
             prefix, stage = spec.prefixed_stages[i]
             codes, scale, table = named[prefix + "weight"], named[prefix + "scale"], named[prefix + "table"]
-            t = _derived(("table", table.data_ptr(), table._version, ct), lambda table=table: table.to(ct).contiguous())
-            stage_args += [codes, scale, t]
+            stage_args += [codes, scale, _table16(table)]
             sizes.append((codes.shape[1], scale.shape[1]))
             meta.update({f"P{i}": _PLANE_IDS[stage.plane], f"GR{i}": stage.group_size or 0})
         else:  # unused stage slots: any valid pointer, never read

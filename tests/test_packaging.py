@@ -33,6 +33,7 @@ def test_wheel_ships_hf_rbe_kernels(tmp_path):
     names = zipfile.ZipFile(next(tmp_path.glob("*.whl"))).namelist()
     assert "hf_rbe/kernels/triton_v1.py" in names and "hf_rbe/kernels/dispatch.py" in names
     assert "hf_rbe/evaluation/metrics/perplexity.py" in names and "hf_rbe/core/ops.py" in names
+    assert "hf_rbe/core/v2_tables.safetensors" in names and "hf_rbe/kernels/triton_v2.py" in names
     assert "hf_rbe/model_cards/rbe_model_card.md" in names
     assert not any(n.startswith("kernels/") for n in names)
 

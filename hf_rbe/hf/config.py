@@ -16,7 +16,8 @@ from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ..core.format import FIELDS, FORMAT_VERSION, CodeLayout, LayerSpec, ResidualSpec, StageSpec
+from ..core.format import FIELDS, CodeLayout, LayerSpec, ResidualSpec, StageSpec
+from ..core.format_v2 import FORMAT_VERSION, PLANES, LayerSpecV2, StageV2
 from ..core.seed64_format import Seed64Spec
 from ..core.spec import FormatError
 
@@ -24,9 +25,16 @@ QUANT_METHOD = "rbe"
 
 _STAGE_KEYS = ("dim", "idx", "sign", "amp", "deriv", "cat", "sub", "amp_fine", "group_size")
 _LAYER_KEYS = _STAGE_KEYS + ("residual", "residual_group_size", "residual_stage", "rotation", "rotation_block")
+_V2_KEYS = ("planes", "group_size", "rotation", "rotation_block")  # what a format-v2 layer is made of
 
-#: Named settings, from about 1.5 to 4.5 bits per weight (codes + scales; see README table).
+#: Named settings (bits per weight: codes + scales; see README). ``rbe-*``: format v1 (the paper's
+#: bitfield codes, calibration-free design); ``v2-*``: format v2 (e8p planes, faster kernels, lower error).
 PRESETS: dict[str, dict[str, Any]] = {
+    "v2-2": {"format_version": 2, "planes": ["e8p"]},
+    "v2-2.5": {"format_version": 2, "planes": ["e8p", "vq4"]},
+    "v2-3": {"format_version": 2, "planes": ["e8p", "vq8"]},
+    "v2-4": {"format_version": 2, "planes": ["e8p", "e8p"]},
+    "v2-6": {"format_version": 2, "planes": ["e8p", "e8p", "e8p"]},
     "rbe-1.5": {"dim": 4, "idx": 4, "sign": 1, "amp": 1},
     "rbe-2": {"dim": 6, "idx": 9, "sign": 1, "amp": 2},
     "rbe-2.5": {"dim": 4, "idx": 7, "sign": 1, "amp": 2},
@@ -48,7 +56,13 @@ _DEFAULT_RESIDUAL_STAGE = {"dim": 4, "idx": 7, "sign": 1, "amp": 2}
 class RBEConfig(QuantizationConfigMixin):
     """Quantization config for RBE (Riemannian Basis Encoding).
 
+    Two formats: ``format_version=1`` (the paper's bitfield codes, the fields below) and
+    ``format_version=2`` (``planes``: a stack of e8p / vq8 / vq4 code planes, see
+    ``hf_rbe.core.format_v2``; the v1 code fields are not used). A saved config names its format.
+
     Args:
+        format_version: 1 or 2, the format new layers are written in.
+        planes: format 2: the code plane of each stage, e.g. ``["e8p", "vq8"]`` (3 bits per weight).
         dim: weights per vector (one code each), along ``in_features``.
         idx, sign, amp, deriv, cat, sub, amp_fine: code field widths in bits (0 switches one off).
         group_size: weights per gain scale along ``in_features``; ``None`` = one scale per row.
@@ -100,7 +114,8 @@ class RBEConfig(QuantizationConfigMixin):
         codec: str = "rbe",
         tile: int = 32,
         seed64_scale: bool = True,
-        format_version: int = FORMAT_VERSION,
+        format_version: int = 1,
+        planes: list[str] | None = None,
         **kwargs: Any,
     ) -> None:
         method = kwargs.pop("quant_method", QUANT_METHOD)
@@ -129,6 +144,7 @@ class RBEConfig(QuantizationConfigMixin):
         self.qat_train_quantizer = qat_train_quantizer
         self.codec, self.tile, self.seed64_scale = codec, tile, seed64_scale
         self.format_version = format_version
+        self.planes = list(planes) if planes is not None else None
         self.post_init()
 
     @classmethod
@@ -141,6 +157,14 @@ class RBEConfig(QuantizationConfigMixin):
 
     def post_init(self) -> None:
         """Validate everything now, so a bad config fails before any weight is touched."""
+        if self.format_version == 2:
+            if not self.planes or not all(isinstance(p, str) and p in PLANES for p in self.planes):
+                raise ValueError(f"format_version=2 needs planes, a list drawn from {sorted(PLANES)} "
+                                 f"(e.g. ['e8p', 'vq8']), got {self.planes!r}")
+            if self.codec != "rbe":
+                raise ValueError("codec='seed64' stores its residual in format 1; use format_version=1")
+        elif self.planes is not None:
+            raise ValueError("planes are a format-2 setting: pass format_version=2 (or use a 'v2-*' preset)")
         if self.table not in ("universal", "per_layer"):
             raise ValueError(f"table must be 'universal' or 'per_layer', got {self.table!r}")
         if self.codec not in ("rbe", "seed64"):
@@ -164,15 +188,17 @@ class RBEConfig(QuantizationConfigMixin):
         for pattern, values in self.overrides.items():
             if not isinstance(pattern, str) or not isinstance(values, dict):
                 raise ValueError("overrides must map glob patterns to dicts of settings")
-            unknown = set(values) - set(_LAYER_KEYS)
+            allowed = _V2_KEYS if self.format_version == 2 else _LAYER_KEYS
+            unknown = set(values) - set(allowed)
             if unknown:
-                raise ValueError(f"override {pattern!r} has unknown keys {sorted(unknown)}")
+                raise ValueError(f"override {pattern!r} has keys {sorted(unknown)} that format v{self.format_version} "
+                                 f"layers do not have (allowed: {sorted(allowed)})")
             self._format({**self._layer_settings(), **values})
 
     # ------------------------------------------------------------------ per-layer specs
 
     def _layer_settings(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in _LAYER_KEYS}
+        return {k: getattr(self, k) for k in (_V2_KEYS if self.format_version == 2 else _LAYER_KEYS)}
 
     def _spec(self, s: dict[str, Any]) -> LayerSpec:
         def stage(d: dict[str, Any]) -> StageSpec:
@@ -197,23 +223,26 @@ class RBEConfig(QuantizationConfigMixin):
             table_seed=self.table_seed,
         )
 
-    def base_spec(self) -> LayerSpec:
+    def base_spec(self) -> LayerSpec | LayerSpecV2:
         """The RBE spec of a layer that no override matches (``codec="rbe"``)."""
         spec = self.layer_format("")
-        if not isinstance(spec, LayerSpec):
+        if isinstance(spec, Seed64Spec):
             raise ValueError("base_spec() is for codec='rbe'; use layer_format() for seed64")
         return spec
 
-    def layer_format(self, module_name: str) -> LayerSpec | Seed64Spec:
+    def layer_format(self, module_name: str) -> LayerSpec | LayerSpecV2 | Seed64Spec:
         """The stored format of ``module_name``: the base settings with matching overrides
-        applied in order (a ``LayerSpec`` for RBE, a ``Seed64Spec`` for seed64)."""
+        applied in order (a ``LayerSpec`` / ``LayerSpecV2`` for RBE, a ``Seed64Spec`` for seed64)."""
         s = self._layer_settings()
         for pattern, values in self.overrides.items():
             if fnmatch.fnmatchcase(module_name, pattern):
                 s.update(values)
         return self._format(s)
 
-    def _format(self, s: dict[str, Any]) -> LayerSpec | Seed64Spec:
+    def _format(self, s: dict[str, Any]) -> LayerSpec | LayerSpecV2 | Seed64Spec:
+        if self.format_version == 2:
+            stages = tuple(StageV2(p, s["group_size"]) for p in s["planes"])
+            return LayerSpecV2(stages, s["rotation"], s["rotation_block"], self.table_seed)
         if self.codec == "rbe":
             return self._spec(s)
         residual = None

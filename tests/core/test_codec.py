@@ -54,7 +54,7 @@ def test_within_3db_of_shannon_bound_on_gaussian(preset):
 def test_error_falls_with_bits_and_every_residual_helps():
     w = _gauss(64, 192, 1)
     errs = {}
-    for name in PRESETS:
+    for name in (p for p in PRESETS if p.startswith("rbe-")):  # format v1 presets
         spec = RBEConfig.from_preset(name).base_spec()
         enc = encode_layer(w, spec, tables_for(spec), 3)
         errs[name] = rel_mse(decode_layer(enc, spec, tables_for(spec), 192), rotate_weight(w, spec, 3))

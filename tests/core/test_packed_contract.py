@@ -13,7 +13,7 @@ import torch
 from conftest import rel_mse
 from torch import nn
 
-from hf_rbe.core import LayerSpec, PackedLinear, RBELinear, Seed64Linear, Seed64Spec
+from hf_rbe.core import LayerSpec, LayerSpecV2, PackedLinear, RBELinear, Seed64Linear, Seed64Spec, StageV2
 from hf_rbe.core.format import CodeLayout, ResidualSpec, StageSpec
 from hf_rbe.core.rbe_codecs import universal_tables
 from hf_rbe.core.spec import FormatError
@@ -43,6 +43,11 @@ CASES = {
     "rbe+int2, groups": (_rbe(LayerSpec(stage=StageSpec(4, STAGE.layout, 32), residual=ResidualSpec("int2", 32))), 0.05),
     "rbe+fp8, no rotation": (_rbe(LayerSpec(stage=STAGE, residual=ResidualSpec("fp8", 16), rotation=False)), 0.01),
     "rbe per-layer table": (_rbe(LayerSpec(stage=STAGE), universal=False), 0.1),
+    "v2 e8p": (_rbe(LayerSpecV2()), 0.1),
+    "v2 e8p+vq4, groups": (_rbe(LayerSpecV2((StageV2("e8p", 32), StageV2("vq4", 32)))), 0.07),
+    "v2 e8p+vq8+e8p, no rotation": (_rbe(LayerSpecV2((StageV2("e8p"), StageV2("vq8"), StageV2("e8p")),
+                                                     rotation=False)), 0.01),
+    "v2 per-layer table": (_rbe(LayerSpecV2(), universal=False), 0.1),
     "seed64 scaled": (_seed64(Seed64Spec(tile=16)), 1.0),
     "seed64 unscaled": (_seed64(Seed64Spec(tile=16, scaled=False)), None),
     "seed64+rbe residual": (_seed64(Seed64Spec(tile=16, residual=LayerSpec(stage=STAGE))), 0.1),

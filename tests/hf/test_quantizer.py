@@ -138,7 +138,7 @@ def test_invalid_configs():
         RBEConfig(residual="int8", residual_stage={"dim": 4, "idx": 7})
     with pytest.raises(ValueError, match="residual_stage"):
         RBEConfig(residual="rbe", residual_stage={})
-    with pytest.raises(ValueError, match="unknown keys"):
+    with pytest.raises(ValueError, match="keys \\[.colour.\\] that format v1 layers do not have"):
         RBEConfig(overrides={"*": {"colour": 1}})
     with pytest.raises(ValueError, match="upgrade"):
         RBEConfig(format_version=99)

@@ -36,5 +36,5 @@ def test_layer_kernel_matches_the_op_reference():
     x = torch.randn(3, 64)
     tensors, layout = layer.op_args()
     ref = ops.reference_linear(x, tensors, layout, None)
-    y = T.linear(x, tensors, layout)
+    y = T.linear(x, tensors, layout, None)
     assert float((y - ref).norm() / ref.norm()) < 1e-4

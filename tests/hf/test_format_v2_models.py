@@ -1,0 +1,60 @@
+"""Format v2 through transformers: quantize on load, save, a plain reload in a fresh process, Conv1D."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import rel_mse
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
+
+from hf_rbe import RBEConfig, RBELinear
+
+IDS = torch.tensor([[1, 5, 9, 33, 70, 2, 100, 3]])
+
+
+@pytest.mark.parametrize("preset,logit_err", [("v2-2.5", 0.2), ("v2-4", 0.03)])
+def test_quantize_save_reload_bit_identical(tiny_llama_dir, tmp_path, preset, logit_err):
+    ref = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    m = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=RBEConfig.from_preset(preset))
+    layer = m.model.layers[0].mlp.up_proj
+    assert isinstance(layer, RBELinear) and layer.codec.version == 2 and layer.weight.dtype == torch.int16
+    assert rel_mse(layer.dequantize(), ref.model.layers[0].mlp.up_proj.weight) < 0.06
+    with torch.no_grad():
+        logits = m(IDS).logits
+    assert rel_mse(logits, ref(IDS).logits) < logit_err  # errors compound over the layers of a random model
+    m.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert saved["format_version"] == 2 and saved["planes"] == RBEConfig.from_preset(preset).planes
+    save_file({"logits": logits.contiguous()}, tmp_path / "expected.safetensors")
+    code = ("import torch, hf_rbe; from safetensors.torch import load_file; from transformers import AutoModelForCausalLM;"
+            f"m = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r});"
+            f"out = m(torch.tensor({IDS.tolist()})).logits.detach();"
+            f"assert torch.equal(out, load_file({str(tmp_path / 'expected.safetensors')!r})['logits']); print('identical')")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "identical" in res.stdout, res.stderr[-2000:]
+
+
+def test_gpt2_conv1d_in_v2(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=1, n_head=4, vocab_size=100, n_positions=32)).save_pretrained(tmp_path)
+    ref = GPT2LMHeadModel.from_pretrained(tmp_path)
+    m = GPT2LMHeadModel.from_pretrained(tmp_path, quantization_config=RBEConfig.from_preset("v2-3"))
+    attn = m.transformer.h[0].attn.c_attn
+    assert isinstance(attn, RBELinear) and (attn.in_features, attn.out_features) == (64, 192)
+    assert rel_mse(attn.dequantize(), ref.transformer.h[0].attn.c_attn.weight.T) < 0.05
+
+
+def test_v2_config_errors():
+    with pytest.raises(ValueError, match="format_version=2 needs planes"):
+        RBEConfig(format_version=2)
+    with pytest.raises(ValueError, match="planes are a format-2 setting"):
+        RBEConfig(planes=["e8p"])
+    with pytest.raises(ValueError, match="keys \\['idx'\\] that format v2 layers do not have"):
+        RBEConfig.from_preset("v2-2", overrides={"*": {"idx": 7}})
+    with pytest.raises(ValueError, match="format 1"):
+        RBEConfig.from_preset("v2-2", codec="seed64")
