@@ -18,8 +18,8 @@ from transformers import AutoModel
 
 from hf_rbe import RBEConfig, RBELinear
 from hf_rbe.core.rbe_codecs import universal_tables
-from hf_rbe.evaluation.data import minilm_path
-from hf_rbe.evaluation.fetch import ensure
+from hf_rbe.data import minilm_path
+from hf_rbe.data.fetch import ensure
 from hf_rbe.evaluation.results import run_meta, write_results
 
 ROWS = {

@@ -10,7 +10,8 @@ Layers, lowest first; nothing imports a layer above its own (``tests/test_layeri
 
     core        formats, codecs, packed layers, the ``hf_rbe::linear`` op     (torch only)
     kernels     Triton and CPU implementations of the op                       (torch only)
-    hf          RBEConfig, layer replacement, the quantizer, model cards       (transformers)
+    data        offline corpora and models, the fetch tool                     (datasets)
+    hf          RBEConfig, calibration, replacement, the quantizer, cards      (transformers)
     training, hyperbolic, evaluation                                           (on top)
 """
 

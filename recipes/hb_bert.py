@@ -6,7 +6,7 @@ budget, then compressed with RBE: does hyperbolic space help, and does it surviv
 
 Tasks (fixed splits, ``--train`` / ``--test`` examples):
   sentiment  the movie-review snippets (label = sign of the rating);
-  hypernymy  WordNet noun pairs: is one noun a hypernym of the other (``hf_rbe.evaluation.data.hypernym_pairs``).
+  hypernymy  WordNet noun pairs: is one noun a hypernym of the other (``hf_rbe.data.hypernym_pairs``).
 Models: the Euclidean ``BertForSequenceClassification`` (pooler + linear head) and
 ``HbBertForSequenceClassification`` (``to_hb_bert``, gyro-midpoint pooling, hyperbolic MLR head,
 learnable curvature), both from all-MiniLM-L6-v2. Both train with ``Trainer`` and geoopt's
@@ -40,8 +40,8 @@ from transformers.utils import logging as hf_logging
 import hf_rbe
 from hf_rbe import RBEConfig
 from hf_rbe.core.packed import packed_size
-from hf_rbe.evaluation.data import hypernym_pairs, minilm_path, movie_reviews
-from hf_rbe.evaluation.fetch import ensure
+from hf_rbe.data import hypernym_pairs, minilm_path, movie_reviews
+from hf_rbe.data.fetch import ensure
 from hf_rbe.evaluation.results import run_meta, write_results
 from hf_rbe.hyperbolic.hb_bert import to_hb_bert
 

@@ -21,8 +21,8 @@ from transformers.utils import logging as hf_logging
 
 import hf_rbe
 from hf_rbe import RBEConfig, RBELinear
-from hf_rbe.evaluation.data import lm_splits, smollm2_path
-from hf_rbe.evaluation.fetch import ensure
+from hf_rbe.data import lm_splits, smollm2_path
+from hf_rbe.data.fetch import ensure
 from hf_rbe.evaluation.measure import perplexity
 from hf_rbe.evaluation.results import run_meta, write_results
 from hf_rbe.training import TimeBudgetCallback, merge_and_unload

@@ -24,8 +24,8 @@ from transformers.utils import logging as hf_logging
 
 import hf_rbe
 from hf_rbe import RBEConfig, quantize_model
-from hf_rbe.evaluation.data import minilm_path, movie_reviews
-from hf_rbe.evaluation.fetch import ensure
+from hf_rbe.data import minilm_path, movie_reviews
+from hf_rbe.data.fetch import ensure
 from hf_rbe.evaluation.results import run_meta, write_results
 from hf_rbe.training import ReencodeCallback, freeze, quantizer_parameters
 

@@ -32,8 +32,8 @@ from transformers.utils import logging as hf_logging
 import hf_rbe
 from hf_rbe import RBEConfig
 from hf_rbe.core.packed import packed_size
-from hf_rbe.evaluation.data import minilm_path, movie_reviews, smollm2_path, token_stream
-from hf_rbe.evaluation.fetch import ensure
+from hf_rbe.data import minilm_path, movie_reviews, smollm2_path, token_stream
+from hf_rbe.data.fetch import ensure
 from hf_rbe.evaluation.measure import mean_pooled_embeddings, perplexity
 from hf_rbe.evaluation.results import run_meta, write_results
 from hf_rbe.hf.config import DEFAULT_PRESET

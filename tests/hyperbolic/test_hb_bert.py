@@ -103,7 +103,7 @@ def test_bad_curvature_is_rejected():
 def minilm_and_batch(minilm_path, corpora):
     from transformers import AutoModel, AutoTokenizer
 
-    from hf_rbe.evaluation.data import movie_reviews
+    from hf_rbe.data import movie_reviews
 
     bert = AutoModel.from_pretrained(minilm_path).eval()
     tok = AutoTokenizer.from_pretrained(minilm_path)

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..data import minilm_path, smollm2_path, text_dataset, token_stream
+from ...data import minilm_path, smollm2_path, text_dataset, token_stream
 from ..measure import mean_pooled_embeddings, perplexity
 from ..results import run_meta
 from ..sizes import quantized_size

@@ -2,11 +2,11 @@
 
 import pytest
 
-from hf_rbe.evaluation.data import strip_wiki_markup
+from hf_rbe.data import strip_wiki_markup
 
 
 def test_wordnet_parser_on_a_fixture():
-    from hf_rbe.evaluation.data.wordnet import parse_wordnet_nouns
+    from hf_rbe.data.wordnet import parse_wordnet_nouns
 
     lines = [
         "  1 This software and database is being provided to you, the LICENSEE, by",
@@ -21,14 +21,14 @@ def test_wordnet_parser_on_a_fixture():
 
 
 def test_reflow_joins_hard_wrapped_lines():
-    from hf_rbe.evaluation.data.austen import _reflow
+    from hf_rbe.data.austen import _reflow
 
     assert _reflow(["CHAPTER I", "", "It is a truth", "universally acknowledged.", "", "", "Next."]) == \
         "CHAPTER I\n\nIt is a truth universally acknowledged.\n\nNext."
 
 
 def test_austen_and_wordnet_load_as_datasets(corpora):
-    from hf_rbe.evaluation.data import text_dataset, wordnet_nouns
+    from hf_rbe.data import text_dataset, wordnet_nouns
 
     ds = text_dataset("austen")
     assert ds.num_rows == 6 and set(ds.column_names) == {"title", "text"}
@@ -37,14 +37,14 @@ def test_austen_and_wordnet_load_as_datasets(corpora):
     nouns = wordnet_nouns()
     assert len(nouns) == 82115 and nouns["02084071"]["words"][0] == "dog"
     assert "02083346" in nouns["02084071"]["hypernyms"]  # dog -> canine
-    from hf_rbe.evaluation.data import DataNotFound
+    from hf_rbe.data import DataNotFound
 
     with pytest.raises(DataNotFound, match="not one of the offline corpora"):  # tests run with HF_HUB_OFFLINE=1
         text_dataset("wikitext", "wikitext-2-raw-v1")
 
 
 def test_tampered_cache_file_is_removed_with_a_clear_error(tmp_path, monkeypatch):
-    from hf_rbe.evaluation.data import DataNotFound, wordnet_nouns
+    from hf_rbe.data import DataNotFound, wordnet_nouns
 
     monkeypatch.setenv("HF_RBE_CACHE", str(tmp_path))
     (tmp_path / "wordnet-data.noun").write_text("00001740 03 n 01 entity 0 000 | tampered\n")
@@ -59,7 +59,7 @@ def test_loaders_never_download(tmp_path, monkeypatch):
     """The library's loaders only read the cache; fetching is the tool's job."""
     import subprocess
 
-    from hf_rbe.evaluation import data
+    from hf_rbe import data
 
     def no_subprocess(*a, **k):
         raise AssertionError("a loader started a subprocess")
@@ -73,7 +73,7 @@ def test_loaders_never_download(tmp_path, monkeypatch):
 
 
 def test_movie_reviews_and_wikipedia_load(corpora):
-    from hf_rbe.evaluation.data import movie_reviews, wikipedia_articles
+    from hf_rbe.data import movie_reviews, wikipedia_articles
 
     reviews = movie_reviews()
     assert len(reviews) == 10568 and {r["label"] for r in reviews} == {0, 1}

