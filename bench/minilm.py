@@ -20,9 +20,9 @@ from transformers.utils import logging as hf_logging
 
 import hf_rbe
 from hf_rbe import RBEConfig, RBELinear
-from hf_rbe.evaluation.baselines import minmax_quantize
 from hf_rbe.data import minilm_path, movie_reviews
 from hf_rbe.data.fetch import ensure
+from hf_rbe.evaluation.baselines import minmax_quantize
 from hf_rbe.evaluation.measure import mean_pooled_embeddings
 from hf_rbe.evaluation.results import run_meta, write_results
 

@@ -101,8 +101,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_compare(args: argparse.Namespace) -> None:
     from transformers.utils import logging as hf_logging
 
-    from .evaluation.compare import render, run
     from .data.fetch import ensure
+    from .evaluation.compare import render, run
 
     hf_logging.set_verbosity_error()
     if args.render_only:

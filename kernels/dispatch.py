@@ -1,8 +1,8 @@
 """Registers the kernels as device implementations of ``hf_rbe::linear`` (defined in ``core.ops``).
 
-CUDA tensors go to the Triton kernel of their format; a format without one, or a machine
-without Triton, falls back to the PyTorch reference. Triton is imported on the first CUDA
-call, never at import time, so CPU-only installs need no Triton.
+CUDA tensors go to the Triton kernel of their format, CPU tensors to the numba kernel of theirs;
+a format without one (or a machine without Triton / numba) falls back to the PyTorch reference.
+Both libraries are imported on first use, never at import time.
 """
 
 from __future__ import annotations
@@ -22,20 +22,34 @@ from hf_rbe.core.seed64_format import FORMAT_ID as SEED64
 #: format id -> module with ``supports(layout)`` and ``linear(x, tensors, layout, bias)`` (x's dtype out).
 CUDA_KERNELS: dict[int, str] = {RBE_V1: "hf_rbe.kernels.triton_v1", RBE_V2: "hf_rbe.kernels.triton_v2",
                                 SEED64: "hf_rbe.kernels.triton_seed64"}
+CPU_KERNELS: dict[int, str] = {RBE_V2: "hf_rbe.kernels.cpu_numba"}
 
 
-@functools.lru_cache(maxsize=1)
-def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+@functools.lru_cache(maxsize=4)
+def available(library: str) -> bool:
+    return importlib.util.find_spec(library) is not None
 
 
-@ops.linear.register_kernel("cuda")
-def _cuda_linear(x: torch.Tensor, tensors: list[torch.Tensor], layout: list[int],
-                 bias: Optional[torch.Tensor]) -> torch.Tensor:
-    name = CUDA_KERNELS.get(layout[0])
-    if name is None or not triton_available():
+def _dispatch(kernels: dict[int, str], library: str, x: torch.Tensor, tensors: list[torch.Tensor],
+              layout: list[int], bias: Optional[torch.Tensor]) -> torch.Tensor:
+    name = kernels.get(layout[0])
+    if name is None or not available(library):
         return ops.reference_linear(x, tensors, layout, bias)
     module = importlib.import_module(name)
     if not module.supports(layout):
         return ops.reference_linear(x, tensors, layout, bias)
     return module.linear(x, tensors, layout, bias)
+
+
+def _cuda_linear(x: torch.Tensor, tensors: list[torch.Tensor], layout: list[int],
+                 bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return _dispatch(CUDA_KERNELS, "triton", x, tensors, layout, bias)
+
+
+def _cpu_linear(x: torch.Tensor, tensors: list[torch.Tensor], layout: list[int],
+                bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return _dispatch(CPU_KERNELS, "numba", x, tensors, layout, bias)
+
+
+ops.register_kernel("cuda", _cuda_linear)
+ops.register_kernel("cpu", _cpu_linear)

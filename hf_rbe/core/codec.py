@@ -33,26 +33,44 @@ def _nearest_level(t: torch.Tensor, levels_sorted: torch.Tensor) -> torch.Tensor
     return torch.where((t - lo) <= (hi - t), j - 1, j)
 
 
-def encode_stage(w: torch.Tensor, stage: StageSpec, tables: StageTables) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes (int32 words [N, words]) and scales (fp16 [N, groups]) for ``w`` [N, K] (fp32)."""
-    n_rows, k = w.shape
-    lay, dim = stage.layout, stage.dim
-    table, lut = tables.table.to(w.device), tables.lut.to(w.device)
-    dirs = directions(table, lay.deriv)
-    signed = bool(lay.sign)
-    vecs = w.reshape(-1, dim)
+def _projections(vecs: torch.Tensor, stage: StageSpec, tables: StageTables) -> tuple[torch.Tensor, torch.Tensor]:
+    """(best direction index, signed projection on it) of each vector [n, dim], in chunks."""
+    dirs = directions(tables.table.to(vecs.device), stage.layout.deriv)
     rows_per_chunk = max(1, _CHUNK_ELEMENTS // len(dirs))
     best, proj = [], []
     for start in range(0, len(vecs), rows_per_chunk):
-        a, p = best_projection(vecs[start : start + rows_per_chunk], dirs, signed)
+        a, p = best_projection(vecs[start : start + rows_per_chunk], dirs, bool(stage.layout.sign))
         best.append(a)
         proj.append(p)
-    a, p = torch.cat(best), torch.cat(proj)
+    return torch.cat(best), torch.cat(proj)
 
+
+def _levels(tables: StageTables, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return tables.lut.to(device).flatten().sort()
+
+
+def _codes(a: torch.Tensor, p: torch.Tensor, stage: StageSpec, tables: StageTables) -> torch.Tensor:
+    """int64 codes of direction ``a`` and (scale-divided) projection ``p``: the nearest gain level."""
+    lay = stage.layout
+    levels, order = _levels(tables, p.device)
+    flat_idx = order[_nearest_level(p.abs(), levels)]
+    curve, q = flat_idx // lay.n_levels, flat_idx % lay.n_levels
+    n_table = lay.table_size
+    return lay.pack_fields(idx=a % n_table, deriv=a // n_table, sign=(p < 0).to(torch.int64),
+                           amp=q >> lay.amp_fine, amp_fine=q & ((1 << lay.amp_fine) - 1),
+                           cat=curve >> lay.sub, sub=curve & ((1 << lay.sub) - 1))
+
+
+def initial_scale(w: torch.Tensor, stage: StageSpec, tables: StageTables,
+                  proj: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 scales [N, groups] fitted to ``w`` [N, K]: Lloyd steps between each group's
+    projections and the gain levels (``proj``: the projections, if already computed)."""
+    n_rows, k = w.shape
+    if proj is None:
+        _, proj = _projections(w.reshape(-1, stage.dim), stage, tables)
     n_groups = stage.n_groups(k)
-    g = p.abs().reshape(n_rows, n_groups, -1)
-    flat = lut.flatten()
-    levels, order = flat.sort()
+    g = proj.abs().reshape(n_rows, n_groups, -1)
+    levels, _ = _levels(tables, w.device)
     scale = w.reshape(n_rows, n_groups, -1).pow(2).mean(-1).sqrt()
     for _ in range(_SCALE_STEPS):  # Lloyd steps on the group scale
         f = levels[_nearest_level(g / scale.clamp_min(_TINY)[..., None], levels)]
@@ -60,38 +78,45 @@ def encode_stage(w: torch.Tensor, stage: StageSpec, tables: StageTables) -> tupl
         scale = torch.where(den > 0, num / den.clamp_min(_TINY), scale)
     if not torch.isfinite(scale).all() or scale.abs().max() > FP16_MAX:
         raise FormatError("group scales overflow fp16; the weights are too large for the RBE format")
-    scale16 = scale.half()
-    s = scale16.float().clamp_min(_TINY)[..., None]
-    flat_idx = order[_nearest_level(g / s, levels)].reshape(-1)
+    return scale
 
-    n_levels = lay.n_levels
-    curve, q = flat_idx // n_levels, flat_idx % n_levels
-    fields = {
-        "idx": a % len(table),
-        "deriv": a // len(table),
-        "sign": (p < 0).to(torch.int64),
-        "amp": q >> lay.amp_fine,
-        "amp_fine": q & ((1 << lay.amp_fine) - 1),
-        "cat": curve >> lay.sub,
-        "sub": curve & ((1 << lay.sub) - 1),
-    }
-    codes = lay.pack_fields(**fields).reshape(n_rows, k // dim)
-    return pack_codes(codes, lay.width), scale16
+
+def nearest(u: torch.Tensor, stage: StageSpec, tables: StageTables) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest codewords (unit scale) of vectors ``u`` [n, dim]: (int64 codes [n], fp32 values [n, dim])."""
+    a, p = _projections(u, stage, tables)
+    codes = _codes(a, p, stage, tables)
+    vec, gain = _codeword_parts(codes, stage, tables)
+    return codes, vec * gain[..., None]
+
+
+def _codeword_parts(codes: torch.Tensor, stage: StageSpec, tables: StageTables) -> tuple[torch.Tensor, torch.Tensor]:
+    """(unit direction [..., dim], signed gain [...]) of int64 codes [...]."""
+    lay = stage.layout
+    f = lay.unpack_fields(codes)
+    table, lut = tables.table.to(codes.device).float(), tables.lut.to(codes.device).float()
+    vec = directions(table, lay.deriv)[f["idx"] + len(table) * f["deriv"]]
+    gain = lut[(f["cat"] << lay.sub) | f["sub"], (f["amp"] << lay.amp_fine) | f["amp_fine"]]
+    return vec, gain * (1 - 2 * f["sign"]).float()
+
+
+def encode_stage(w: torch.Tensor, stage: StageSpec, tables: StageTables) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes (int32 words [N, words]) and scales (fp16 [N, groups]) for ``w`` [N, K] (fp32)."""
+    n_rows, k = w.shape
+    a, p = _projections(w.reshape(-1, stage.dim), stage, tables)
+    scale16 = initial_scale(w, stage, tables, p).half()
+    s = scale16.float().clamp_min(_TINY)[..., None]
+    codes = _codes(a, (p.reshape(n_rows, scale16.shape[1], -1) / s).reshape(-1), stage, tables)
+    return pack_codes(codes.reshape(n_rows, k // stage.dim), stage.layout.width), scale16
 
 
 def decode_stage(
     words: torch.Tensor, scale: torch.Tensor, stage: StageSpec, tables: StageTables, in_features: int
 ) -> torch.Tensor:
-    """fp32 [N, in_features] from packed codes and scales (the reference decoder)."""
-    lay, dim = stage.layout, stage.dim
-    n_rows, n_vec = words.shape[0], in_features // dim
-    f = lay.unpack_fields(unpack_codes(words, lay.width, n_vec))
-    table, lut = tables.table.to(words.device).float(), tables.lut.to(words.device).float()
-    dirs = directions(table, lay.deriv)
-    vec = dirs[f["idx"] + len(table) * f["deriv"]]  # [N, V, dim]
-    q = (f["amp"] << lay.amp_fine) | f["amp_fine"]
-    curve = (f["cat"] << lay.sub) | f["sub"]
-    gain = lut[curve, q] * (1 - 2 * f["sign"]).float()
+    """fp32 [N, in_features] from packed codes and scales (the reference decoder). The order of the
+    products below is part of the format: v1 checkpoints decode bit-identically to the code that
+    wrote them."""
+    n_rows, n_vec = words.shape[0], in_features // stage.dim
+    vec, gain = _codeword_parts(unpack_codes(words, stage.layout.width, n_vec), stage, tables)  # [N, V, dim], [N, V]
     groups = scale.float().repeat_interleave(n_vec // scale.shape[1], dim=1)
     return (vec * (gain * groups)[..., None]).reshape(n_rows, in_features)
 

@@ -134,32 +134,38 @@ def _group_view(t: torch.Tensor, stage: StageV2) -> torch.Tensor:
     return t.reshape(n, stage.n_groups(k), -1)
 
 
-def encode_stage(w: torch.Tensor, stage: StageV2, table: torch.Tensor,
-                 scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(stored codes, fp16 scales [N, groups], decoded fp32 [N, K]) for a rotated ``w`` [N, K].
+def _codes_at(g: torch.Tensor, s: torch.Tensor, plane: str, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest codes [N, V] and unit codewords [N, G, K/G] of grouped weights ``g`` under scales ``s``."""
+    u = (g / s.clamp_min(_TINY)[..., None]).reshape(-1, VECTOR_DIM)
+    c, v = nearest(u, plane, table)
+    return c.reshape(g.shape[0], -1), v.reshape(g.shape)
 
-    Without ``scale``, each group's scale starts at the group's RMS (the universal tables are
-    fitted to unit variance) and a few Lloyd steps refit it to the codes by least squares."""
-    n, k = w.shape
+
+def initial_scale(w: torch.Tensor, stage: StageV2, table: torch.Tensor) -> torch.Tensor:
+    """fp32 scales [N, groups] for ``w`` [N, K]: each group's RMS (the universal tables are fitted
+    to unit variance), then a few Lloyd steps refitting it to the codes by least squares."""
     g = _group_view(w, stage)
-
-    def codes_at(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        u = (g / s.clamp_min(_TINY)[..., None]).reshape(-1, VECTOR_DIM)
-        c, v = nearest(u, stage.plane, table)
-        return c.reshape(n, -1), v.reshape(g.shape)
-
-    if scale is None:
-        s = g.pow(2).mean(-1).sqrt()
-        for _ in range(_SCALE_STEPS):
-            _, v = codes_at(s)
-            num, den = (g * v).sum(-1), (v * v).sum(-1)
-            s = torch.where(den > 0, num / den.clamp_min(_TINY), s)
-    else:
-        s = scale.float()
+    s = g.pow(2).mean(-1).sqrt()
+    for _ in range(_SCALE_STEPS):
+        _, v = _codes_at(g, s, stage.plane, table)
+        num, den = (g * v).sum(-1), (v * v).sum(-1)
+        s = torch.where(den > 0, num / den.clamp_min(_TINY), s)
     if not torch.isfinite(s).all() or s.abs().max() > FP16_MAX:
         raise FormatError("group scales overflow fp16; the weights are too large for the RBE format")
-    s16 = s.half()
-    codes, v = codes_at(s16.float())
+    return s
+
+
+def encode_stage(w: torch.Tensor, stage: StageV2,
+                 table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(stored codes, fp16 scales [N, groups], decoded fp32 [N, K]) for a rotated ``w`` [N, K].
+
+    The codes are chosen under the fitted scale (rounded to fp16); each group's scale is then
+    the least-squares one for those codes (what ``core.calibrate`` does with ``H = I``)."""
+    n, k = w.shape
+    g = _group_view(w, stage)
+    codes, v = _codes_at(g, initial_scale(w, stage, table).half().float(), stage.plane, table)
+    num, den = (g * v).sum(-1), (v * v).sum(-1)
+    s16 = torch.where(den > 0, num / den.clamp_min(_TINY), torch.zeros_like(num)).half()
     return pack_plane(codes, stage.plane), s16, (v * s16.float()[..., None]).reshape(n, k)
 
 

@@ -18,6 +18,8 @@ A subclass defines ``stored_tensors``, ``op_tensor_names``, ``layout``, ``encode
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -67,7 +69,7 @@ class PackedLinear(nn.Linear):
         """Every tensor this layer saves in a checkpoint (the bias aside)."""
         raise NotImplementedError
 
-    def op_tensor_names(self) -> list[str]:
+    def op_tensor_names(self) -> Sequence[str]:
         """Names of the tensors passed to ``hf_rbe::linear``, in the format's order."""
         raise NotImplementedError
 
@@ -120,7 +122,7 @@ class PackedLinear(nn.Linear):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features, layer expects {self.in_features}")
         tensors, layout = self.op_args()
-        return ops.linear(x, tensors, layout, self.bias)
+        return ops.call_linear(x, tensors, layout, self.bias)
 
     def to_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` holding the decoded weight and the bias."""

@@ -110,11 +110,12 @@ class RBEQATLinear(nn.Linear):
     def reencode(self) -> None:
         """Encode the current latent weight into the codes (same spec, rotation seed, and table:
         the trained one with ``train_quantizer``, whose scales are then refitted to the codes)."""
+        stats = calibration_statistics(self.codes)
         if not self.train_quantizer:
-            self.codes.load_packed(self.codes.encode(self.weight.detach().float()))
+            self.codes.load_packed(self.codes.encode(self.weight.detach().float(), **stats))
             return
         tables = {n: t.detach() for n, t in self.trainable_tables().tables().items()}
-        self.codes.load_packed(self.codes.encode(self.weight.detach().float(), tables=tables))
+        self.codes.load_packed(self.codes.encode(self.weight.detach().float(), tables=tables, **stats))
         for name in self._scale_names():
             getattr(self, name).copy_(getattr(self.codes, name).float())
 
@@ -123,7 +124,8 @@ class RBEQATLinear(nn.Linear):
         """Trained scales (to fp16) and, on the table's owner, trained tables into the codes."""
         for name in self._scale_names():
             getattr(self.codes, name).copy_(getattr(self, name))
-        if self.codes.owns_table:
+        trained = any(p.requires_grad for p in self.trainable_tables().parameters())
+        if self.codes.owns_table and trained:  # tables held fixed (calibration fine-tuning) stay as stored
             for name, t in self.trainable_tables().tables().items():
                 getattr(self.codes, name).copy_(t)
         self.codes.rebuild_buffers()
@@ -140,6 +142,13 @@ class RBEQATLinear(nn.Linear):
         if self.bias is not None:
             self.bias.requires_grad_(False)
         return self.codes
+
+
+def calibration_statistics(layer: nn.Module) -> dict[str, torch.Tensor]:
+    """``{"hessian": H}`` for a layer that calibration left its statistics on
+    (``keep_calibration_statistics=True``), else ``{}``: re-encoding stays output-aware."""
+    h = getattr(layer, "calibration_hessian", None)
+    return {} if h is None else {"hessian": h.float()}
 
 
 def straight_through(latent: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:

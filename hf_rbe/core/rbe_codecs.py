@@ -19,7 +19,8 @@ from . import codec_v2 as v2
 from . import format as format_v1
 from . import format_v2, tables_v2
 from . import tables as tables_v1
-from .bits import padding_is_clean
+from .bits import pack_codes, padding_is_clean
+from .calibrate import StageQuantizer
 from .spec import FormatError
 
 Spec = Union[format_v1.LayerSpec, format_v2.LayerSpecV2]
@@ -34,7 +35,9 @@ class RBECodec:
     ``encode(w_rot, spec, tables)`` returns the per-layer codes and scales of a rotated fp32
     weight; ``decode(named, spec, in_features)`` the rotated fp32 weight from stored tensors and
     tables; ``check(named, spec, in_features, where)`` raises FormatError on values the format
-    cannot hold; ``constrain(tables)`` maps trained tables back to what the format allows.
+    cannot hold; ``constrain(tables)`` maps trained tables back to what the format allows;
+    ``stage_quantizers(spec, tables)`` hands each stage to the output-aware encoder
+    (``core.calibrate``).
     """
 
     format_id: int
@@ -47,6 +50,7 @@ class RBECodec:
     decode: Callable[[Tensors, Any, int], torch.Tensor]
     check: Callable[[Tensors, Any, int, str], None]
     constrain: Callable[[Tensors], Tensors]
+    stage_quantizers: Callable[[Any, Tensors], list[StageQuantizer]]
 
 
 def _finite(named: Tensors, names: list[str], where: str) -> None:
@@ -94,6 +98,31 @@ def _v2_constrain(tables: Tensors) -> Tensors:
     return out
 
 
+def _v1_quantizers(spec: format_v1.LayerSpec, tables: Tensors) -> list[StageQuantizer]:
+    if spec.residual.kind not in ("none", "rbe"):
+        raise FormatError(f"calibration encodes RBE stages; a {spec.residual.kind} residual is not supported: use "
+                          "residual='rbe' or format_version=2")
+    out = []
+    for prefix, stage in spec.stages:
+        st = tables_v1.StageTables(tables[prefix + "table"], tables[prefix + "lut"])
+        out.append(StageQuantizer(prefix, stage.dim, stage.group_size,
+                                  nearest=lambda u, stage=stage, st=st: v1.nearest(u, stage, st),
+                                  initial_scale=lambda w, stage=stage, st=st: v1.initial_scale(w, stage, st),
+                                  pack=lambda c, width=stage.layout.width: pack_codes(c, width)))
+    return out
+
+
+def _v2_quantizers(spec: format_v2.LayerSpecV2, tables: Tensors) -> list[StageQuantizer]:
+    out = []
+    for prefix, stage in spec.prefixed_stages:
+        t = tables[prefix + "table"]
+        out.append(StageQuantizer(prefix, format_v2.VECTOR_DIM, stage.group_size,
+                                  nearest=lambda u, plane=stage.plane, t=t: v2.nearest(u, plane, t),
+                                  initial_scale=lambda w, stage=stage, t=t: v2.initial_scale(w, stage, t),
+                                  pack=lambda c, plane=stage.plane: v2.pack_plane(c, plane)))
+    return out
+
+
 V1 = RBECodec(
     format_id=format_v1.FORMAT_ID, version=format_v1.FORMAT_VERSION, spec_type=format_v1.LayerSpec,
     universal_tables=lambda spec: tables_v1.tables_for(spec).as_tensors(),
@@ -101,13 +130,13 @@ V1 = RBECodec(
     table_key=tables_v1.table_key,
     encode=lambda w_rot, spec, t: v1.encode_rotated(w_rot, spec, tables_v1.LayerTables.from_tensors(t)),
     decode=lambda named, spec, k: v1.decode_layer(named, spec, tables_v1.LayerTables.from_tensors(named), k),
-    check=_v1_check, constrain=_v1_constrain)
+    check=_v1_check, constrain=_v1_constrain, stage_quantizers=_v1_quantizers)
 
 V2 = RBECodec(
     format_id=format_v2.FORMAT_ID, version=format_v2.FORMAT_VERSION, spec_type=format_v2.LayerSpecV2,
     universal_tables=tables_v2.universal_tables, fit_tables=tables_v2.fit_layer_tables,
     table_key=tables_v2.table_key, encode=v2.encode_layer, decode=v2.decode_layer,
-    check=_v2_check, constrain=_v2_constrain)
+    check=_v2_check, constrain=_v2_constrain, stage_quantizers=_v2_quantizers)
 
 _BY_ID = {c.format_id: c for c in (V1, V2)}
 

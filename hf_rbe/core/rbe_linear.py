@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
+from .calibrate import DAMP, damped, encode_stages, rotate_hessian
 from .format import FORMAT_ID as V1_ID
 from .format_v2 import FORMAT_ID as V2_ID
 from .packed import PackedLinear
@@ -27,16 +28,17 @@ from .spec import FormatError, TensorSpec, check_finite
 SIGNS = "signs"  # the Hadamard signs: derived from rotation_seed, passed to the op, never saved
 
 
-def op_tensor_names(spec: Spec) -> list[str]:
+@functools.lru_cache(maxsize=256)
+def op_tensor_names(spec: Spec) -> tuple[str, ...]:
     """The tensors of ``hf_rbe::linear`` for an RBE layer, in order: its stored per-layer tensors
     (the seed aside), the Hadamard signs, then its tables. Layer, reference and kernels all read
-    this one list."""
+    this one list (cached: every forward asks for it)."""
     names = [n for n in spec.tensors(0, 0) if n != "rotation_seed"]
-    return names + ([SIGNS] if spec.rotation else []) + list(spec.table_tensors())
+    return tuple(names + ([SIGNS] if spec.rotation else []) + list(spec.table_tensors()))
 
 
 @functools.lru_cache(maxsize=256)
-def _parse(layout: tuple[int, ...]) -> tuple[RBECodec, Spec, int, list[str]]:
+def _parse(layout: tuple[int, ...]) -> tuple[RBECodec, Spec, int, tuple[str, ...]]:
     codec = codec_by_id(layout[0])
     spec = codec.spec_type.from_layout(list(layout[3:]))
     return codec, spec, layout[2], op_tensor_names(spec)
@@ -99,7 +101,7 @@ class RBELinear(PackedLinear):
             out.update(self.spec.table_tensors())
         return out
 
-    def op_tensor_names(self) -> list[str]:
+    def op_tensor_names(self) -> tuple[str, ...]:
         return op_tensor_names(self.spec)
 
     def layout(self) -> list[int]:
@@ -134,13 +136,17 @@ class RBELinear(PackedLinear):
         return rotate_weight(weight, self.spec, seed)
 
     def encode(self, weight: torch.Tensor, tables: dict[str, torch.Tensor] | None = None,
-               rotation_seed: int | None = None) -> dict[str, torch.Tensor]:
+               rotation_seed: int | None = None, hessian: torch.Tensor | None = None,
+               damp: float = DAMP) -> dict[str, torch.Tensor]:
         """Stored tensors for a float weight [out, in] (the one encode entry point).
 
         ``tables``: what to encode against, by name; by default the tables this layer decodes
         with now (a layer with its own per-layer tables fits new ones to ``weight``).
-        ``rotation_seed``: by default :meth:`current_rotation_seed`. A layer that does not own
-        its shared tables gets no table tensors back.
+        ``rotation_seed``: by default :meth:`current_rotation_seed`. ``hessian``: ``sum x^T x``
+        [in, in] of calibration inputs; with it the codes and scales minimise the output error
+        on those inputs (``core.calibrate``; ``damp``: the fraction of its mean diagonal added),
+        without it the weight error. A layer that does not own its shared tables gets no table
+        tensors back.
         """
         check_finite(weight)
         self.spec.check_shape(*weight.shape)
@@ -148,7 +154,13 @@ class RBELinear(PackedLinear):
         w_rot = self.rotated(weight, seed)
         if tables is None:
             tables = self.tables() if self.table_key is not None else self.codec.fit_tables(w_rot, self.spec)
-        out = self.codec.encode(w_rot, self.spec, tables)
+        if hessian is None:
+            out = self.codec.encode(w_rot, self.spec, tables)
+        else:
+            block = self.spec.hadamard_block(self.in_features)
+            h = damped(rotate_hessian(hessian.to(w_rot.device).double(), seed if self.spec.rotation else None, block),
+                       damp)
+            out = encode_stages(w_rot, h, self.codec.stage_quantizers(self.spec, tables))
         if self.spec.rotation:
             out["rotation_seed"] = torch.tensor([seed], dtype=torch.int64, device=weight.device)
         if self.owns_table:

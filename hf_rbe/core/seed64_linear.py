@@ -70,8 +70,8 @@ class Seed64Linear(PackedLinear):
     def stored_tensors(self) -> dict[str, TensorSpec]:
         return self.spec.tensors(self.out_features, self.in_features)
 
-    def op_tensor_names(self) -> list[str]:
-        return list(self.stored_tensors())
+    def op_tensor_names(self) -> tuple[str, ...]:
+        return tuple(self.stored_tensors())
 
     def layout(self) -> list[int]:
         return [FORMAT_ID, self.out_features, self.in_features, self.spec.tile, int(self.spec.scaled)]

@@ -3,10 +3,13 @@ lifecycle and model cards. Importing this package registers the ``"rbe"`` quanti
 (``hf_rbe/__init__`` does so as soon as transformers is imported).
 
     config      RBEConfig: validated settings and presets, per-layer formats
-    replace     the one skip policy, swapping layers, quantize_model
+    replace     the one skip policy, the layer factory, swapping layers
+    calibrate   output-aware encoding from calibration text, block by block
+    quantize    quantize_model: a model in memory, calibrated or not
     convert     the quantize-on-load conversion op
     quantizer   RBEHfQuantizer: the loading lifecycle, nothing else
-    card        model cards on save_pretrained / push_to_hub
+    card        the model card's text (README.md)
+    saving      what save_pretrained / push_to_hub do for an RBE model: card, recorded dtype
 """
 
 from transformers.quantizers.auto import (
@@ -17,8 +20,9 @@ from transformers.quantizers.auto import (
 )
 
 from .config import PRESETS, QUANT_METHOD, RBEConfig
+from .quantize import quantize_model
 from .quantizer import RBEHfQuantizer
-from .replace import quantize_model, replace_with_rbe_linear
+from .replace import replace_with_rbe_linear
 
 
 def register() -> None:

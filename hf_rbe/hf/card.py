@@ -1,15 +1,13 @@
 """Model cards for RBE checkpoints, from the template in ``model_cards/``.
 
-``attach(model)`` (called by the quantizer on every RBE model) makes ``save_pretrained`` and
-``push_to_hub`` write the card: ``save_pretrained`` writes README.md after the weights, and
-the upload step swaps transformers' generic card for ours just before files go to the Hub.
-A README.md the user wrote is never replaced.
+``hf_rbe.hf.saving`` makes every RBE model's ``save_pretrained`` and ``push_to_hub`` write it:
+README.md after the weights, and ours instead of transformers' generic card just before files
+go to the Hub. A README.md the user wrote is never replaced.
 """
 
 from __future__ import annotations
 
 import json
-import types
 from pathlib import Path
 from typing import Any
 
@@ -57,34 +55,9 @@ def write_card(model: nn.Module, out_dir: str | Path, base_model: str, repo_id: 
     return out / "README.md"
 
 
-def _replaceable(readme: Path) -> bool:
+def replaceable(readme: Path) -> bool:
+    """Whether a README.md may be (re)written: absent, transformers' placeholder, or ours."""
     if not readme.exists():
         return True
     text = readme.read_text(encoding="utf-8", errors="replace")
     return _GENERIC in text or _OURS in text
-
-
-def _base_model(model: nn.Module) -> str:
-    return getattr(model.config, "_name_or_path", "") or "unknown"
-
-
-def _save_pretrained(self: nn.Module, save_directory: str | Path, *args: Any, **kwargs: Any) -> Any:
-    out = type(self).save_pretrained(self, save_directory, *args, **kwargs)
-    if kwargs.get("is_main_process", True) and _replaceable(Path(save_directory) / "README.md"):
-        write_card(self, save_directory, base_model=_base_model(self))
-    return out
-
-
-def _upload_modified_files(self: nn.Module, working_dir: str | Path, repo_id: str, *args: Any, **kwargs: Any) -> Any:
-    if _replaceable(Path(working_dir) / "README.md"):
-        write_card(self, working_dir, base_model=_base_model(self), repo_id=repo_id)
-    return type(self)._upload_modified_files(self, working_dir, repo_id, *args, **kwargs)
-
-
-def attach(model: nn.Module) -> None:
-    """Make this model's ``save_pretrained`` / ``push_to_hub`` write an RBE model card.
-
-    Bound methods on the instance (not a patched class): other models are untouched, and
-    ``copy.deepcopy`` rebinds them to the copy."""
-    model.save_pretrained = types.MethodType(_save_pretrained, model)  # type: ignore[method-assign]
-    model._upload_modified_files = types.MethodType(_upload_modified_files, model)  # type: ignore[method-assign]

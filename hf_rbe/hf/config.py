@@ -20,6 +20,7 @@ from ..core.format import FIELDS, CodeLayout, LayerSpec, ResidualSpec, StageSpec
 from ..core.format_v2 import FORMAT_VERSION, PLANES, LayerSpecV2, StageV2
 from ..core.seed64_format import Seed64Spec
 from ..core.spec import FormatError
+from ..core.stored import STORAGE_DTYPES
 
 QUANT_METHOD = "rbe"
 
@@ -83,6 +84,25 @@ class RBEConfig(QuantizationConfigMixin):
             RBE codecs only).
         qat_train_quantizer: with ``qat``, also train the per-group scales, the gain curves and
             the basis tables (``prepare_qat(train_quantizer=True)``).
+        dataset: calibration text (``None``: calibration-free): a list of strings, a
+            ``datasets.Dataset`` with a ``text`` column, or a corpus name (``"wikipedia"``,
+            ``"austen"``: offline, their held-out start excluded; any Hub dataset where reachable).
+            The codes then minimise each layer's output error on it (``hf_rbe.hf.calibrate``).
+        tokenizer: the tokenizer (or its name) for ``dataset``; default: the model's own.
+        calibration_samples, calibration_seqlen: windows of the text used, and their length in tokens.
+        calibration_batch_size: windows per forward pass while calibrating.
+        calibration_seed: which windows (deterministic).
+        damp_percent: damping added to the calibration Hessians (fraction of their mean diagonal).
+        calibration_finetune_steps: Adam steps per block that train its scales, biases and norm
+            weights (codes fixed) to reproduce the full-precision activations (0: none).
+        calibration_finetune_lr: their learning rate.
+        keep_calibration_statistics: keep each layer's Hessian in memory after calibration, so
+            that re-encoding (LoRA ``merge_and_unload``, QAT) stays output-aware.
+        calibrated_with: set after calibration (saved): the dataset's name, samples, length, seed.
+        embedding_dtype: ``"float16"`` or ``"bfloat16"``: store the input embedding and the output
+            head (tied or not) in that dtype; the head multiplies in it (4x faster decoding on a
+            CPU than fp32), activations stay in the model's dtype (``None``: as loaded). On a CPU
+            prefer ``"bfloat16"``: CPUs multiply many fp16 rows slowly.
         codec: ``"rbe"``, or ``"seed64"`` (paper 000: one 64-bit seed per ``tile`` x ``tile``
             block, plus an fp16 scale per tile if ``seed64_scale``, plus an RBE residual if
             ``residual="rbe"`` with ``residual_stage``).
@@ -116,6 +136,18 @@ class RBEConfig(QuantizationConfigMixin):
         seed64_scale: bool = True,
         format_version: int = 1,
         planes: list[str] | None = None,
+        dataset: str | list[str] | Any | None = None,
+        tokenizer: str | Any | None = None,
+        calibration_samples: int = 128,
+        calibration_seqlen: int = 512,
+        calibration_batch_size: int = 8,
+        calibration_seed: int = 0,
+        damp_percent: float = 0.01,
+        calibration_finetune_steps: int = 0,
+        calibration_finetune_lr: float = 1e-4,
+        keep_calibration_statistics: bool = False,
+        calibrated_with: dict[str, Any] | None = None,
+        embedding_dtype: str | None = None,
         **kwargs: Any,
     ) -> None:
         method = kwargs.pop("quant_method", QUANT_METHOD)
@@ -145,6 +177,14 @@ class RBEConfig(QuantizationConfigMixin):
         self.codec, self.tile, self.seed64_scale = codec, tile, seed64_scale
         self.format_version = format_version
         self.planes = list(planes) if planes is not None else None
+        self.dataset, self.tokenizer = dataset, tokenizer
+        self.calibration_samples, self.calibration_seqlen = calibration_samples, calibration_seqlen
+        self.calibration_batch_size, self.calibration_seed = calibration_batch_size, calibration_seed
+        self.damp_percent, self.keep_calibration_statistics = damp_percent, keep_calibration_statistics
+        self.calibration_finetune_steps = calibration_finetune_steps
+        self.calibration_finetune_lr = calibration_finetune_lr
+        self.calibrated_with = dict(calibrated_with) if calibrated_with is not None else None
+        self.embedding_dtype = embedding_dtype
         self.post_init()
 
     @classmethod
@@ -165,6 +205,10 @@ class RBEConfig(QuantizationConfigMixin):
                 raise ValueError("codec='seed64' stores its residual in format 1; use format_version=1")
         elif self.planes is not None:
             raise ValueError("planes are a format-2 setting: pass format_version=2 (or use a 'v2-*' preset)")
+        self._check_calibration()
+        if self.embedding_dtype not in (None, *STORAGE_DTYPES):
+            raise ValueError(f"embedding_dtype must be None or one of {sorted(STORAGE_DTYPES)}, "
+                             f"got {self.embedding_dtype!r}")
         if self.table not in ("universal", "per_layer"):
             raise ValueError(f"table must be 'universal' or 'per_layer', got {self.table!r}")
         if self.codec not in ("rbe", "seed64"):
@@ -194,6 +238,32 @@ class RBEConfig(QuantizationConfigMixin):
                 raise ValueError(f"override {pattern!r} has keys {sorted(unknown)} that format v{self.format_version} "
                                  f"layers do not have (allowed: {sorted(allowed)})")
             self._format({**self._layer_settings(), **values})
+
+    def _check_calibration(self) -> None:
+        d = self.dataset
+        if d is not None:
+            if isinstance(d, list):
+                if not d or not all(isinstance(t, str) for t in d):
+                    raise ValueError("dataset must be a non-empty list of strings, a datasets.Dataset with a 'text' "
+                                     "column, or the name of a corpus (e.g. 'wikipedia')")
+            elif not isinstance(d, str) and "text" not in (getattr(d, "column_names", None) or []):
+                raise ValueError(f"dataset must be a list of strings, a corpus name, or a datasets.Dataset with a "
+                                 f"'text' column; got {type(d).__name__}")
+            if self.codec != "rbe":
+                raise ValueError("calibration encodes RBE layers: codec='seed64' takes no dataset")
+        ft = self.calibration_finetune_steps
+        if not isinstance(ft, int) or isinstance(ft, bool) or ft < 0:
+            raise ValueError(f"calibration_finetune_steps must be an int >= 0, got {ft!r}")
+        if not isinstance(self.calibration_finetune_lr, (int, float)) or not self.calibration_finetune_lr > 0:
+            raise ValueError(f"calibration_finetune_lr must be > 0, got {self.calibration_finetune_lr!r}")
+        for name in ("calibration_samples", "calibration_seqlen", "calibration_batch_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if not isinstance(self.calibration_seed, int) or isinstance(self.calibration_seed, bool):
+            raise ValueError(f"calibration_seed must be an int, got {self.calibration_seed!r}")
+        if not isinstance(self.damp_percent, (int, float)) or not 0 < self.damp_percent < 1:
+            raise ValueError(f"damp_percent must be in (0, 1), got {self.damp_percent!r}")
 
     # ------------------------------------------------------------------ per-layer specs
 
@@ -258,4 +328,16 @@ class RBEConfig(QuantizationConfigMixin):
         return int.from_bytes(h, "little") >> 1
 
     def to_dict(self) -> dict[str, Any]:
-        return copy.deepcopy(self.__dict__)
+        """Every setting, as JSON. The calibration data and tokenizer are not settings of the saved
+        model: ``calibrated_with`` records what calibrated it (name, samples, length, seed)."""
+        out = {k: copy.deepcopy(v) for k, v in self.__dict__.items() if k not in ("dataset", "tokenizer")}
+        return {**out, "dataset": None, "tokenizer": None}
+
+    def calibration_record(self) -> dict[str, Any]:
+        """What ``calibrated_with`` says of this config's calibration (not the data itself)."""
+        d = self.dataset
+        name = d if isinstance(d, str) else f"{len(d)} texts" if isinstance(d, list) else \
+            f"datasets.Dataset ({getattr(d, 'num_rows', '?')} rows)"
+        return {"dataset": name, "samples": self.calibration_samples, "seqlen": self.calibration_seqlen,
+                "seed": self.calibration_seed, "damp_percent": self.damp_percent,
+                "finetune_steps": self.calibration_finetune_steps}

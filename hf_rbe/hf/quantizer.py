@@ -3,7 +3,9 @@
 before loading: swap Linear layers for empty packed layers (``replace``); while loading:
 quantize each float weight on its device (``convert.RBEQuantize``), or load the stored codes as
 they are; after loading: share tables, rebuild derived buffers, check every layer, switch to
-QAT if asked, attach the model card.
+QAT if asked, attach the model card. With a calibration ``dataset`` the model loads in full
+precision and is calibrated and encoded after loading (``calibrate``), as transformers' GPTQ
+integration does.
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ from transformers.quantizers.quantizers_utils import get_module_from_name
 from ..core.packed import PackedLinear, packed_layers
 from ..core.qat import prepare_qat
 from ..core.rbe_linear import link_shared_tables
-from .card import attach
+from ..core.stored import STORAGE_DTYPES, store_embeddings
+from .calibrate import quantize_calibrated
 from .config import RBEConfig
 from .convert import RBEQuantize
-from .replace import modules_to_skip, replace_with_rbe_linear
+from .replace import model_dtype, modules_to_skip, replace_with_rbe_linear
+from .saving import attach
 
 
 class RBEHfQuantizer(HfQuantizer):
@@ -35,6 +39,10 @@ class RBEHfQuantizer(HfQuantizer):
         if isinstance(device_map, dict) and "disk" in device_map.values():
             raise ValueError("hf-rbe cannot offload RBE layers to disk; use cpu or an accelerator in device_map")
 
+    @property
+    def calibrating(self) -> bool:
+        return self.quantization_config.dataset is not None and not self.pre_quantized
+
     def param_needs_quantization(self, model: nn.Module, param_name: str, **kwargs: Any) -> bool:
         module, tensor_name = get_module_from_name(model, param_name)
         return isinstance(module, PackedLinear) and tensor_name == "weight" and not self.pre_quantized
@@ -42,9 +50,15 @@ class RBEHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model: nn.Module, keep_in_fp32_modules: list[str] | None = None,
                                              **kwargs: Any) -> None:
         self.modules_to_not_convert = modules_to_skip(model, self.quantization_config, keep_in_fp32_modules or [])
-        replace_with_rbe_linear(model, self.quantization_config, self.modules_to_not_convert)
+        if not self.calibrating:  # calibration needs the float model first
+            replace_with_rbe_linear(model, self.quantization_config, self.modules_to_not_convert)
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        if self.calibrating:
+            quantize_calibrated(model, self.quantization_config, self.modules_to_not_convert)
+        compute = model_dtype(model)
+        if self.quantization_config.embedding_dtype is not None:
+            store_embeddings(model, STORAGE_DTYPES[self.quantization_config.embedding_dtype], compute)
         link_shared_tables(model)
         for module in model.modules():
             if isinstance(module, PackedLinear):
@@ -55,7 +69,7 @@ class RBEHfQuantizer(HfQuantizer):
             layer.validate()
         if self.quantization_config.qat:
             prepare_qat(model, train_quantizer=self.quantization_config.qat_train_quantizer)  # latents = decoded codes
-        attach(model)
+        attach(model, compute)
         return model
 
     def get_quantize_ops(self) -> RBEQuantize:

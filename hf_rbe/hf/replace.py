@@ -1,8 +1,8 @@
-"""Which layers become packed layers, and how: the one skip policy, the swap, ``quantize_model``.
+"""Which layers become packed layers, and how: the one skip policy, the layer factory, the swap.
 
-The quantizer (quantize-on-load and loading saved checkpoints) and :func:`quantize_model` (a
-model already in memory) both go through :func:`modules_to_skip` and
-:func:`replace_with_rbe_linear`, so the two paths convert exactly the same layers.
+Quantize-on-load, loading saved checkpoints, ``quantize_model`` and calibration all go through
+:func:`modules_to_skip` and :class:`LayerFactory`, so every path converts the same layers the
+same way.
 """
 
 from __future__ import annotations
@@ -12,15 +12,15 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 from transformers.quantizers.base import get_keys_to_not_convert
 from transformers.quantizers.quantizers_utils import should_convert_module
 
+from ..core.calibrate import DAMP
 from ..core.packed import PackedLinear
 from ..core.rbe_codecs import codec_for
-from ..core.rbe_linear import RBELinear, link_shared_tables
+from ..core.rbe_linear import RBELinear
 from ..core.seed64_format import Seed64Spec
 from ..core.seed64_linear import Seed64Linear
 from ..core.spec import FormatError
@@ -51,47 +51,67 @@ def _shape(module: nn.Module) -> tuple[int, int]:
     return module.in_features, module.out_features
 
 
-def replace_with_rbe_linear(model: nn.Module, config: RBEConfig,
-                            modules_to_not_convert: Iterable[str] = ()) -> list[str]:
-    """Replace every eligible Linear/Conv1D (on any device, meta included) by an empty packed layer.
-
-    Layers whose shape the format cannot hold stay as they are, with a warning. Returns the
-    names of the replaced modules. The first layer using each universal table owns it.
-    """
+def eligible(model: nn.Module, modules_to_not_convert: Iterable[str]) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every Linear / Conv1D the skip list leaves for conversion."""
     skip = list(modules_to_not_convert)
-    owners: set[str] = set()
-    replaced = []
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, (nn.Linear, Conv1D)) or isinstance(module, PackedLinear):
-            continue
-        if not should_convert_module(name, skip):
-            continue
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))
+            and not isinstance(m, PackedLinear) and should_convert_module(name, skip)]
+
+
+class LayerFactory:
+    """Builds the empty packed layer that replaces a Linear / Conv1D. The first layer built for
+    each universal table owns it (stores it in the checkpoint); later ones link to it."""
+
+    def __init__(self, config: RBEConfig) -> None:
+        self.config = config
+        self.owners: set[str] = set()
+
+    def build(self, name: str, module: nn.Module) -> PackedLinear | None:
+        """The packed layer for ``module`` (``None``, with a warning, if the format cannot hold its shape)."""
+        config = self.config
         fmt = config.layer_format(name)
         in_f, out_f = _shape(module)
         try:
             fmt.check_shape(out_f, in_f)
         except FormatError as err:
             logger.warning("hf-rbe: keeping %s unquantized: %s", name, err)
-            continue
+            return None
         rbe = fmt.residual if isinstance(fmt, Seed64Spec) else fmt
         key = None if config.table == "per_layer" or rbe is None else codec_for(rbe).table_key(rbe)
-        owns = key is None or key not in owners
+        owns = key is None or key not in self.owners
         if key is not None:
-            owners.add(key)
+            self.owners.add(key)
         kw = {"compute_dtype": module.weight.dtype if module.weight.is_floating_point() else torch.float32,
               "device": module.weight.device, "from_conv1d": isinstance(module, Conv1D),
               "rotation_seed": config.layer_rotation_seed(name)}
-        if not isinstance(fmt, Seed64Spec):
-            new: PackedLinear = RBELinear(in_f, out_f, module.bias is not None, fmt, table_key=key, owns_table=owns,
-                                          **kw)
-        else:
-            new = Seed64Linear(in_f, out_f, module.bias is not None, fmt, residual_table_key=key,
-                               residual_owns_table=owns, **kw)
-        model.set_submodule(name, new)
-        replaced.append(name)
+        if isinstance(fmt, Seed64Spec):
+            return Seed64Linear(in_f, out_f, module.bias is not None, fmt, residual_table_key=key,
+                                residual_owns_table=owns, **kw)
+        return RBELinear(in_f, out_f, module.bias is not None, fmt, table_key=key, owns_table=owns, **kw)
+
+
+def replace_with_rbe_linear(model: nn.Module, config: RBEConfig,
+                            modules_to_not_convert: Iterable[str] = ()) -> list[str]:
+    """Replace every eligible Linear/Conv1D (on any device, meta included) by an empty packed layer.
+
+    Layers whose shape the format cannot hold stay as they are, with a warning. Returns the
+    names of the replaced modules.
+    """
+    factory, replaced = LayerFactory(config), []
+    for name, module in eligible(model, modules_to_not_convert):
+        new = factory.build(name, module)
+        if new is not None:
+            model.set_submodule(name, new)
+            replaced.append(name)
     if not replaced:
         logger.warning("hf-rbe: no Linear layer was converted; check modules_to_not_convert and shapes")
     return replaced
+
+
+def float_weight(module: nn.Module) -> torch.Tensor:
+    """The [out, in] weight of a Linear, or of a GPT-2 Conv1D (which stores [in, out])."""
+    w = module.weight.detach()
+    return w.T if isinstance(module, Conv1D) else w
 
 
 def initial_tables(layer: PackedLinear) -> dict[str, torch.Tensor] | None:
@@ -100,30 +120,26 @@ def initial_tables(layer: PackedLinear) -> dict[str, torch.Tensor] | None:
     return None if rbe is None else rbe.universal_tables()
 
 
-def encode_weight(layer: PackedLinear, weight: torch.Tensor, name: str) -> dict[str, torch.Tensor]:
-    """``layer.encode`` with the tables of a fresh layer; errors name the layer."""
+def encode_weight(layer: PackedLinear, weight: torch.Tensor, name: str, hessian: torch.Tensor | None = None,
+                  damp: float = DAMP) -> dict[str, torch.Tensor]:
+    """``layer.encode`` with the tables of a fresh layer (and calibration statistics when given);
+    errors name the layer."""
     try:
-        return layer.encode(weight, initial_tables(layer))
+        if hessian is None:
+            return layer.encode(weight, initial_tables(layer))
+        if not isinstance(layer, RBELinear):
+            raise FormatError("calibration encodes RBE layers; seed64 has no output-aware encoder")
+        return layer.encode(weight, initial_tables(layer), hessian=hessian, damp=damp)
     except FormatError as err:
         raise FormatError(f"{name}: {err}") from err
 
 
-def quantize_model(model: nn.Module, config: RBEConfig | None = None,
-                   modules_to_not_convert: Iterable[str] = ()) -> nn.Module:
-    """Quantize an already-loaded model in place (outside ``from_pretrained``), with a progress bar.
-
-    The layers converted are those ``from_pretrained(..., quantization_config=config)`` would
-    convert (:func:`modules_to_skip`), plus ``modules_to_not_convert`` kept as they are.
-    """
-    config = config or RBEConfig()
-    originals = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))}
-    names = replace_with_rbe_linear(model, config, modules_to_skip(model, config, modules_to_not_convert))
-    for name in tqdm(names, desc="RBE-encoding layers", unit="layer"):
-        layer: PackedLinear = model.get_submodule(name)
-        old = originals[name]
-        weight = old.weight.detach().T if isinstance(old, Conv1D) else old.weight.detach()
-        layer.load_packed(encode_weight(layer, weight, name))
-        if old.bias is not None:
-            layer.bias.data.copy_(old.bias.detach())
-    link_shared_tables(model)
-    return model
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype the model computes in: its config's (a saved config holds it as a name), else
+    its first floating parameter's."""
+    dtype = getattr(getattr(model, "config", None), "dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    return next(p.dtype for p in model.parameters() if p.is_floating_point())

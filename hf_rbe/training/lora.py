@@ -3,7 +3,8 @@
 PEFT wraps packed layers like any ``nn.Linear`` (frozen codes, trainable adapters). Its own
 ``merge_and_unload`` would add the delta to the int32 code words, so merging goes through
 here instead: decode, add the adapters' delta, re-encode with the layer's own spec, tables
-and rotation seed.
+and rotation seed, and, where calibration kept them (``keep_calibration_statistics=True``), the
+layer's calibration statistics, so the merged codes are output-aware again.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.packed import PackedLinear
+from ..core.qat import calibration_statistics
 
 
 def merge_and_unload(peft_model: nn.Module) -> nn.Module:
@@ -28,5 +30,5 @@ def merge_and_unload(peft_model: nn.Module) -> nn.Module:
             for name in wrapper.active_adapters:
                 if name in wrapper.lora_A:
                     w += wrapper.get_delta_weight(name).to(w)
-            base.load_packed(base.encode(w))  # same spec, shared table and rotation seed
+            base.load_packed(base.encode(w, **calibration_statistics(base)))  # same spec, tables, rotation seed
     return peft_model.unload()

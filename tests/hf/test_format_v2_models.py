@@ -58,3 +58,32 @@ def test_v2_config_errors():
         RBEConfig.from_preset("v2-2", overrides={"*": {"idx": 7}})
     with pytest.raises(ValueError, match="format 1"):
         RBEConfig.from_preset("v2-2", codec="seed64")
+
+
+def test_embeddings_stored_in_half_precision_save_smaller_and_reload_identically(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hf_rbe.core.stored import StoredEmbedding, StoredLinear
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "src")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "src", quantization_config=RBEConfig.from_preset("v2-3"))
+    m = AutoModelForCausalLM.from_pretrained(tmp_path / "src",
+                                             quantization_config=RBEConfig.from_preset("v2-3", embedding_dtype="float16"))
+    emb, head = m.model.embed_tokens, m.lm_head
+    assert isinstance(emb, StoredEmbedding) and isinstance(head, StoredLinear) and head.weight is emb.weight
+    assert emb.weight.dtype == torch.float16
+    ids = torch.tensor([[1, 2, 3, 999]])
+    with torch.no_grad():
+        logits = m(ids).logits
+        assert logits.dtype == torch.float32 and rel_mse(logits, plain(ids).logits) < 1e-5
+    plain.save_pretrained(tmp_path / "fp32")
+    m.save_pretrained(tmp_path / "fp16")
+    size = lambda d: (tmp_path / d / "model.safetensors").stat().st_size  # noqa: E731
+    assert size("fp16") < size("fp32") - 1000 * 64 * 2  # the embedding's fp32 half is gone
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "fp16")
+    assert isinstance(again.model.embed_tokens, StoredEmbedding)
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, logits)

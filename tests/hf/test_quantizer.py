@@ -173,12 +173,15 @@ def test_tampered_checkpoints_are_refused(tmp_path, quantized):
         AutoModelForCausalLM.from_pretrained(tmp_path / "c")
 
 
-def test_quantize_model_in_memory(tiny_llama_dir):
+def test_quantize_model_in_memory_then_save_and_reload(tiny_llama_dir, tmp_path):
     m = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     ref = _logits(m)
     hf_rbe.quantize_model(m, RBEConfig.from_preset("rbe-3"), modules_to_not_convert=["lm_head"])
     assert isinstance(m.model.layers[0].self_attn.q_proj, RBELinear)
     assert rel_mse(_logits(m), ref) < 0.1
+    m.save_pretrained(tmp_path)  # the model carries its quantization config, as after from_pretrained
+    again = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert torch.equal(_logits(again), _logits(m))
 
 
 def test_registration_is_idempotent():

@@ -1,0 +1,288 @@
+"""Calibrated RBE: encode each layer against the inputs it really sees, block by block.
+
+1. **Text to windows.** ``dataset`` (strings, a ``datasets.Dataset``, or a corpus name) is joined,
+   tokenized once and cut into ``calibration_samples`` windows of ``calibration_seqlen`` tokens
+   (deterministic). A named offline corpus skips its first ``TRAIN_START`` tokens: that is the
+   held-out text the perplexity recipes score, so calibration never sees it.
+2. **Sequential blocks.** The model's repeated blocks (decoder layers, encoder layers) are taken
+   one at a time: the inputs of block ``i`` are the outputs of blocks ``0 .. i-1`` *already
+   quantized* (GPTQ's sequential order), so each block corrects what the ones before it lost.
+   Only one block's activations are held at once.
+3. **Per layer.** Forward hooks sum ``H = x^T x`` over the calibration tokens for every layer of
+   the block; each layer is then encoded with ``RBELinear.encode(weight, hessian=H)`` (LDLQ and
+   H-weighted scales, ``core.calibrate``) and swapped in.
+
+4. **Fine-tuning (optional, ``calibration_finetune_steps``).** With the codes fixed, the block's
+   per-layer scales, biases and norm weights are trained (Adam) so that on its quantized-path
+   inputs it reproduces the full-precision model's activations at its output (as AQLM and
+   QuIP# fine-tune their continuous parameters), which also corrects what earlier blocks lost.
+
+Layers outside the blocks (a pooler, say) are encoded calibration-free. The result is an
+ordinary RBE model: loading it needs no calibration, and its config records how it was made.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers.pytorch_utils import Conv1D
+
+from ..core.calibrate import proxy_error
+from ..core.packed import PackedLinear
+from ..core.qat import RBEQATLinear, prepare_qat
+from ..core.rbe_linear import RBELinear, link_shared_tables
+from ..data import CORPORA, TRAIN_START, text_dataset
+from .config import RBEConfig
+from .replace import LayerFactory, eligible, encode_weight, float_weight
+
+logger = logging.getLogger(__name__)
+
+
+class _Stop(Exception):
+    """Raised by the hook that captures the first block's inputs (nothing after it needs to run)."""
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _texts(dataset: Any) -> list[str]:
+    if isinstance(dataset, list):
+        return dataset
+    if isinstance(dataset, str):
+        return list(text_dataset(dataset, hub_split="train")["text"])
+    return list(dataset["text"])
+
+
+def calibration_ids(config: RBEConfig, tokenizer: Any, vocab_size: int | None) -> torch.Tensor:
+    """int64 [samples, seqlen]: windows of the calibration text, the same for the same config."""
+    dataset, seqlen = config.dataset, config.calibration_seqlen
+    named = isinstance(dataset, str) and dataset in CORPORA
+    text = "\n\n".join(_texts(dataset))
+    if not text.strip():
+        raise ValueError("the calibration dataset holds no text")
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    if named:  # the held-out start of an offline corpus is what the perplexity recipes score
+        ids = ids[TRAIN_START:]
+    if ids.numel() < seqlen:
+        raise ValueError(f"the calibration text has {ids.numel()} tokens{' after the held-out part' if named else ''}, "
+                         f"fewer than calibration_seqlen={seqlen}: give more text or a shorter calibration_seqlen")
+    if vocab_size is not None and int(ids.max()) >= vocab_size:
+        raise ValueError(f"the tokenizer produced id {int(ids.max())}, but the model's vocabulary has {vocab_size} "
+                         "entries: is it the model's tokenizer?")
+    g = torch.Generator().manual_seed(config.calibration_seed)
+    starts = torch.randint(0, ids.numel() - seqlen + 1, (config.calibration_samples,), generator=g)
+    return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+
+
+def _tokenizer(model: nn.Module, config: RBEConfig, given: Any) -> Any:
+    tok = given if given is not None else config.tokenizer
+    if tok is None or isinstance(tok, str):
+        from transformers import AutoTokenizer
+
+        source = tok or getattr(getattr(model, "config", None), "_name_or_path", None)
+        try:
+            tok = AutoTokenizer.from_pretrained(source)
+        except Exception as err:
+            raise ValueError(f"calibration needs the model's tokenizer: pass tokenizer=... (could not load one "
+                             f"from {source!r}: {type(err).__name__})") from err
+    if not callable(tok):
+        raise ValueError(f"tokenizer must be a tokenizer or its name, got {type(tok).__name__}")
+    return tok
+
+
+# ----------------------------------------------------------------------------- blocks
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The model's repeated blocks: the largest ``ModuleList`` of same-type modules with Linear layers."""
+    best: tuple[str, nn.ModuleList, int] | None = None
+    for name, m in model.named_modules():
+        if isinstance(m, nn.ModuleList) and len(m) and all(type(c) is type(m[0]) for c in m) and \
+                any(isinstance(x, (nn.Linear, Conv1D)) for x in m[0].modules()):
+            size = sum(p.numel() for p in m.parameters())
+            if best is None or size > best[2]:
+                best = (name, m, size)
+    if best is None:
+        raise ValueError("calibration found no repeated blocks of Linear layers in this model")
+    return best[0], best[1]
+
+
+def _first_block_inputs(model: nn.Module, block: nn.Module, batches: list[torch.Tensor]) -> list[tuple[tuple, dict]]:
+    """(args, kwargs) the first block receives for each batch (the model runs only up to it)."""
+    captured: list[tuple[tuple, dict]] = []
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        captured.append((args, kwargs))
+        raise _Stop
+
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for ids in batches:
+            try:
+                model(input_ids=ids, use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _hidden(call: tuple[tuple, dict]) -> torch.Tensor:
+    args, kwargs = call
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _with_hidden(call: tuple[tuple, dict], h: torch.Tensor) -> tuple[tuple, dict]:
+    args, kwargs = call
+    return ((h, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": h})
+
+
+def _run(block: nn.Module, call: tuple[tuple, dict]) -> torch.Tensor:
+    out = block(*call[0], **call[1])
+    return out[0] if isinstance(out, tuple) else out
+
+
+class _Hessians:
+    """Sums ``x^T x`` of every watched layer's input while the block runs. Layers that read the
+    same input tensor (q, k, v; gate, up) share one product and one accumulated sum."""
+
+    def __init__(self, layers: dict[str, nn.Module]) -> None:
+        self.h: dict[str, torch.Tensor] = {}
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None  # (the last input, its x^T x)
+        self.handles = [m.register_forward_hook(self._hook(name)) for name, m in layers.items()]
+
+    def _hook(self, name: str):  # type: ignore[no-untyped-def]
+        def add(module: nn.Module, args: tuple, output: Any) -> None:
+            x = args[0]
+            if self._last is None or self._last[0] is not x:
+                flat = x.detach().reshape(-1, x.shape[-1]).float()
+                self._last = (x, flat.T @ flat)
+            h = self._last[1]
+            self.h[name] = h.clone() if name not in self.h else self.h[name].add_(h)
+        return add
+
+    def close(self) -> dict[str, torch.Tensor]:
+        """The sums, by layer (equal sums share one tensor)."""
+        for handle in self.handles:
+            handle.remove()
+        self._last = None
+        distinct: list[torch.Tensor] = []
+        for name, h in self.h.items():
+            self.h[name] = next((d for d in distinct if d.shape == h.shape and torch.equal(d, h)), h)
+            if self.h[name] is h:
+                distinct.append(h)
+        return self.h
+
+
+# ----------------------------------------------------------------------------- the pipeline
+
+
+@torch.no_grad()
+def quantize_calibrated(model: nn.Module, config: RBEConfig, skip: list[str], tokenizer: Any = None) -> nn.Module:
+    """Quantize ``model`` in place with calibration (module docstring); returns it."""
+    tok = _tokenizer(model, config, tokenizer)
+    device = next(model.parameters()).device
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    ids = calibration_ids(config, tok, vocab).to(device)
+    batches = list(ids.split(config.calibration_batch_size))
+    prefix, blocks = find_blocks(model)
+    targets = dict(eligible(model, skip))
+    factory = LayerFactory(config)
+    was_training = model.training
+    model.eval()
+    calls = _first_block_inputs(model, blocks[0], batches)
+    fp_calls = calls if config.calibration_finetune_steps else None  # the full-precision path, for targets
+    errors = []
+    for i, block in enumerate(tqdm(blocks, desc="RBE-calibrating blocks", unit="block")):
+        inner = {n: m for n, m in targets.items() if n.startswith(f"{prefix}.{i}.")}
+        watch = _Hessians(inner)
+        for call in calls:
+            _run(block, call)
+        hessians = watch.close()
+        kept = _kept(hessians) if config.keep_calibration_statistics else {}
+        if fp_calls is not None:
+            fp_calls = [_with_hidden(call, _run(block, call)) for call in fp_calls]
+        for name, module in inner.items():
+            errors.append(_swap(model, factory, name, module, hessians[name], config, kept.get(name)))
+        link_shared_tables(model)
+        if fp_calls is not None:
+            finetune_block(block, calls, [_hidden(c) for c in fp_calls], config)
+            link_shared_tables(model)
+        calls = [_with_hidden(call, _run(block, call)) for call in calls]
+    rest = [(n, m) for n, m in targets.items() if not n.startswith(prefix + ".")]
+    for name, module in rest:  # outside the blocks: calibration-free
+        _swap(model, factory, name, module, None, config, None)
+    link_shared_tables(model)
+    model.train(was_training)
+    if errors:
+        logger.info("calibrated %d layers; mean relative output error on the calibration inputs %.4f",
+                    len(errors), sum(errors) / len(errors))
+    config.calibrated_with = config.calibration_record()
+    return model
+
+
+@torch.enable_grad()
+def finetune_block(block: nn.Module, calls: list[tuple[tuple, dict]], targets: list[torch.Tensor],
+                   config: RBEConfig) -> float:
+    """Train the block's continuous parameters (per-layer scales, biases, norm weights; codes and
+    shared tables fixed) so that, on its quantized-path inputs, it reproduces the full-precision
+    model's activations at its output. Returns the final relative error."""
+    prepare_qat(block, train_quantizer=True)
+    qat = [m for m in block.modules() if isinstance(m, RBEQATLinear)]
+    params = [p for m in qat for p in m.trainable_scales()]
+    params += [m.bias for m in qat if m.bias is not None]
+    params += [p for m in block.modules() if "norm" in type(m).__name__.lower() for p in m.parameters(recurse=False)]
+    for p in block.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=config.calibration_finetune_lr)
+    err = 0.0
+    for step in range(config.calibration_finetune_steps):
+        j = step % len(calls)
+        out, tgt = _run(block, calls[j]), targets[j]
+        loss = (out - tgt).pow(2).mean() / tgt.pow(2).mean().clamp_min(1e-30)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        err = float(loss.detach())
+    for p in params:
+        p.requires_grad_(False)
+    for name, m in list(block.named_modules()):  # the trained scales (fp16) into the codes, RBE layers back
+        if isinstance(m, RBEQATLinear):
+            block.set_submodule(name, m.to_rbe())
+    return err
+
+
+def _kept(hessians: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The fp16 copies layers keep: normalised by their mean diagonal (LDLQ does not see the
+    scale, and sums over many tokens would overflow fp16), one copy per shared sum."""
+    copies: dict[int, torch.Tensor] = {}
+    for h in hessians.values():
+        if id(h) not in copies:
+            copies[id(h)] = (h / h.diagonal().mean().clamp_min(1e-30)).half()
+    return {name: copies[id(h)] for name, h in hessians.items()}
+
+
+def _swap(model: nn.Module, factory: LayerFactory, name: str, module: nn.Module, hessian: torch.Tensor | None,
+          config: RBEConfig, keep: torch.Tensor | None) -> float:
+    """Build, encode and swap in the packed layer for ``module`` (``keep``: statistics to leave on it);
+    returns its relative output error on the calibration inputs."""
+    layer = factory.build(name, module)
+    if layer is None:
+        return 0.0
+    weight = float_weight(module)
+    layer.load_packed(encode_weight(layer, weight, name, hessian, config.damp_percent))
+    if module.bias is not None:
+        layer.bias.data.copy_(module.bias.detach())
+    if keep is not None and isinstance(layer, RBELinear):
+        layer.calibration_hessian = keep
+    model.set_submodule(name, layer)
+    if hessian is None or not isinstance(layer, PackedLinear):
+        return 0.0
+    link_shared_tables(model)
+    return proxy_error(weight, layer.dequantize(torch.float32), hessian)

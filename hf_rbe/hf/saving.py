@@ -1,0 +1,58 @@
+"""What an RBE model does when it is saved: write its model card, record the dtype it computes in.
+
+``attach(model)`` (the quantizer and ``quantize_model`` call it) binds ``save_pretrained`` and the
+upload step of ``push_to_hub`` on the instance (other models are untouched; ``copy.deepcopy``
+rebinds them to the copy):
+
+- README.md: the RBE card (``card``) after the weights; a README.md the user wrote is kept;
+- config.json's ``dtype``: transformers records the dtype of the model's first parameter, which
+  is the half-precision embedding when ``embedding_dtype`` is set; the model computes in its own
+  dtype, so that one is recorded (else a reload would compute in half precision).
+"""
+
+from __future__ import annotations
+
+import json
+import types
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .card import replaceable, write_card
+
+
+def _base_model(model: nn.Module) -> str:
+    return getattr(model.config, "_name_or_path", "") or "unknown"
+
+
+def _save_pretrained(self: nn.Module, save_directory: str | Path, *args: Any, **kwargs: Any) -> Any:
+    out = type(self).save_pretrained(self, save_directory, *args, **kwargs)
+    if not kwargs.get("is_main_process", True):
+        return out
+    compute = getattr(self, "rbe_compute_dtype", None)
+    config_file = Path(save_directory) / "config.json"
+    if compute is not None and config_file.exists():
+        name = str(compute).removeprefix("torch.")
+        self.config.dtype = name
+        saved = json.loads(config_file.read_text())
+        saved["dtype"] = name
+        config_file.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
+    if replaceable(Path(save_directory) / "README.md"):
+        write_card(self, save_directory, base_model=_base_model(self))
+    return out
+
+
+def _upload_modified_files(self: nn.Module, working_dir: str | Path, repo_id: str, *args: Any, **kwargs: Any) -> Any:
+    if replaceable(Path(working_dir) / "README.md"):
+        write_card(self, working_dir, base_model=_base_model(self), repo_id=repo_id)
+    return type(self)._upload_modified_files(self, working_dir, repo_id, *args, **kwargs)
+
+
+def attach(model: nn.Module, compute_dtype: torch.dtype | None = None) -> None:
+    """Bind the saving behaviour above to ``model`` (``compute_dtype``: what config.json records)."""
+    model.save_pretrained = types.MethodType(_save_pretrained, model)  # type: ignore[method-assign]
+    model._upload_modified_files = types.MethodType(_upload_modified_files, model)  # type: ignore[method-assign]
+    if compute_dtype is not None:
+        model.rbe_compute_dtype = compute_dtype

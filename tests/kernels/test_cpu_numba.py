@@ -1,0 +1,100 @@
+"""The numba CPU kernel of format v2 against the op's PyTorch reference (fp32, 1e-5 relative).
+
+Fresh random weights and shapes every run (seed printed on failure): every plane as a residual
+stage, per-row and grouped scales, with and without rotation (Hadamard blocks below and at the
+cap), M on both paths (code-walking GEMV and decode + BLAS). The kernels are compiled once per
+session (numba caches them on disk), a few seconds on a cold cache.
+"""
+
+import random
+import time
+
+import pytest
+import torch
+
+pytest.importorskip("numba")
+
+from hf_rbe import RBELinear  # noqa: E402
+from hf_rbe.core import ops  # noqa: E402
+from hf_rbe.core.format_v2 import LayerSpecV2, StageV2  # noqa: E402
+from hf_rbe.core.rbe_codecs import universal_tables  # noqa: E402
+from hf_rbe.kernels import cpu_numba as C  # noqa: E402
+from hf_rbe.kernels import dispatch  # noqa: E402
+
+SEED = int(time.time_ns() % 2**31)
+RNG = random.Random(SEED)
+TOL = 1e-5
+
+
+def _layer(spec: LayerSpecV2, k: int, n: int, bias: bool = True) -> RBELinear:
+    torch.manual_seed(SEED)
+    lin = torch.nn.Linear(k, n, bias=bias)
+    return RBELinear.from_linear(lin, spec, universal_tables(spec), rotation_seed=SEED)
+
+
+@torch.no_grad()
+def _error(layer: RBELinear, x: torch.Tensor) -> float:
+    tensors, layout = layer.op_args()
+    y = C.linear(x, tensors, layout, layer.bias)
+    ref = ops.reference_linear(x.float(), tensors, layout, None if layer.bias is None else layer.bias.float())
+    assert y.dtype == x.dtype and y.shape == ref.shape
+    return float((y.float() - ref).norm() / ref.norm())
+
+
+def _random_spec() -> tuple[LayerSpecV2, int]:
+    k = 64 * RNG.choice([1, 3, 4, 9, 12])  # blocks of 64 or up to 256
+    stages = [StageV2("e8p", RNG.choice([None, 64]))]
+    stages += [StageV2(RNG.choice(["e8p", "vq8", "vq4"]), RNG.choice([None, 32])) for _ in range(RNG.randint(0, 2))]
+    return LayerSpecV2(tuple(stages), rotation=RNG.random() < 0.8), k
+
+
+@pytest.mark.parametrize("case", range(6))
+@pytest.mark.parametrize("m", [1, 2, 6, C.GEMV_MAX_M, C.GEMV_MAX_M + 1, 37])
+def test_random_layers_match_the_reference(case, m):
+    spec, k = _random_spec()
+    layer = _layer(spec, k, RNG.randint(1, 70), bias=RNG.random() < 0.5)
+    x = torch.randn(m, k)
+    assert _error(layer, x) < TOL, f"seed {SEED}: {spec} k={k}"
+
+
+@pytest.mark.parametrize("plane", ["e8p", "vq8", "vq4"])
+@pytest.mark.parametrize("m", [1, 9])
+def test_every_residual_plane(plane, m):
+    spec = LayerSpecV2((StageV2("e8p"), StageV2(plane)))
+    layer = _layer(spec, 512, 24)
+    assert _error(layer, torch.randn(m, 512)) < TOL, f"seed {SEED}"
+
+
+@pytest.mark.parametrize("m", [1, 12])
+def test_bf16_activations_leading_dims_and_strides(m):
+    layer = _layer(LayerSpecV2((StageV2("e8p"), StageV2("vq8"))), 256, 40)
+    x = torch.randn(2, m, 512)[..., ::2].bfloat16()  # non-contiguous last dim
+    tensors, layout = layer.op_args()
+    y = C.linear(x, tensors, layout, layer.bias)
+    ref = ops.reference_linear(x.float(), tensors, layout, layer.bias.float())
+    assert y.dtype == torch.bfloat16 and y.shape == (2, m, 40)
+    assert float((y.float() - ref).norm() / ref.norm()) < 1e-2, f"seed {SEED}"  # bf16 output rounding
+
+
+def test_the_op_runs_the_kernel_on_cpu(monkeypatch):
+    layer = _layer(LayerSpecV2(), 256, 16)
+    calls = []
+    real = C.linear
+    monkeypatch.setattr(C, "linear", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(1, 256)
+    y = layer(x)
+    assert calls, "hf_rbe::linear on CPU did not reach the numba kernel"
+    tensors, layout = layer.op_args()
+    assert torch.allclose(y, ops.reference_linear(x, tensors, layout, layer.bias), rtol=1e-4, atol=1e-5)
+
+
+def test_formats_without_a_cpu_kernel_fall_back_to_the_reference(monkeypatch):
+    from hf_rbe import RBEConfig
+
+    spec = RBEConfig.from_preset("rbe-3").base_spec()  # format v1: no CPU kernel yet
+    layer = RBELinear.from_linear(torch.nn.Linear(256, 8), spec, universal_tables(spec))
+    calls = []
+    real = ops.reference_linear
+    monkeypatch.setattr(ops, "reference_linear", lambda *a: calls.append(1) or real(*a))
+    layer(torch.randn(1, 256))
+    assert calls and 1 not in dispatch.CPU_KERNELS
