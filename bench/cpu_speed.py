@@ -10,7 +10,8 @@ from memory, not cache, as in decoding a model bigger than the cache. Candidates
 this one process; a row reports the median round.
 
 End to end: SmolLM2-135M (offline, ``hf_rbe.data.smollm2_path``) in fp32, bf16 and every
-preset (quantized without calibration: codes cost the same to decode either way), greedy,
+preset (quantized without calibration: codes cost the same to decode either way; embedding and
+tied head in fp32 as loaded, and once more with ``embedding_dtype="bfloat16"``), greedy,
 batch 1. Decode tokens/s = ``(N - 1) / (t(generate N) - t(generate 1))`` from a 16-token prompt;
 prefill tokens/s = 512 / one forward over 512 tokens. Medians of ``--repeats``. Format-v1
 presets have no CPU kernel yet (the PyTorch reference decodes every weight on every call);
@@ -119,6 +120,9 @@ def _models(smoke: bool, presets: list[str]) -> dict[str, torch.nn.Module]:
     models = {"fp32": load(None, torch.float32), "bf16": load(None, torch.bfloat16)}
     for name in presets:
         models[name] = load(RBEConfig.from_preset(name), torch.float32)
+    if ACCEPT_PRESET in presets:  # the same codes with the embedding and tied head stored (and multiplied) in bf16
+        models[f"{ACCEPT_PRESET} + bf16 embeddings"] = load(
+            RBEConfig.from_preset(ACCEPT_PRESET, embedding_dtype="bfloat16"), torch.float32)
     return {k: m.eval() for k, m in models.items()}
 
 
@@ -144,7 +148,7 @@ def model_rows(smoke: bool, presets: list[str], new_tokens: int, prefill: int, r
     for name, m in models.items():
         rows.append({"weights": name, "decode_tokens_per_s": (new_tokens - 1) / (secs[f"{name}/genN"] - secs[f"{name}/gen1"]),
                      "prefill_tokens_per_s": prefill / secs[f"{name}/prefill"],
-                     "linear_bits_per_weight": packed_size(m)["bits_per_weight"] if name not in ("fp32", "bf16")
+                     "linear_bits_per_weight": packed_size(m)["bits_per_weight"] if packed_size(m)["rbe_layers"]
                      else None, "state_dict_mib": packed_size(m)["state_dict_bytes"] / 2**20})
         logging.info("%s", rows[-1])
     return rows

@@ -1,6 +1,6 @@
 """Calibrated RBE on real models: quality, size and the time calibration takes.
 
-    python recipes/calibrate.py                         # SmolLM2 at v2-2 / v2-2.5 / v2-3 and MiniLM at v2-3 / v2-4
+    python recipes/calibrate.py                         # SmolLM2 at v2-2 / 2.5 / 3 / 4, MiniLM at v2-3 / v2-4
     python recipes/calibrate.py --smollm2 v2-3 --minilm  # a subset (--minilm with no presets: skip MiniLM)
 
 SmolLM2-135M-Instruct is quantized while it loads with ``RBEConfig.from_preset(preset,
@@ -36,7 +36,8 @@ from hf_rbe.evaluation.results import run_meta, write_results
 
 def _calibration(args: argparse.Namespace) -> dict:
     return {"dataset": "wikipedia", "calibration_samples": args.samples, "calibration_seqlen": args.seqlen,
-            "calibration_finetune_steps": args.finetune_steps, "calibration_finetune_lr": args.finetune_lr,
+            "calibration_batch_size": args.batch_size, "calibration_finetune_steps": args.finetune_steps,
+            "calibration_finetune_lr": args.finetune_lr,
             "embedding_dtype": "float16"}
 
 
@@ -89,7 +90,7 @@ def minilm(presets: list[str], args: argparse.Namespace) -> list[dict]:
 def table(rows: list[dict], meta: dict, args: argparse.Namespace) -> str:
     lines = [f"`{meta['command']}` on {meta['machine']}, {meta['date']}", "",
              f"Calibration: {args.samples} windows of {args.seqlen} tokens of Wikipedia after its first 32,768 "
-             f"tokens; {args.finetune_steps} fine-tuning steps per block. SmolLM2 perplexity over the first "
+             f"tokens; {args.finetune_steps} fine-tuning steps of {args.batch_size} windows per block. SmolLM2 perplexity over the first "
              f"{args.tokens} tokens of each corpus (context 1024, stride 1024), scored after save and reload.", "",
              "| model | setting | bits/weight | Wikipedia ppl | Austen ppl | MiB on disk | calibrate + quantize s |",
              "|---|---|---|---|---|---|---|"]
@@ -111,11 +112,12 @@ def table(rows: list[dict], meta: dict, args: argparse.Namespace) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--smollm2", nargs="*", default=["v2-2", "v2-2.5", "v2-3"])
+    ap.add_argument("--smollm2", nargs="*", default=["v2-2", "v2-2.5", "v2-3", "v2-4"])
     ap.add_argument("--minilm", nargs="*", default=["v2-3", "v2-4"])
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--finetune-steps", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=2, help="windows per forward pass and fine-tuning step")
+    ap.add_argument("--finetune-steps", type=int, default=64)
     ap.add_argument("--finetune-lr", type=float, default=1e-3)
     ap.add_argument("--tokens", type=int, default=8192, help="scored tokens of each corpus")
     ap.add_argument("--out", default="runs/calibrate")

@@ -1,0 +1,20 @@
+"""bench/cpu_speed.py runs end to end (tiny shapes and model, --smoke) and writes its table."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_cpu_speed_bench_smoke(tmp_path):
+    out = tmp_path / "cpu_speed"
+    subprocess.run([sys.executable, str(ROOT / "bench" / "cpu_speed.py"), "--smoke", "--out", str(out)],
+                   check=True, cwd=ROOT, capture_output=True, timeout=600)
+    res = json.loads(out.with_suffix(".json").read_text())
+    names = [r["weights"] for r in res["models"]]
+    assert names[:2] == ["fp32", "bf16"] and "v2-3" in names and "v2-3 + bf16 embeddings" in names
+    assert all(r["decode_tokens_per_s"] > 0 and r["prefill_tokens_per_s"] > 0 for r in res["models"])
+    assert {"layer_geomean_speedup", "decode_ratio", "prefill_ratio"} <= set(res["verdicts"])
+    assert "| geometric mean |" in out.with_suffix(".md").read_text()
