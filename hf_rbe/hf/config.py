@@ -90,6 +90,8 @@ class RBEConfig(QuantizationConfigMixin):
             The codes then minimise each layer's output error on it (``hf_rbe.hf.calibrate``).
         tokenizer: the tokenizer (or its name) for ``dataset``; default: the model's own.
         calibration_samples, calibration_seqlen: windows of the text used, and their length in tokens.
+            The calibration defaults are the settings measured in ``recipes/calibrate.py`` (about
+            10 minutes for SmolLM2-135M on 2 CPU cores).
         calibration_batch_size: windows per forward pass while calibrating.
         calibration_seed: which windows (deterministic).
         damp_percent: damping added to the calibration Hessians (fraction of their mean diagonal).
@@ -138,13 +140,13 @@ class RBEConfig(QuantizationConfigMixin):
         planes: list[str] | None = None,
         dataset: str | list[str] | Any | None = None,
         tokenizer: str | Any | None = None,
-        calibration_samples: int = 128,
+        calibration_samples: int = 64,
         calibration_seqlen: int = 512,
-        calibration_batch_size: int = 8,
+        calibration_batch_size: int = 2,
         calibration_seed: int = 0,
         damp_percent: float = 0.01,
-        calibration_finetune_steps: int = 0,
-        calibration_finetune_lr: float = 1e-4,
+        calibration_finetune_steps: int = 64,
+        calibration_finetune_lr: float = 1e-3,
         keep_calibration_statistics: bool = False,
         calibrated_with: dict[str, Any] | None = None,
         embedding_dtype: str | None = None,

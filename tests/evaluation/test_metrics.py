@@ -55,3 +55,21 @@ def test_probe_accuracy_separable_and_random():
     assert 0.35 < noise["accuracy"] < 0.65  # labels independent of the inputs: chance
     with pytest.raises(ValueError, match="is_train"):
         load("probe_accuracy").compute(predictions=x.tolist(), references=[0] * 400)
+
+
+def test_decode_speed_generates_exactly_the_tokens_it_times(monkeypatch):
+    from transformers import LlamaForCausalLM
+
+    from hf_rbe.evaluation.measure import decode_speed
+    from tests.conftest import tiny_llama_config
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config()).eval()
+    lengths = []
+    real = model.generate
+    monkeypatch.setattr(model, "generate", lambda *a, **k: lengths.append(k["max_new_tokens"]) or real(*a, **k))
+    res = decode_speed(model, prompt_tokens=4, new_tokens=5, repeats=3)
+    assert res.tokens_per_second > 0 and (res.new_tokens, res.repeats) == (5, 3)
+    assert sorted(lengths) == [1] * 4 + [5] * 4  # one warm-up and three timed runs of each length
+    with pytest.raises(ValueError, match="new_tokens"):
+        decode_speed(model, new_tokens=1)

@@ -31,7 +31,7 @@ class CharTokenizer:
 
 def _cfg(**kw) -> RBEConfig:
     settings = dict(dataset=TEXT, tokenizer=CharTokenizer(), calibration_samples=8, calibration_seqlen=32,
-                    calibration_batch_size=4)
+                    calibration_batch_size=4, calibration_finetune_steps=0)
     return RBEConfig.from_preset("v2-2", **{**settings, **kw})
 
 
