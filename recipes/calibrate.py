@@ -10,13 +10,16 @@ Wikipedia and of Jane Austen's novels, context 1024, stride 1024: the ``hf-rbe c
 protocol). Each model is saved and reloaded in the same process (a plain ``from_pretrained``)
 before it is scored, and its file size reported with embeddings in bf16 (``embedding_dtype``).
 all-MiniLM-L6-v2 is calibrated on the same Wikipedia text and scored by sentence-embedding
-cosine to fp32 on the first 1,000 movie-review snippets. Results: ``runs/calibrate.{json,md}``
-(``--out results/calibrate`` replaces the committed ones).
+cosine to fp32 on the first 1,000 movie-review snippets. Results: ``runs/calibrate.{json,md,png}``
+(``--out results/calibrate`` replaces the committed ones); the plot puts the calibrated rows next
+to the calibration-free methods of ``results/compare.json`` (same protocol). ``--render-only``
+redraws table and plot from the JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -30,8 +33,11 @@ from hf_rbe import RBEConfig
 from hf_rbe.core.packed import packed_size
 from hf_rbe.data import minilm_path, movie_reviews, smollm2_path, token_stream
 from hf_rbe.data.fetch import ensure
+from hf_rbe.evaluation.compare.report import plot
 from hf_rbe.evaluation.measure import mean_pooled_embeddings, perplexity
 from hf_rbe.evaluation.results import run_meta, write_results
+
+COMPARE = Path(__file__).resolve().parents[1] / "results" / "compare.json"
 
 
 def _calibration(args: argparse.Namespace) -> dict:
@@ -146,14 +152,35 @@ def main() -> None:
     ap.add_argument("--finetune-lr", type=float, default=1e-3)
     ap.add_argument("--tokens", type=int, default=8192, help="scored tokens of each corpus")
     ap.add_argument("--out", default="runs/calibrate")
+    ap.add_argument("--render-only", action="store_true", help="redraw table and plot from OUT.json")
     args = ap.parse_args()
+    if args.render_only:
+        saved = json.loads(Path(args.out).with_suffix(".json").read_text())
+        render(saved["rows"], saved["meta"], args)
+        return
     ensure("smollm2", "minilm", "wikipedia", "austen", "movie_reviews")
     hf_logging.set_verbosity_error()
     torch.manual_seed(0)
     rows = (smollm2(args.smollm2, args) if args.smollm2 else []) + (minilm(args.minilm, args) if args.minilm else [])
-    meta = run_meta()
+    meta = {**run_meta(), "args": vars(args)}
+    write_results(args.out, meta, rows, table(rows, meta, args))
+    render(rows, meta, args)
+
+
+def render(rows: list[dict], meta: dict, args: argparse.Namespace) -> None:
+    """Table (``OUT.md``) and plot (``OUT.png``) from measured rows; nothing re-measured."""
+    for k, v in meta.get("args", {}).items():  # the settings the rows were measured with
+        if k not in ("render_only", "out"):
+            setattr(args, k, v)
     md = table(rows, meta, args)
-    write_results(args.out, meta, rows, md)
+    Path(args.out).with_suffix(".md").write_text(md)
+    compare = json.loads(COMPARE.read_text()) if COMPARE.exists() else {"rows": [], "meta": {"date": "-"}}
+    context = compare["rows"]
+    mine = [{**r, "family": "fp32" if r["setting"] == "fp32" else "RBE v2 calibrated"} for r in rows]
+    others = [{**r, "family": "RBE v1 (no calibration)" if r["family"] == "RBE" else r["family"]} for r in context
+              if r["family"] not in ("fp32", "seed64")]
+    plot(mine + others, meta, Path(args.out).with_suffix(".png"),
+         heading=f"RBE v2 calibrated (this run) vs calibration-free (results/compare.json, {compare['meta']['date']})")
     print(md)
 
 

@@ -1,6 +1,6 @@
 """The main job: quantize real models with RBE on load and report size, quality and speed.
 
-    python recipes/quantize.py                          # SmolLM2-135M at v2-3 and v2-4, calibrated, plus MiniLM
+    python recipes/quantize.py                          # SmolLM2-135M at v2-3, calibrated, plus MiniLM
     python recipes/quantize.py --settings v2-3 --no-calibration   # a few minutes: no calibration
 
 For each setting, SmolLM2-135M-Instruct is quantized while it loads
@@ -88,7 +88,7 @@ CALIBRATION = {"dataset": "wikipedia", "calibration_samples": 64, "calibration_s
 
 
 def config(name: str, calibrate: bool, **kw: object) -> RBEConfig:
-    return RBEConfig.from_preset(name, embedding_dtype="bfloat16", **(CALIBRATION if calibrate else {}), **kw)
+    return RBEConfig.from_preset(name, **{"embedding_dtype": "bfloat16", **(CALIBRATION if calibrate else {}), **kw})
 
 
 def smollm2(settings: list[str], calibrate: bool, n_tokens: int, context: int, stride: int) -> list[dict]:
@@ -145,7 +145,7 @@ def minilm(setting: str, calibrate: bool, n_sentences: int = 1000) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--settings", nargs="+", default=["v2-3", "v2-4"], choices=sorted(hf_rbe.PRESETS))
+    ap.add_argument("--settings", nargs="+", default=["v2-3"], choices=sorted(hf_rbe.PRESETS))
     ap.add_argument("--no-calibration", dest="calibrate", action="store_false",
                     help="encode by weight error alone (minutes instead of about 10 per SmolLM2 setting)")
     ap.add_argument("--tokens", type=int, default=8192, help="Wikipedia tokens scored for perplexity")

@@ -64,3 +64,17 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     out = tmp_path_factory.mktemp("tiny_llama")
     model.save_pretrained(out)
     return str(out)
+
+
+def char_tokenizer():  # type: ignore[no-untyped-def]
+    """A real ``PreTrainedTokenizerFast`` for the tiny models: one token per printable ASCII
+    character (id = its code point, < 128), ids 0-3 for <unk>, <s>, </s>, <pad>."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3, **{chr(i): i for i in range(32, 127)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>")

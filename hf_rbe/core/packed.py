@@ -59,8 +59,10 @@ class PackedLinear(nn.Linear):
             raise TypeError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {compute_dtype}")
         self.in_features, self.out_features = in_features, out_features
         self.compute_dtype, self.from_conv1d = compute_dtype, from_conv1d
-        for name, ts in self.stored_tensors().items():
+        stored = self.stored_tensors()
+        for name, ts in stored.items():
             setattr(self, name, frozen(ts.empty(device)))
+        self._float_storage = tuple((n, ts.dtype) for n, ts in stored.items() if ts.dtype.is_floating_point)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=compute_dtype, device=device)) if bias else None
 
     # ------------------------------------------------------------------ what a format defines
@@ -102,8 +104,33 @@ class PackedLinear(nn.Linear):
     def rebuild_buffers(self) -> None:
         """Recompute non-persistent buffers from the stored tensors (none by default)."""
 
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        """``.to(dtype)``, ``.half()``, ``.bfloat16()`` of a model move stored tensors but never
+        cast them: their dtypes are part of the format (fp16 scales, fp32 tables)."""
+        before = {n: getattr(self, n).data for n, _ in self._float_storage}
+        out = super()._apply(fn, recurse)
+        for name, dtype in self._float_storage:
+            p = getattr(self, name)
+            if p.dtype != dtype:
+                p.data = before[name].to(p.device)
+        return out
+
+    def keep_storage_dtypes(self) -> None:
+        """Undo a cast of stored float tensors that bypassed ``_apply`` (PEFT's
+        ``prepare_model_for_kbit_training`` sets every fp16 parameter's ``.data`` to fp32) when
+        it lost nothing; refuse a lossy one with a clear error."""
+        for name, dtype in self._float_storage:
+            p = getattr(self, name)
+            if p.dtype != dtype:
+                back = p.data.to(dtype)
+                if not torch.equal(back.to(p.dtype), p.data):
+                    raise FormatError(f"{type(self).__name__}: stored '{name}' was changed to {p.dtype} and no longer "
+                                      f"fits the format's {dtype}; reload the model instead of casting it")
+                p.data = back
+
     def op_args(self, overrides: dict[str, torch.Tensor] | None = None) -> tuple[list[torch.Tensor], list[int]]:
         """(tensors, layout) for ``hf_rbe::linear``; ``overrides`` replace stored tensors by name."""
+        self.keep_storage_dtypes()
         overrides = overrides or {}
         return [overrides.get(n, getattr(self, n)) for n in self.op_tensor_names()], self.layout()
 

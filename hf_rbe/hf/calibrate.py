@@ -240,15 +240,23 @@ def finetune_block(block: nn.Module, calls: list[tuple[tuple, dict]], targets: l
         p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.Adam(params, lr=config.calibration_finetune_lr)
+    # Adam steps on fp32 master copies: in a half-precision model its second moments underflow
+    # and its updates become inf (fp16) or vanish (bf16).
+    masters = [p.detach().float().requires_grad_(True) for p in params]
+    opt = torch.optim.Adam(masters, lr=config.calibration_finetune_lr)
     err = 0.0
     for step in range(config.calibration_finetune_steps):
         j = step % len(calls)
-        out, tgt = _run(block, calls[j]), targets[j]
+        out, tgt = _run(block, calls[j]).float(), targets[j].float()
         loss = (out - tgt).pow(2).mean() / tgt.pow(2).mean().clamp_min(1e-30)
-        opt.zero_grad()
         loss.backward()
+        for p, m in zip(params, masters):
+            m.grad = None if p.grad is None else p.grad.float()
+            p.grad = None
         opt.step()
+        with torch.no_grad():
+            for p, m in zip(params, masters):
+                p.copy_(m)
         err = float(loss.detach())
     for p in params:
         p.requires_grad_(False)

@@ -1,10 +1,12 @@
 """``RBEConfig``: validated settings, nothing more; it builds each layer's format (``layer_format``).
 
-Field widths follow paper 002's code ``[amp_fine|cat|sub|idx|sign|deriv|amp]``. The
-defaults are the ``rbe-5.5`` preset, picked by measurement (``bench/minilm.py``, README): the
-fewest bits per weight among the presets that keep all-MiniLM-L6-v2 sentence embeddings at
-cosine >= 0.99 to fp32 (0.9901 at 5.57 bits; rbe-5 reaches 0.982). For memory-bound use,
-pick a lower preset and accept the measured loss.
+``RBEConfig()`` is the ``v2-6`` preset (format v2, three e8p stages), picked by measurement
+(``recipes/calibrate.py``, README "Choosing the default"): the fewest bits per weight among the
+presets with a fast kernel that keep all-MiniLM-L6-v2 sentence embeddings at cosine >= 0.99 to
+fp32 once calibrated (0.9937; v2-4 reaches 0.972) with SmolLM2 perplexity within 10% of fp32.
+Format-v1 fields follow paper 002's code ``[amp_fine|cat|sub|idx|sign|deriv|amp]``; their
+defaults are the ``rbe-5.5`` preset. For memory-bound use, pick a lower preset and accept the
+measured loss.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import hashlib
+import inspect
 from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
@@ -36,21 +39,22 @@ PRESETS: dict[str, dict[str, Any]] = {
     "v2-3": {"format_version": 2, "planes": ["e8p", "vq8"]},
     "v2-4": {"format_version": 2, "planes": ["e8p", "e8p"]},
     "v2-6": {"format_version": 2, "planes": ["e8p", "e8p", "e8p"]},
-    "rbe-1.5": {"dim": 4, "idx": 4, "sign": 1, "amp": 1},
-    "rbe-2": {"dim": 6, "idx": 9, "sign": 1, "amp": 2},
-    "rbe-2.5": {"dim": 4, "idx": 7, "sign": 1, "amp": 2},
-    "rbe-3": {"dim": 4, "idx": 9, "sign": 1, "amp": 2},
-    "rbe-4": {"dim": 6, "idx": 9, "sign": 1, "amp": 2, "residual": "rbe",
+    "rbe-1.5": {"format_version": 1, "dim": 4, "idx": 4, "sign": 1, "amp": 1},
+    "rbe-2": {"format_version": 1, "dim": 6, "idx": 9, "sign": 1, "amp": 2},
+    "rbe-2.5": {"format_version": 1, "dim": 4, "idx": 7, "sign": 1, "amp": 2},
+    "rbe-3": {"format_version": 1, "dim": 4, "idx": 9, "sign": 1, "amp": 2},
+    "rbe-4": {"format_version": 1, "dim": 6, "idx": 9, "sign": 1, "amp": 2, "residual": "rbe",
               "residual_stage": {"dim": 6, "idx": 9, "sign": 1, "amp": 2}},
-    "rbe-4.5": {"dim": 4, "idx": 7, "sign": 1, "amp": 2, "residual": "int2", "residual_group_size": 64},
-    "rbe-5": {"dim": 4, "idx": 7, "sign": 1, "amp": 2, "residual": "rbe",
+    "rbe-4.5": {"format_version": 1, "dim": 4, "idx": 7, "sign": 1, "amp": 2, "residual": "int2",
+                "residual_group_size": 64},
+    "rbe-5": {"format_version": 1, "dim": 4, "idx": 7, "sign": 1, "amp": 2, "residual": "rbe",
               "residual_stage": {"dim": 4, "idx": 7, "sign": 1, "amp": 2}},
-    "rbe-5.5": {"dim": 4, "idx": 9, "sign": 1, "amp": 2, "residual": "rbe",
+    "rbe-5.5": {"format_version": 1, "dim": 4, "idx": 9, "sign": 1, "amp": 2, "residual": "rbe",
                 "residual_stage": {"dim": 4, "idx": 7, "sign": 1, "amp": 2}},
-    "rbe-6": {"dim": 4, "idx": 9, "sign": 1, "amp": 2, "residual": "rbe",
+    "rbe-6": {"format_version": 1, "dim": 4, "idx": 9, "sign": 1, "amp": 2, "residual": "rbe",
               "residual_stage": {"dim": 4, "idx": 9, "sign": 1, "amp": 2}},
 }
-DEFAULT_PRESET = "rbe-5.5"
+DEFAULT_PRESET = "v2-6"
 _DEFAULT_RESIDUAL_STAGE = {"dim": 4, "idx": 7, "sign": 1, "amp": 2}
 
 
@@ -62,7 +66,9 @@ class RBEConfig(QuantizationConfigMixin):
     ``hf_rbe.core.format_v2``; the v1 code fields are not used). A saved config names its format.
 
     Args:
-        format_version: 1 or 2, the format new layers are written in.
+        format_version: 1 or 2, the format new layers are written in. ``None``: format 2 when
+            ``planes`` is given, format 1 when a v1 code field, ``residual`` or ``codec="seed64"``
+            is, else the default preset's format (and planes). Saved configs name it.
         planes: format 2: the code plane of each stage, e.g. ``["e8p", "vq8"]`` (3 bits per weight).
         dim: weights per vector (one code each), along ``in_features``.
         idx, sign, amp, deriv, cat, sub, amp_fine: code field widths in bits (0 switches one off).
@@ -136,7 +142,7 @@ class RBEConfig(QuantizationConfigMixin):
         codec: str = "rbe",
         tile: int = 32,
         seed64_scale: bool = True,
-        format_version: int = 1,
+        format_version: int | None = None,
         planes: list[str] | None = None,
         dataset: str | list[str] | Any | None = None,
         tokenizer: str | Any | None = None,
@@ -157,6 +163,15 @@ class RBEConfig(QuantizationConfigMixin):
             raise ValueError(f"RBEConfig got quant_method={method!r}")
         if kwargs:
             raise ValueError(f"unknown RBEConfig arguments: {sorted(kwargs)}")
+        if format_version is None:  # which format the arguments ask for (see the docstring)
+            given = dict(dim=dim, idx=idx, sign=sign, amp=amp, deriv=deriv, cat=cat, sub=sub, amp_fine=amp_fine,
+                         residual=residual, residual_group_size=residual_group_size, residual_stage=residual_stage)
+            v1 = codec == "seed64" or any(v != _V1_DEFAULTS[k] for k, v in given.items())
+            if planes is not None or not v1:
+                format_version = 2 if planes is not None else PRESETS[DEFAULT_PRESET]["format_version"]
+                planes = planes if planes is not None else PRESETS[DEFAULT_PRESET].get("planes")
+            else:
+                format_version = 1
         if not isinstance(format_version, int) or isinstance(format_version, bool) or format_version < 1:
             raise FormatError(f"format_version must be a positive int, got {format_version!r}")
         if format_version > FORMAT_VERSION:
@@ -343,3 +358,9 @@ class RBEConfig(QuantizationConfigMixin):
         return {"dataset": name, "samples": self.calibration_samples, "seqlen": self.calibration_seqlen,
                 "seed": self.calibration_seed, "damp_percent": self.damp_percent,
                 "finetune_steps": self.calibration_finetune_steps}
+
+
+#: The v1 field defaults (``format_version=None`` reads any other value as a request for format 1).
+_V1_DEFAULTS = {k: v.default for k, v in inspect.signature(RBEConfig.__init__).parameters.items()
+                if k in ("dim", "idx", "sign", "amp", "deriv", "cat", "sub", "amp_fine", "residual",
+                         "residual_group_size", "residual_stage")}

@@ -94,6 +94,21 @@ class RBEHfQuantizer(HfQuantizer):
         if isinstance(dtype, str):  # a saved config holds its dtype as a name ("float32")
             dtype = getattr(torch, dtype)
         for name, layer in packed_layers(model):
-            lin = layer.to_linear()
+            lin = _float_module(layer)
             model.set_submodule(name, lin if dtype is None else lin.to(dtype))
         return model
+
+
+def _float_module(layer: PackedLinear) -> nn.Module:
+    """What the layer replaced: an ``nn.Linear``, or GPT-2's ``Conv1D`` (weight [in, out]), so a
+    dequantized model saves as a checkpoint of its own architecture."""
+    lin = layer.to_linear()
+    if not layer.from_conv1d:
+        return lin
+    from transformers.pytorch_utils import Conv1D
+
+    conv = Conv1D(layer.out_features, layer.in_features).to(device=lin.weight.device, dtype=lin.weight.dtype)
+    with torch.no_grad():
+        conv.weight.copy_(lin.weight.T)
+        conv.bias.copy_(lin.bias if lin.bias is not None else torch.zeros_like(conv.bias))
+    return conv

@@ -27,6 +27,11 @@ def _base_model(model: nn.Module) -> str:
     return getattr(model.config, "_name_or_path", "") or "unknown"
 
 
+def _still_rbe(model: nn.Module) -> bool:
+    """False once ``model.dequantize()`` has made it a plain model (it saves as one, without a card)."""
+    return getattr(getattr(model.config, "quantization_config", None), "quant_method", None) == "rbe"
+
+
 def _save_pretrained(self: nn.Module, save_directory: str | Path, *args: Any, **kwargs: Any) -> Any:
     out = type(self).save_pretrained(self, save_directory, *args, **kwargs)
     if not kwargs.get("is_main_process", True):
@@ -39,13 +44,13 @@ def _save_pretrained(self: nn.Module, save_directory: str | Path, *args: Any, **
         saved = json.loads(config_file.read_text())
         saved["dtype"] = name
         config_file.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
-    if replaceable(Path(save_directory) / "README.md"):
+    if _still_rbe(self) and replaceable(Path(save_directory) / "README.md"):
         write_card(self, save_directory, base_model=_base_model(self))
     return out
 
 
 def _upload_modified_files(self: nn.Module, working_dir: str | Path, repo_id: str, *args: Any, **kwargs: Any) -> Any:
-    if replaceable(Path(working_dir) / "README.md"):
+    if _still_rbe(self) and replaceable(Path(working_dir) / "README.md"):
         write_card(self, working_dir, base_model=_base_model(self), repo_id=repo_id)
     return type(self)._upload_modified_files(self, working_dir, repo_id, *args, **kwargs)
 

@@ -147,3 +147,35 @@ def test_runs_on_every_device(case, device):
     out = layer.to(device)(x.to(device)).cpu()
     layer.to("cpu")
     assert rel_mse(out, ref) < 1e-10
+
+
+def test_model_casts_never_change_stored_dtypes(case):
+    import copy
+
+    _, layer, _ = case
+    layer = copy.deepcopy(layer)
+    dtypes = {n: p.dtype for n, p in layer.named_parameters() if n != "bias"}
+    decoded = layer.dequantize(torch.float32)
+    layer.to(torch.bfloat16)  # what model.to(dtype) / .half() / .bfloat16() do to every submodule
+    assert {n: p.dtype for n, p in layer.named_parameters() if n != "bias"} == dtypes
+    assert torch.equal(layer.dequantize(torch.float32), decoded)
+
+
+def test_an_exact_cast_behind_its_back_is_undone_a_lossy_one_refused(case):
+    import copy
+
+    _, layer, _ = case
+    layer = copy.deepcopy(layer)
+    floats = [(n, p) for n, p in layer.named_parameters(recurse=False) if n != "bias" and p.is_floating_point()
+              and p.dtype != torch.float32]
+    if not floats:
+        pytest.skip("no half-precision stored tensor in this format")
+    name, p = floats[0]
+    x = torch.randn(3, K)
+    before = layer(x)
+    dtype = p.dtype
+    p.data = p.data.float()  # what PEFT's prepare_model_for_kbit_training does to every fp16 parameter
+    assert torch.equal(layer(x), before) and getattr(layer, name).dtype == dtype
+    getattr(layer, name).data = getattr(layer, name).data.float() * (1 + 2**-20)  # no longer an fp16 value
+    with pytest.raises(FormatError, match=f"stored '{name}' was changed to torch.float32"):
+        layer(x)

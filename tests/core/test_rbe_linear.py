@@ -39,7 +39,7 @@ def test_is_a_linear_with_packed_weight():
 def test_per_layer_table_is_no_worse_than_universal():
     torch.manual_seed(3)
     lin = nn.Linear(128, 64)
-    spec = RBEConfig().base_spec()
+    spec = RBEConfig(format_version=1).base_spec()
     uni = RBELinear.from_linear(lin, spec, universal_tables(spec))
     own = RBELinear.from_linear(lin, spec, None)
     assert own.owns_table and own.table_key is None

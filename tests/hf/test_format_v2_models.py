@@ -53,7 +53,7 @@ def test_v2_config_errors():
     with pytest.raises(ValueError, match="format_version=2 needs planes"):
         RBEConfig(format_version=2)
     with pytest.raises(ValueError, match="planes are a format-2 setting"):
-        RBEConfig(planes=["e8p"])
+        RBEConfig(format_version=1, planes=["e8p"])
     with pytest.raises(ValueError, match="keys \\['idx'\\] that format v2 layers do not have"):
         RBEConfig.from_preset("v2-2", overrides={"*": {"idx": 7}})
     with pytest.raises(ValueError, match="format 1"):

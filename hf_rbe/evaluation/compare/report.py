@@ -85,8 +85,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], meta: dict, out: Path) -> None:
-    """Quality against bits per weight, one line per method family (fp32 as a dashed level)."""
+def plot(rows: list[dict], meta: dict, out: Path, heading: str = "hf-rbe compare") -> None:
+    """Quality against bits per weight, one line per method family (fp32 as a dashed level;
+    each family keeps its colour in every panel)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -96,7 +97,7 @@ def plot(rows: list[dict], meta: dict, out: Path) -> None:
               (SMOLLM2, "austen_ppl", "SmolLM2-135M Austen perplexity (log)", True),
               (MINILM, "cos_mean", "MiniLM embedding cosine to fp32", False),
               (MINILM, "accuracy", "MiniLM sentiment probe accuracy", False)]
-    colors = {"RBE": "C0", "seed64": "C1", "HQQ": "C2", "quanto": "C3", "bitsandbytes": "C4"}
+    colors = {f: f"C{i}" for i, f in enumerate(dict.fromkeys(r["family"] for r in rows if r["family"] != "fp32"))}
     fig, axes = plt.subplots(2, 2, figsize=(12, 9))
     for ax, (model, key, title, log) in zip(axes.flat, panels):
         rs = [r for r in rows if r["model"] == model and key in r]
@@ -111,7 +112,7 @@ def plot(rows: list[dict], meta: dict, out: Path) -> None:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"hf-rbe compare, {meta['machine']}, {meta['date']}", fontsize=9)
+    fig.suptitle(f"{heading}, {meta['machine']}, {meta['date']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
