@@ -76,6 +76,13 @@ def _signed_vector(codes: np.ndarray, n: int, v: int, table: np.ndarray, nibbles
     return vload(table, i << 3)
 
 
+@nb.njit(cache=True, inline="always")
+def _codeword(codes: np.ndarray, n: int, v: int, table: np.ndarray, signs: np.ndarray, plane: int):  # noqa: ANN202
+    if plane == 0:
+        return _e8p_vector(codes, n, v, table, signs)
+    return _signed_vector(codes, n, v, table, plane == 2)
+
+
 @nb.njit(cache=True, parallel=True, fastmath=True)
 def _gemv(x: np.ndarray, k: int, codes: np.ndarray, scale: np.ndarray, table: np.ndarray, signs: np.ndarray,
           plane: int, out: np.ndarray) -> None:
@@ -94,28 +101,13 @@ def _gemv(x: np.ndarray, k: int, codes: np.ndarray, scale: np.ndarray, table: np
                 v = g * per_group
                 end = v + per_group
                 while v + 1 < end:
-                    if plane == 0:
-                        w0 = _e8p_vector(codes, n, v, table, signs)
-                        w1 = _e8p_vector(codes, n, v + 1, table, signs)
-                    else:
-                        w0 = _signed_vector(codes, n, v, table, plane == 2)
-                        w1 = _signed_vector(codes, n, v + 1, table, plane == 2)
-                    a0 = vfma(w0, vload(x, base + (v << 3)), a0)
-                    a1 = vfma(w1, vload(x, base + ((v + 1) << 3)), a1)
+                    a0 = vfma(_codeword(codes, n, v, table, signs, plane), vload(x, base + (v << 3)), a0)
+                    a1 = vfma(_codeword(codes, n, v + 1, table, signs, plane), vload(x, base + ((v + 1) << 3)), a1)
                     v += 2
                 if v < end:
-                    w0 = _e8p_vector(codes, n, v, table, signs) if plane == 0 else \
-                        _signed_vector(codes, n, v, table, plane == 2)
-                    a0 = vfma(w0, vload(x, base + (v << 3)), a0)
+                    a0 = vfma(_codeword(codes, n, v, table, signs, plane), vload(x, base + (v << 3)), a0)
                 total += np.float32(scale[n, g]) * vsum(vadd(a0, a1))
             out[m, n] += total
-
-
-@nb.njit(cache=True, inline="always")
-def _codeword(codes: np.ndarray, n: int, v: int, table: np.ndarray, signs: np.ndarray, plane: int):  # noqa: ANN202
-    if plane == 0:
-        return _e8p_vector(codes, n, v, table, signs)
-    return _signed_vector(codes, n, v, table, plane == 2)
 
 
 @nb.njit(cache=True, parallel=True, fastmath=True)
