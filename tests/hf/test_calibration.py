@@ -2,14 +2,11 @@
 records, and bad calibration input refused with a clear message."""
 
 import json
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import rel_mse, tiny_llama_config
-from safetensors.torch import save_file
+from conftest import assert_fresh_reload_identical, rel_mse, tiny_llama_config
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from hf_rbe import RBEConfig, RBELinear, quantize_model
@@ -72,13 +69,7 @@ def test_calibrate_on_load_save_and_reload_bit_identical(tmp_path):
     assert saved["dataset"] is None and saved["tokenizer"] is None  # the record, not the data
     assert saved["calibrated_with"] == {"dataset": "2 texts", "samples": 8, "seqlen": 32, "seed": 0,
                                         "damp_percent": 0.01, "finetune_steps": 0}
-    save_file({"logits": logits.contiguous()}, tmp_path / "expected.safetensors")
-    code = ("import torch, hf_rbe; from safetensors.torch import load_file; from transformers import AutoModelForCausalLM;"
-            f"m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'out')!r});"
-            "out = m(torch.tensor([[1, 5, 9, 33, 70, 2]])).logits.detach();"
-            f"assert torch.equal(out, load_file({str(tmp_path / 'expected.safetensors')!r})['logits']); print('identical')")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0 and "identical" in res.stdout, res.stderr[-2000:]
+    assert_fresh_reload_identical(tmp_path / "out", ids, logits)
 
 
 def test_windows_are_deterministic_and_cover_the_text():

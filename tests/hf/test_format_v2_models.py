@@ -1,13 +1,10 @@
 """Format v2 through transformers: quantize on load, save, a plain reload in a fresh process, Conv1D."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import rel_mse
-from safetensors.torch import save_file
+from conftest import assert_fresh_reload_identical, rel_mse
 from transformers import AutoModelForCausalLM
 
 from hf_rbe import RBEConfig, RBELinear
@@ -28,13 +25,7 @@ def test_quantize_save_reload_bit_identical(tiny_llama_dir, tmp_path, preset, lo
     m.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
     assert saved["format_version"] == 2 and saved["planes"] == RBEConfig.from_preset(preset).planes
-    save_file({"logits": logits.contiguous()}, tmp_path / "expected.safetensors")
-    code = ("import torch, hf_rbe; from safetensors.torch import load_file; from transformers import AutoModelForCausalLM;"
-            f"m = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r});"
-            f"out = m(torch.tensor({IDS.tolist()})).logits.detach();"
-            f"assert torch.equal(out, load_file({str(tmp_path / 'expected.safetensors')!r})['logits']); print('identical')")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0 and "identical" in res.stdout, res.stderr[-2000:]
+    assert_fresh_reload_identical(tmp_path, IDS, logits)
 
 
 def test_gpt2_conv1d_in_v2(tmp_path):

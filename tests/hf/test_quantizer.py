@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import rel_mse
+from conftest import assert_fresh_reload_identical, rel_mse
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM
@@ -46,17 +46,7 @@ def test_save_and_reload_in_fresh_process_is_bit_identical(tmp_path, quantized):
     quantized.save_pretrained(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["quantization_config"]["quant_method"] == "rbe"
-    save_file({"logits": _logits(quantized)}, tmp_path / "expected.safetensors")
-    code = (
-        "import torch, hf_rbe; from safetensors.torch import load_file; from transformers import AutoModelForCausalLM;"
-        f"m = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r});"
-        f"ids = torch.tensor({IDS.tolist()});"
-        "out = m(ids).logits.detach();"
-        f"exp = load_file({str(tmp_path / 'expected.safetensors')!r})['logits'];"
-        "assert torch.equal(out, exp), (out - exp).abs().max(); print('identical')"
-    )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0 and "identical" in res.stdout, res.stderr[-2000:]
+    assert_fresh_reload_identical(tmp_path, IDS, _logits(quantized))
 
 
 def test_reload_without_import_fails_loudly(tmp_path, quantized):

@@ -1,12 +1,9 @@
 """seed64 through transformers: quantize on load, save, reload in a fresh process; config checks."""
 
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import rel_mse
-from safetensors.torch import save_file
+from conftest import assert_fresh_reload_identical, rel_mse
 from transformers import AutoModelForCausalLM
 
 from hf_rbe import RBEConfig, Seed64Linear
@@ -30,13 +27,7 @@ def test_seed64_in_a_transformers_model(tiny_llama_dir, tmp_path, residual):
         logits = m(ids).logits
     assert torch.isfinite(logits).all()
     m.save_pretrained(tmp_path)
-    save_file({"logits": logits.contiguous()}, tmp_path / "expected.safetensors")
-    code = ("import torch, hf_rbe; from safetensors.torch import load_file; from transformers import AutoModelForCausalLM;"
-            f"m = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r});"
-            "out = m(torch.tensor([[1, 5, 9, 33]])).logits.detach();"
-            f"assert torch.equal(out, load_file({str(tmp_path / 'expected.safetensors')!r})['logits']); print('identical')")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0 and "identical" in res.stdout, res.stderr[-2000:]
+    assert_fresh_reload_identical(tmp_path, ids, logits)
 
 
 def test_seed64_config_errors():
