@@ -21,14 +21,19 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 MODEL_SHORTCUTS = ("smollm2", "minilm")
 
 
 def _resolve(model: str) -> str:
-    """A local directory for ``model``: the offline shortcuts are fetched if needed."""
+    """A local directory for ``model``: the offline shortcuts are fetched if needed; a path that
+    cannot be a Hub name (absolute, relative, ``~``, deeper than ``org/name``) must exist."""
     if model not in MODEL_SHORTCUTS:
-        return model
+        looks_local = model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model
+        if looks_local and not Path(model).expanduser().exists():
+            raise SystemExit(f"{model}: no such directory (a Hub name looks like 'org/name')")
+        return str(Path(model).expanduser()) if looks_local else model
     from .data.fetch import ensure
 
     return str(ensure(model)[model])
@@ -37,10 +42,28 @@ def _resolve(model: str) -> str:
 def _config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from .hf.config import RBEConfig
 
-    extra = json.loads(args.config) if args.config else {}
+    extra = _json(args.config, "--config") if args.config else {}
     if not isinstance(extra, dict):
         raise SystemExit("--config must be a JSON object of RBEConfig arguments")
     return RBEConfig.from_preset(args.preset, **extra) if args.preset else RBEConfig(**extra)
+
+
+def _json(text: str, option: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise SystemExit(f"{option} is not valid JSON ({err.msg} at character {err.pos}): {text!r}") from err
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an int >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def _is_encoder(path: str) -> bool:
@@ -56,9 +79,12 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from .core.packed import packed_size
     from .hf.card import write_card
 
+    if Path(args.out).is_file():  # say so now, not after the whole quantization
+        raise SystemExit(f"{args.out} is a file; the output must be a directory")
+    config = _config(args)
     path = _resolve(args.model)
     auto = AutoModel if _is_encoder(path) else AutoModelForCausalLM
-    model = auto.from_pretrained(path, quantization_config=_config(args), dtype=getattr(torch, args.dtype))
+    model = auto.from_pretrained(path, quantization_config=config, dtype=getattr(torch, args.dtype))
     model.save_pretrained(args.out)
     AutoTokenizer.from_pretrained(path).save_pretrained(args.out)
     write_card(model, args.out, base_model=args.model)
@@ -119,9 +145,11 @@ def cmd_card(args: argparse.Namespace) -> None:
 
     from .hf.card import write_card
 
-    metrics = json.loads(args.metrics) if args.metrics else None
+    metrics = _json(args.metrics, "--metrics") if args.metrics else None
     if metrics is not None and not isinstance(metrics, dict):
         raise SystemExit("--metrics must be a JSON object of name: value")
+    if not Path(args.checkpoint).is_dir():
+        raise SystemExit(f"{args.checkpoint}: no such directory (a checkpoint written by save_pretrained)")
     if getattr(AutoConfig.from_pretrained(args.checkpoint), "quantization_config", None) is None:
         raise SystemExit(f"{args.checkpoint} is not a quantized checkpoint (no quantization_config)")
     auto = AutoModel if _is_encoder(args.checkpoint) else AutoModelForCausalLM
@@ -161,10 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="perplexity (causal LMs) or embedding cosine (encoders)")
     e.add_argument("model")
-    e.add_argument("--tokens", type=int, default=32768, help="Wikipedia tokens to score (causal LMs)")
-    e.add_argument("--context", type=int, default=1024)
-    e.add_argument("--stride", type=int, default=1024)
-    e.add_argument("--sentences", type=int, default=1000, help="movie-review sentences (encoders)")
+    e.add_argument("--tokens", type=_positive_int, default=32768, help="Wikipedia tokens to score (causal LMs)")
+    e.add_argument("--context", type=_positive_int, default=1024)
+    e.add_argument("--stride", type=_positive_int, default=1024)
+    e.add_argument("--sentences", type=_positive_int, default=1000, help="movie-review sentences (encoders)")
     e.add_argument("--reference", help="fp32 model to compare embeddings with (default: minilm)")
     e.set_defaults(func=cmd_eval)
 
@@ -175,9 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--models", nargs="+", default=["smollm2", "minilm"], choices=["smollm2", "minilm"])
     c.add_argument("--families", nargs="+", choices=["fp32", "RBE", "seed64", "HQQ", "quanto", "bitsandbytes"],
                    help="only these method families (default: all; seed64 runs on SmolLM2 only if named)")
-    c.add_argument("--tokens", type=int, default=8192, help="tokens of each corpus scored for perplexity")
-    c.add_argument("--context", type=int, default=1024)
-    c.add_argument("--stride", type=int, default=1024)
+    c.add_argument("--tokens", type=_positive_int, default=8192, help="tokens of each corpus scored for perplexity")
+    c.add_argument("--context", type=_positive_int, default=1024)
+    c.add_argument("--stride", type=_positive_int, default=1024)
     c.add_argument("--out", default="results/compare", help="output path without extension")
     c.add_argument("--render-only", action="store_true",
                    help="redraw the table and plot from OUT.json without measuring anything")

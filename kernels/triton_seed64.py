@@ -16,6 +16,7 @@ import triton.language as tl
 
 from hf_rbe.core import seed64 as S
 from hf_rbe.core.seed64_format import LOG2_C_RANGE, OFFSET, WIDTH
+from hf_rbe.kernels.triton_v2 import check_device
 
 
 @triton.jit
@@ -100,6 +101,7 @@ def supports(layout: list[int]) -> bool:
 
 def linear(x: torch.Tensor, tensors: list[torch.Tensor], layout: list[int], bias: torch.Tensor | None) -> torch.Tensor:
     """``hf_rbe::linear`` of a seed64 layer: generate the weight, then one matmul."""
+    check_device(x)
     _, n, k, tile, scaled = layout
     tiles = seed64_generate(tensors[0], tile, tensors[1] if scaled else None)
     return F.linear(x, S.untile_matrix(tiles, n, k).to(x.dtype), None if bias is None else bias.to(x.dtype))

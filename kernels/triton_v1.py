@@ -23,6 +23,7 @@ import triton.language as tl
 
 from hf_rbe.core.format import INT_RESIDUAL_BITS, CodeLayout, LayerSpec
 from hf_rbe.core.rbe_linear import op_tensor_names
+from hf_rbe.kernels.triton_v2 import check_device
 
 MODE_RBE, MODE_INT, MODE_FP8 = 0, 1, 2
 _FP8_EXP_BIAS, _FP8_MANT_BITS = 7, 3  # float8_e4m3fn: sign | 4-bit exponent | 3-bit mantissa
@@ -227,6 +228,7 @@ def supports(layout: list[int]) -> bool:
 def linear(x: torch.Tensor, tensors: list[torch.Tensor], layout: list[int], bias: torch.Tensor | None) -> torch.Tensor:
     """A whole v1 layer, ``hf_rbe::linear``: rotate ``x`` [..., K], sum the weight terms into fp32,
     add the bias; x's dtype out."""
+    check_device(x)
     spec = LayerSpec.from_layout(layout[3:])
     named = dict(zip(op_tensor_names(spec), tensors))
     lead, k = x.shape[:-1], x.shape[-1]

@@ -24,6 +24,7 @@ the Hadamard block (<= 256). Anything else uses the PyTorch reference (``hf_rbe.
 
 from __future__ import annotations
 
+import os
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -363,10 +364,21 @@ def kernel_args(x2: torch.Tensor, named: dict[str, torch.Tensor], spec: LayerSpe
 KERNELS = {"gemv": _v2_gemv_kernel, "tile": _v2_tile_kernel}
 
 
+def check_device(x: torch.Tensor) -> None:
+    """Triton kernels run on CUDA tensors (or anywhere under ``TRITON_INTERPRET=1``, slowly); say so
+    instead of Triton's "0 active drivers". A model on the CPU reaches the numba kernels through
+    ``hf_rbe::linear`` without calling these."""
+    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(f"hf-rbe's Triton kernels need CUDA tensors, got a {x.device.type} tensor: move the model "
+                           "to a GPU, or call the layer (CPU tensors use the numba kernel), or set "
+                           "TRITON_INTERPRET=1 before importing triton to run them (slowly) on the CPU")
+
+
 def linear(x: torch.Tensor, tensors: list[torch.Tensor], layout: list[int], bias: torch.Tensor | None,
            n_sm: int | None = None) -> torch.Tensor:
     """``hf_rbe::linear`` of a v2 layer, one launch: ``x`` [..., K] (fp16, bf16 or fp32) -> ``x W^T + b``
     in x's dtype. ``n_sm``: SMs to fill (default: this GPU's)."""
+    check_device(x)
     spec = LayerSpecV2.from_layout(layout[3:])
     n, k = layout[1], layout[2]
     named = dict(zip(op_tensor_names(spec), tensors))

@@ -46,3 +46,36 @@ def test_bad_config_json_is_rejected():
 
     with pytest.raises(SystemExit, match="JSON object"):
         _config(args)
+
+
+@pytest.mark.parametrize("argv", [["eval", "m", "--tokens", "-5"], ["eval", "m", "--tokens", "0"],
+                                  ["eval", "m", "--stride", "x"], ["compare", "--context", "0"]])
+def test_counts_must_be_positive(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and ("must be >= 1" in err or "is not an integer" in err), err
+
+
+def test_missing_local_model_is_named(tmp_path):
+    with pytest.raises(SystemExit, match="no such directory"):
+        main(["quantize", str(tmp_path / "nope"), str(tmp_path / "out")])
+    with pytest.raises(SystemExit, match="no such directory"):
+        main(["card", str(tmp_path / "nope"), "--base-model", "x"])
+
+
+def test_output_that_is_a_file_fails_before_quantizing(tiny_llama_dir, tmp_path, monkeypatch):
+    import transformers
+
+    (tmp_path / "out").write_text("x")
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: pytest.fail("loaded the model before checking the output path"))
+    with pytest.raises(SystemExit, match="is a file"):
+        main(["quantize", tiny_llama_dir, str(tmp_path / "out")])
+
+
+def test_bad_json_is_a_message_not_a_traceback(tmp_path):
+    with pytest.raises(SystemExit, match="--config is not valid JSON"):
+        main(["quantize", "m", str(tmp_path / "o"), "--config", "{idx: 9}"])
+    with pytest.raises(SystemExit, match="--metrics is not valid JSON"):
+        main(["card", str(tmp_path), "--base-model", "x", "--metrics", "{'a': 1}"])

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from .rotation import random_signs, rotate
-from .spec import FP16_MAX, FormatError
+from .spec import check_fp16_scales
 
 DAMP = 0.01  # fraction of the mean diagonal added to H (as GPTQ), so that H is invertible
 _LAZY = 128  # columns whose updates are batched before touching the rest (GPTQ's lazy batch)
@@ -134,8 +134,7 @@ def encode_stages(w_rot: torch.Tensor, h_rot: torch.Tensor, stages: list[StageQu
         codes, values = ldlq(r, h_rot, q)
         n_groups = 1 if q.group_size is None else r.shape[1] // q.group_size
         scale = refit_scale(r, values, h_rot, n_groups)
-        if not torch.isfinite(scale).all() or scale.abs().max() > FP16_MAX:
-            raise FormatError("fitted scales overflow fp16; the weights are too large for the RBE format")
+        check_fp16_scales(scale)
         scale16 = scale.half()
         out[q.prefix + "weight"], out[q.prefix + "scale"] = q.pack(codes), scale16
         r = r - values * _expand(scale16.float(), r.shape[1])

@@ -13,7 +13,7 @@ import torch
 from .bits import pack_codes, unpack_codes
 from .format import LayerSpec, ResidualSpec, StageSpec
 from .rotation import rotate_weight
-from .spec import FP16_MAX, FormatError, check_finite
+from .spec import check_finite, check_fp16_scales
 from .tables import LayerTables, StageTables, best_projection, directions
 
 _CHUNK_ELEMENTS = 1 << 24  # projections held at once (vectors x directions)
@@ -76,8 +76,7 @@ def initial_scale(w: torch.Tensor, stage: StageSpec, tables: StageTables,
         f = levels[_nearest_level(g / scale.clamp_min(_TINY)[..., None], levels)]
         num, den = (g * f).sum(-1), (f * f).sum(-1)
         scale = torch.where(den > 0, num / den.clamp_min(_TINY), scale)
-    if not torch.isfinite(scale).all() or scale.abs().max() > FP16_MAX:
-        raise FormatError("group scales overflow fp16; the weights are too large for the RBE format")
+    check_fp16_scales(scale)
     return scale
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .format_v2 import IDX_OFFSET, PLANES, SIGN_OFFSET, VECTOR_DIM, LayerSpecV2, StageV2, stage_prefix
-from .spec import FP16_MAX, FormatError, check_finite
+from .spec import check_finite, check_fp16_scales
 
 _CHUNK = 4096  # vectors searched at once
 _CANDIDATES = 8  # parity-mismatched entries whose exact distance is computed first (e8p)
@@ -150,8 +150,7 @@ def initial_scale(w: torch.Tensor, stage: StageV2, table: torch.Tensor) -> torch
         _, v = _codes_at(g, s, stage.plane, table)
         num, den = (g * v).sum(-1), (v * v).sum(-1)
         s = torch.where(den > 0, num / den.clamp_min(_TINY), s)
-    if not torch.isfinite(s).all() or s.abs().max() > FP16_MAX:
-        raise FormatError("group scales overflow fp16; the weights are too large for the RBE format")
+    check_fp16_scales(s)
     return s
 
 

@@ -104,15 +104,32 @@ class PackedLinear(nn.Linear):
     def rebuild_buffers(self) -> None:
         """Recompute non-persistent buffers from the stored tensors (none by default)."""
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+        """``load_state_dict``: stored tensors must match the format exactly (torch would cast them
+        silently), and the derived buffers (rotation signs) follow the loaded seeds."""
+        for name, ts in self.stored_tensors().items():
+            if prefix + name in state_dict:
+                ts.check(name, state_dict[prefix + name], f"{type(self).__name__} '{prefix.rstrip('.')}'")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.rebuild_buffers()
+
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
-        """``.to(dtype)``, ``.half()``, ``.bfloat16()`` of a model move stored tensors but never
-        cast them: their dtypes are part of the format (fp16 scales, fp32 tables)."""
-        before = {n: getattr(self, n).data for n, _ in self._float_storage}
+        """``.to(dtype)``, ``.half()``, ``.bfloat16()`` of a model move the layer's float tensors other
+        than the bias (stored ones, linked tables, rotation signs) but never cast them: their dtypes
+        are part of the format (fp16 scales, fp32 tables)."""
+        kept = [(n, t.data) for n, t in (*self._parameters.items(), *self._buffers.items())
+                if t is not None and t.is_floating_point() and n != "bias"]  # .data: the tensor before
         out = super()._apply(fn, recurse)
-        for name, dtype in self._float_storage:
-            p = getattr(self, name)
-            if p.dtype != dtype:
-                p.data = before[name].to(p.device)
+        cast = fn(torch.empty(0, dtype=self.compute_dtype)).dtype  # what the model now computes in
+        if cast in COMPUTE_DTYPES:
+            self.compute_dtype = cast
+        for name, before in kept:
+            now = getattr(self, name)
+            if now.dtype != before.dtype:
+                if name in self._parameters:
+                    now.data = before.to(now.device)
+                else:
+                    self._buffers[name] = before.to(now.device)
         return out
 
     def keep_storage_dtypes(self) -> None:

@@ -26,6 +26,10 @@ from .spec import FormatError
 Spec = Union[format_v1.LayerSpec, format_v2.LayerSpecV2]
 Tensors = dict[str, torch.Tensor]
 _UNIT_ROW_TOL = 1e-3
+#: Bound on table and gain-curve entries. They are normalised (the fp16 scales carry each group's
+#: magnitude): the universal ones stay below 4.5, fitted and trained ones near that. A value far
+#: beyond it decodes to weights that overflow the activations a few layers later (NaN logits).
+TABLE_MAX = 64.0
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,9 @@ class RBECodec:
     constrain: Callable[[Tensors], Tensors]
     stage_quantizers: Callable[[Any, Tensors], list[StageQuantizer]]
 
+    def __reduce__(self) -> tuple:
+        return codec_by_id, (self.format_id,)  # a layer pickles its codec by reference (it holds functions)
+
 
 def _finite(named: Tensors, names: list[str], where: str) -> None:
     for n in names:
@@ -59,9 +66,17 @@ def _finite(named: Tensors, names: list[str], where: str) -> None:
             raise FormatError(f"{where}: '{n}' holds NaN/Inf (tampered checkpoint?)")
 
 
+def _bounded(named: Tensors, names: list[str], where: str) -> None:
+    for n in names:
+        if named[n].float().abs().max() > TABLE_MAX:
+            raise FormatError(f"{where}: '{n}' holds entries beyond +-{TABLE_MAX:g}; tables are normalised "
+                              "(tampered checkpoint?)")
+
+
 def _v1_check(named: Tensors, spec: format_v1.LayerSpec, in_features: int, where: str) -> None:
     for prefix, stage in spec.stages:
         _finite(named, [prefix + "scale", prefix + "table", prefix + "lut"], where)
+        _bounded(named, [prefix + "table", prefix + "lut"], where)
         norms = named[prefix + "table"].float().norm(dim=1)
         if not torch.allclose(norms, torch.ones_like(norms), atol=_UNIT_ROW_TOL):
             raise FormatError(f"{where}: '{prefix}table' rows are not unit vectors (tampered checkpoint?)")
@@ -76,6 +91,7 @@ def _v1_check(named: Tensors, spec: format_v1.LayerSpec, in_features: int, where
 def _v2_check(named: Tensors, spec: format_v2.LayerSpecV2, in_features: int, where: str) -> None:
     for prefix, stage in spec.prefixed_stages:
         _finite(named, [prefix + "scale", prefix + "table"], where)
+        _bounded(named, [prefix + "table"], where)
         if stage.plane == "e8p":
             t = named[prefix + "table"]
             if (t[:, :-1] < 0).any() or (t[:, -1] == 0).any():

@@ -191,7 +191,11 @@ class RBELinear(PackedLinear):
     # ------------------------------------------------------------------ checks
 
     def validate(self) -> None:
-        """Check a loaded layer's values: finite scales and tables, the tables' invariants, clean padding."""
+        """Check a loaded layer's values: finite scales and tables, the tables' invariants, clean padding,
+        a rotation seed in the encoder's range."""
+        if self.spec.rotation and int(self.rotation_seed.item()) < 0:
+            raise FormatError(f"{type(self).__name__}: rotation_seed {int(self.rotation_seed.item())} is negative; "
+                              "seeds are 0 .. 2**63 - 1 (tampered checkpoint?)")
         named = {n: getattr(self, n) for n in (*self.spec.tensors(0, 0), *self.table_names())}
         self.codec.check(named, self.spec, self.in_features, type(self).__name__)
 

@@ -16,6 +16,11 @@ import torch
 COMPUTE_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
 #: The largest finite fp16 value: fp16 scales must stay below it.
 FP16_MAX = 65504.0
+#: The largest relative error rounding a stage's largest scale to fp16 may add. Normal fp16 rounds
+#: within 2^-11; only a layer whose scales all sit deep in the subnormal range (weights ~1e-6 and
+#: below) rounds worse, down to zero. Single tiny groups in an ordinary layer are not judged: their
+#: rounding error is tiny next to the layer's weights.
+FP16_SCALE_RTOL = 2.0**-6
 
 
 class FormatError(ValueError):
@@ -45,6 +50,19 @@ class TensorSpec:
 def n_words(n_values: int, bits: int) -> int:
     """int32 words holding ``n_values`` values of ``bits`` bits as one bit stream."""
     return math.ceil(n_values * bits / 32)
+
+
+def check_fp16_scales(scale: torch.Tensor) -> None:
+    """Refuse fp32 scales that fp16 cannot hold: overflow (weights too large) or underflow (a stage
+    whose largest scale would round to zero or lose more than ``FP16_SCALE_RTOL``)."""
+    if not torch.isfinite(scale).all() or scale.abs().max() > FP16_MAX:
+        raise FormatError("group scales overflow fp16 (weights too large for the RBE format); keep the layer in "
+                          "full precision with modules_to_not_convert")
+    top = float(scale.abs().max()) if scale.numel() else 0.0
+    if top > 0 and abs(float(torch.tensor(top).half()) - top) > FP16_SCALE_RTOL * top:
+        raise FormatError(f"group scales (the largest {top:.2g}) underflow fp16: weights this small would be "
+                          "stored as zeros or coarsely; rescale the layer or keep it in full precision with "
+                          "modules_to_not_convert")
 
 
 def check_finite(weight: torch.Tensor, name: str = "weight") -> None:

@@ -200,9 +200,11 @@ def quantize_calibrated(model: nn.Module, config: RBEConfig, skip: list[str], to
     for i, block in enumerate(tqdm(blocks, desc="RBE-calibrating blocks", unit="block")):
         inner = {n: m for n, m in targets.items() if n.startswith(f"{prefix}.{i}.")}
         watch = _Hessians(inner)
-        for call in calls:
-            _run(block, call)
-        hessians = watch.close()
+        try:
+            for call in calls:
+                _run(block, call)
+        finally:  # never leave hooks on the float layers (a failed quantize_model hands them back)
+            hessians = watch.close()
         kept = _kept(hessians) if config.keep_calibration_statistics else {}
         if fp_calls is not None:
             fp_calls = [_with_hidden(call, _run(block, call)) for call in fp_calls]
@@ -235,7 +237,7 @@ def finetune_block(block: nn.Module, calls: list[tuple[tuple, dict]], targets: l
     qat = [m for m in block.modules() if isinstance(m, RBEQATLinear)]
     params = [p for m in qat for p in m.trainable_scales()]
     params += [m.bias for m in qat if m.bias is not None]
-    params += [p for m in block.modules() if "norm" in type(m).__name__.lower() for p in m.parameters(recurse=False)]
+    params += [p for m in norms(block) for p in m.parameters(recurse=False)]
     for p in block.parameters():
         p.requires_grad_(False)
     for p in params:
@@ -264,6 +266,11 @@ def finetune_block(block: nn.Module, calls: list[tuple[tuple, dict]], targets: l
         if isinstance(m, RBEQATLinear):
             block.set_submodule(name, m.to_rbe())
     return err
+
+
+def norms(module: nn.Module) -> list[nn.Module]:
+    """The normalisation layers inside ``module`` (the calibration fine-tune trains their weights)."""
+    return [m for m in module.modules() if "norm" in type(m).__name__.lower()]
 
 
 def _kept(hessians: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

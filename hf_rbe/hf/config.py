@@ -15,6 +15,7 @@ import copy
 import fnmatch
 import hashlib
 import inspect
+import re
 from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
@@ -187,6 +188,9 @@ class RBEConfig(QuantizationConfigMixin):
         self.residual_stage = dict(residual_stage) if residual_stage is not None else None
         self.rotation, self.rotation_block, self.rotation_seed = rotation, rotation_block, rotation_seed
         self.table, self.table_seed = table, table_seed
+        if isinstance(modules_to_not_convert, str):  # list("lm_head") would be its characters
+            raise ValueError(f"modules_to_not_convert must be a list of module names or patterns, "
+                             f"e.g. [{modules_to_not_convert!r}], got the string {modules_to_not_convert!r}")
         self.modules_to_not_convert = list(modules_to_not_convert) if modules_to_not_convert is not None else None
         self.overrides = {k: dict(v) for k, v in (overrides or {}).items()}
         self.qat = qat
@@ -245,6 +249,14 @@ class RBEConfig(QuantizationConfigMixin):
             s = getattr(self, seed_name)
             if not isinstance(s, int) or not 0 <= s < 2**63:
                 raise ValueError(f"{seed_name} must be an int in [0, 2**63), got {s!r}")
+        for pattern in self.modules_to_not_convert or []:
+            if not isinstance(pattern, str):
+                raise ValueError(f"modules_to_not_convert holds {pattern!r}; it takes module names or patterns (str)")
+            try:  # transformers matches them as regular expressions
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f"modules_to_not_convert pattern {pattern!r} is not a valid regular expression "
+                                 f"({err}); escape special characters with re.escape") from err
         self.layer_format("")
         for pattern, values in self.overrides.items():
             if not isinstance(pattern, str) or not isinstance(values, dict):

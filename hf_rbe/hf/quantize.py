@@ -2,27 +2,66 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+import logging
+from collections.abc import Iterable, Iterator
 
+import torch
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
-from transformers.pytorch_utils import Conv1D
 
 from ..core.packed import PackedLinear
 from ..core.rbe_linear import link_shared_tables
 from ..core.stored import STORAGE_DTYPES, store_embeddings
-from .calibrate import quantize_calibrated
+from .calibrate import norms, quantize_calibrated
 from .config import RBEConfig
 from .quantizer import RBEHfQuantizer
-from .replace import encode_weight, float_weight, model_dtype, modules_to_skip, replace_with_rbe_linear
+from .replace import eligible, encode_weight, float_weight, model_dtype, modules_to_skip, replace_with_rbe_linear
 from .saving import attach
+
+logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _all_or_nothing(model: nn.Module, skip: list[str]) -> Iterator[None]:
+    """Hand ``model`` back exactly as it was if quantizing raises: the float layers that were
+    swapped out, the norm weights calibration trains, the embeddings' classes and weights, the
+    train/eval mode. Costs the norms' size; the float layers are kept alive until the end."""
+    layers = dict(eligible(model, skip))
+    norm_ids = {id(m) for m in norms(model)}
+    norm_state = {f"{n}.{k}": p.detach().clone() for n, m in model.named_modules() if id(m) in norm_ids
+                  for k, p in m.named_parameters(recurse=False)}
+    heads = [m for m in (_get(model, "get_input_embeddings"), _get(model, "get_output_embeddings")) if m is not None]
+    head_state = [(m, m.__class__, m.weight) for m in heads]
+    training = model.training
+    try:
+        yield
+    except BaseException:
+        for name, module in layers.items():
+            model.set_submodule(name, module)
+        with torch.no_grad():
+            for name, value in norm_state.items():
+                model.get_parameter(name).copy_(value)
+        for m, cls, weight in head_state:
+            m.__class__, m.weight = cls, weight
+        model.train(training)
+        logger.error("hf-rbe: quantization failed; the model is left as it was")
+        raise
+
+
+def _get(model: nn.Module, method: str) -> nn.Module | None:
+    try:
+        return getattr(model, method)()
+    except (AttributeError, NotImplementedError):
+        return None
 
 
 def quantize_model(model: nn.Module, config: RBEConfig | None = None, modules_to_not_convert: Iterable[str] = (),
                    tokenizer: object | None = None) -> nn.Module:
     """Quantize an already-loaded model in place (outside ``from_pretrained``), with progress bars.
 
+    Either every layer is converted or, if anything fails, the model is left exactly as it was.
     The layers converted are those ``from_pretrained(..., quantization_config=config)`` would
     convert (``replace.modules_to_skip``), plus ``modules_to_not_convert`` kept as they are.
     With ``config.dataset`` the codes minimise each layer's output error on that calibration
@@ -30,21 +69,22 @@ def quantize_model(model: nn.Module, config: RBEConfig | None = None, modules_to
     """
     config = config or RBEConfig()
     skip = modules_to_skip(model, config, modules_to_not_convert)
-    if config.dataset is not None:
-        quantize_calibrated(model, config, skip, tokenizer)
-    else:
-        originals = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))}
-        names = replace_with_rbe_linear(model, config, skip)
-        for name in tqdm(names, desc="RBE-encoding layers", unit="layer"):
-            layer: PackedLinear = model.get_submodule(name)
-            old = originals[name]
-            layer.load_packed(encode_weight(layer, float_weight(old), name))
-            if old.bias is not None:
-                layer.bias.data.copy_(old.bias.detach())
-        link_shared_tables(model)
-    compute = model_dtype(model)
-    if config.embedding_dtype is not None:
-        store_embeddings(model, STORAGE_DTYPES[config.embedding_dtype], compute)
+    with _all_or_nothing(model, skip):
+        if config.dataset is not None:
+            quantize_calibrated(model, config, skip, tokenizer)
+        else:
+            originals = dict(eligible(model, skip))
+            names = replace_with_rbe_linear(model, config, skip)
+            for name in tqdm(names, desc="RBE-encoding layers", unit="layer"):
+                layer: PackedLinear = model.get_submodule(name)
+                old = originals[name]
+                layer.load_packed(encode_weight(layer, float_weight(old), name))
+                if old.bias is not None:
+                    layer.bias.data.copy_(old.bias.detach())
+            link_shared_tables(model)
+        compute = model_dtype(model)
+        if config.embedding_dtype is not None:
+            store_embeddings(model, STORAGE_DTYPES[config.embedding_dtype], compute)
     if isinstance(model, PreTrainedModel):  # as from_pretrained leaves it: saves, reloads, dequantizes
         model.config.quantization_config = config
         model.hf_quantizer = RBEHfQuantizer(config, pre_quantized=True)

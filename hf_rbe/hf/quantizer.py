@@ -24,6 +24,7 @@ from ..core.stored import STORAGE_DTYPES, store_embeddings
 from .calibrate import quantize_calibrated
 from .config import RBEConfig
 from .convert import RBEQuantize
+from .integrity import Checkpoint, record, verify
 from .replace import model_dtype, modules_to_skip, replace_with_rbe_linear
 from .saving import attach
 
@@ -33,6 +34,7 @@ class RBEHfQuantizer(HfQuantizer):
 
     requires_calibration = False
     quantization_config: RBEConfig
+    checkpoint: Checkpoint | None = None
 
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
         device_map = kwargs.get("device_map")
@@ -48,7 +50,10 @@ class RBEHfQuantizer(HfQuantizer):
         return isinstance(module, PackedLinear) and tensor_name == "weight" and not self.pre_quantized
 
     def _process_model_before_weight_loading(self, model: nn.Module, keep_in_fp32_modules: list[str] | None = None,
-                                             **kwargs: Any) -> None:
+                                             checkpoint_files: list[str] | None = None, **kwargs: Any) -> None:
+        # Read every file's header first: refuses pickles before anything is unpickled, and keeps the
+        # stored dtypes and shapes that loading would otherwise cast away (``integrity``).
+        self.checkpoint = Checkpoint.read(checkpoint_files) if checkpoint_files else None
         self.modules_to_not_convert = modules_to_skip(model, self.quantization_config, keep_in_fp32_modules or [])
         if not self.calibrating:  # calibration needs the float model first
             replace_with_rbe_linear(model, self.quantization_config, self.modules_to_not_convert)
@@ -65,6 +70,8 @@ class RBEHfQuantizer(HfQuantizer):
                 module.rebuild_buffers()
                 for p in module.parameters(recurse=False):
                     p.requires_grad_(False)  # loaded stored tensors would otherwise be trainable
+        if self.pre_quantized and self.checkpoint is not None:
+            verify(model, self.checkpoint)
         for _, layer in packed_layers(model):
             layer.validate()
         if self.quantization_config.qat:
@@ -74,6 +81,9 @@ class RBEHfQuantizer(HfQuantizer):
 
     def get_quantize_ops(self) -> RBEQuantize:
         return RBEQuantize(self)
+
+    def get_state_dict_and_metadata(self, model: nn.Module) -> tuple[None, dict[str, str]]:
+        return None, record(model)  # layouts and checksums, in every safetensors file's metadata
 
     def is_serializable(self) -> bool:
         return True

@@ -7,6 +7,7 @@ same way.
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 from collections.abc import Iterable
 
@@ -105,6 +106,10 @@ def replace_with_rbe_linear(model: nn.Module, config: RBEConfig,
             replaced.append(name)
     if not replaced:
         logger.warning("hf-rbe: no Linear layer was converted; check modules_to_not_convert and shapes")
+    for pattern in config.overrides:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in replaced):
+            logger.warning("hf-rbe: override %r matches none of the converted layers (e.g. %s); it has no effect",
+                           pattern, replaced[0] if replaced else "none")
     return replaced
 
 
