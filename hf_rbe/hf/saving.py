@@ -84,7 +84,7 @@ def _commit(staging: Path, target: Path) -> None:
     if not target.exists():
         os.replace(staging, target)
         return
-    new = sorted(p.name for p in staging.iterdir())
+    new = {p.name for p in staging.iterdir()}
     for name in sorted(new, key=lambda n: (n == "config.json", not n.endswith(".safetensors"), n)):
         if (staging / name).is_dir():
             shutil.copytree(staging / name, target / name, dirs_exist_ok=True)

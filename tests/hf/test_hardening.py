@@ -357,6 +357,12 @@ def test_10_overrides_that_match_nothing_warn(tiny_llama_dir, caplog):
 # ----------------------------------------------------------------------------- fuzz
 
 
+def _presets():
+    from hypothesis import strategies as st
+
+    return st.sampled_from(["v2-3", "rbe-5"])
+
+
 def _mutations():
     """A hypothesis strategy of one edit to a saved checkpoint: (kind, details)."""
     from hypothesis import strategies as st
@@ -429,9 +435,3 @@ def test_fuzz_a_tampered_checkpoint_is_refused_or_identical(saved, tmp_path_fact
 
     run()
     assert outcomes["refused"] > 10 and outcomes["identical"] > 0, outcomes  # both branches exercised
-
-
-def _presets():
-    from hypothesis import strategies as st
-
-    return st.sampled_from(["v2-3", "rbe-5"])
