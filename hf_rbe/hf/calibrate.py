@@ -12,10 +12,14 @@
    the block; each layer is then encoded with ``RBELinear.encode(weight, hessian=H)`` (LDLQ and
    H-weighted scales, ``core.calibrate``) and swapped in.
 
-4. **Fine-tuning (optional, ``calibration_finetune_steps``).** With the codes fixed, the block's
+4. **Block fine-tuning (optional, ``calibration_finetune_steps``).** With the codes fixed, the block's
    per-layer scales, biases and norm weights are trained (Adam) so that on its quantized-path
    inputs it reproduces the full-precision model's activations at its output (as AQLM and
    QuIP# fine-tune their continuous parameters), which also corrects what earlier blocks lost.
+5. **End to end (optional, ``calibration_e2e_steps``).** Last, the same parameters of the whole
+   model train together against the full-precision model's final hidden states, captured
+   before anything was quantized (a language model: the KL divergence of the next-token
+   distributions its head gives them), as AQLM's global fine-tuning does.
 
 Layers outside the blocks (a pooler, say) are encoded calibration-free. The result is an
 ordinary RBE model: loading it needs no calibration, and its config records how it was made.
@@ -24,9 +28,11 @@ ordinary RBE model: loading it needs no calibration, and its config records how 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
@@ -194,8 +200,11 @@ def quantize_calibrated(model: nn.Module, config: RBEConfig, skip: list[str], to
     factory = LayerFactory(config)
     was_training = model.training
     model.eval()
+    ft_steps, e2e_steps = finetune_steps(model, config)
+    windows = list(ids.split(1))  # the end-to-end fine-tune takes one window per step
+    teacher = [t for b in batches for t in features(model, b).split(1)] if e2e_steps else []
     calls = _first_block_inputs(model, blocks[0], batches)
-    fp_calls = calls if config.calibration_finetune_steps else None  # the full-precision path, for targets
+    fp_calls = calls if ft_steps else None  # the full-precision path, for targets
     errors = []
     for i, block in enumerate(tqdm(blocks, desc="RBE-calibrating blocks", unit="block")):
         inner = {n: m for n, m in targets.items() if n.startswith(f"{prefix}.{i}.")}
@@ -212,46 +221,120 @@ def quantize_calibrated(model: nn.Module, config: RBEConfig, skip: list[str], to
             errors.append(_swap(model, factory, name, module, hessians[name], config, kept.get(name)))
         link_shared_tables(model)
         if fp_calls is not None:
-            finetune_block(block, calls, [_hidden(c) for c in fp_calls], config)
+            finetune_block(block, calls, [_hidden(c) for c in fp_calls], ft_steps, config.calibration_finetune_lr)
             link_shared_tables(model)
         calls = [_with_hidden(call, _run(block, call)) for call in calls]
     rest = [(n, m) for n, m in targets.items() if not n.startswith(prefix + ".")]
     for name, module in rest:  # outside the blocks: calibration-free
         _swap(model, factory, name, module, None, config, None)
     link_shared_tables(model)
+    if teacher:
+        loss = finetune_model(model, windows, teacher, e2e_steps, config.calibration_e2e_lr)
+        link_shared_tables(model)
+        logger.info("end-to-end fine-tune: final loss %.4f", loss)
     model.train(was_training)
     if errors:
         logger.info("calibrated %d layers; mean relative output error on the calibration inputs %.4f",
                     len(errors), sum(errors) / len(errors))
-    config.calibrated_with = config.calibration_record()
+    config.calibrated_with = {**config.calibration_record(), "finetune_steps": ft_steps, "e2e_steps": e2e_steps}
     return model
 
 
-@torch.enable_grad()
-def finetune_block(block: nn.Module, calls: list[tuple[tuple, dict]], targets: list[torch.Tensor],
-                   config: RBEConfig) -> float:
+def _head(model: nn.Module) -> nn.Module | None:
+    return model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+
+
+def finetune_steps(model: nn.Module, config: RBEConfig) -> tuple[int, int]:
+    """(per-block, end-to-end) fine-tuning steps; ``None`` settings: 32 for a model with an output
+    head, none for an encoder (measured: ``RBEConfig``'s docstring)."""
+    auto = 32 if _head(model) is not None else 0
+    ft, e2e = config.calibration_finetune_steps, config.calibration_e2e_steps
+    return (auto if ft is None else ft), (auto if e2e is None else e2e)
+
+
+def finetune_block(block: nn.Module, calls: list[tuple[tuple, dict]], targets: list[torch.Tensor], steps: int,
+                   lr: float) -> float:
     """Train the block's continuous parameters (per-layer scales, biases, norm weights; codes and
     shared tables fixed) so that, on its quantized-path inputs, it reproduces the full-precision
     model's activations at its output. Returns the final relative error."""
-    prepare_qat(block, train_quantizer=True)
-    qat = [m for m in block.modules() if isinstance(m, RBEQATLinear)]
+    def loss(step: int) -> torch.Tensor:
+        j = step % len(calls)
+        out, tgt = _run(block, calls[j]).float(), targets[j].float()
+        return (out - tgt).pow(2).mean() / tgt.pow(2).mean().clamp_min(1e-30)
+
+    return train_continuous(block, loss, steps, lr)
+
+
+def features(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """What the end-to-end fine-tune matches: the input of the output head (the final hidden
+    states a language model turns into logits) or, with no head, the last block's output."""
+    head = _head(model)
+    captured: list[torch.Tensor] = []
+    if head is not None:
+        def pre(module: nn.Module, args: tuple) -> None:
+            captured.append(args[0])
+            raise _Stop
+        handle = head.register_forward_pre_hook(pre)
+    else:
+        def post(module: nn.Module, args: tuple, out: Any) -> None:
+            captured.append(out[0] if isinstance(out, tuple) else out)
+            raise _Stop
+        handle = find_blocks(model)[1][-1].register_forward_hook(post)
+    try:
+        model(input_ids=ids, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return captured[0]
+
+
+def finetune_model(model: nn.Module, batches: list[torch.Tensor], teacher: list[torch.Tensor], steps: int,
+                   lr: float) -> float:
+    """End-to-end fine-tune of every continuous parameter (scales, biases, norms) of the quantized
+    ``model`` against the full-precision model's :func:`features` (``teacher``, one per batch):
+    for a language model the KL divergence of the next-token distributions (both through the
+    model's head), otherwise the relative squared error. Returns the final loss."""
+    head = _head(model)
+
+    def loss(step: int) -> torch.Tensor:
+        j = step % len(batches)
+        out, tgt = features(model, batches[j]).float(), teacher[j].float()
+        if head is None:
+            return (out - tgt).pow(2).mean() / tgt.pow(2).mean().clamp_min(1e-30)
+        w = head.weight.float()
+        student = torch.log_softmax(F.linear(out, w), -1).flatten(0, -2)
+        with torch.no_grad():
+            target = torch.log_softmax(F.linear(tgt, w), -1).flatten(0, -2)
+        return F.kl_div(student, target, log_target=True, reduction="batchmean")
+
+    return train_continuous(model, loss, steps, lr, progress="RBE fine-tuning end to end")
+
+
+@torch.enable_grad()
+def train_continuous(module: nn.Module, loss: Callable[[int], torch.Tensor], steps: int, lr: float,
+                     progress: str | None = None) -> float:
+    """Adam on ``module``'s continuous RBE parameters (per-layer scales, biases, norm weights;
+    codes and tables fixed) for ``steps`` steps of ``loss(step)``; RBE layers are put back with
+    the trained scales. ``progress``: a progress bar's title (``None``: no bar). Returns the last loss."""
+    prepare_qat(module, train_quantizer=True)
+    qat = [m for m in module.modules() if isinstance(m, RBEQATLinear)]
     params = [p for m in qat for p in m.trainable_scales()]
     params += [m.bias for m in qat if m.bias is not None]
-    params += [p for m in norms(block) for p in m.parameters(recurse=False)]
-    for p in block.parameters():
+    params += [p for m in norms(module) for p in m.parameters(recurse=False)]
+    was = {id(p): p.requires_grad for p in module.parameters()}
+    for p in module.parameters():
         p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
     # Adam steps on fp32 master copies: in a half-precision model its second moments underflow
     # and its updates become inf (fp16) or vanish (bf16).
     masters = [p.detach().float().requires_grad_(True) for p in params]
-    opt = torch.optim.Adam(masters, lr=config.calibration_finetune_lr)
+    opt = torch.optim.Adam(masters, lr=lr)
     err = 0.0
-    for step in range(config.calibration_finetune_steps):
-        j = step % len(calls)
-        out, tgt = _run(block, calls[j]).float(), targets[j].float()
-        loss = (out - tgt).pow(2).mean() / tgt.pow(2).mean().clamp_min(1e-30)
-        loss.backward()
+    for step in tqdm(range(steps), desc=progress, unit="step", disable=progress is None):
+        value = loss(step)
+        value.backward()
         for p, m in zip(params, masters):
             m.grad = None if p.grad is None else p.grad.float()
             p.grad = None
@@ -259,12 +342,12 @@ def finetune_block(block: nn.Module, calls: list[tuple[tuple, dict]], targets: l
         with torch.no_grad():
             for p, m in zip(params, masters):
                 p.copy_(m)
-        err = float(loss.detach())
-    for p in params:
-        p.requires_grad_(False)
-    for name, m in list(block.named_modules()):  # the trained scales (fp16) into the codes, RBE layers back
+        err = float(value.detach())
+    for p in module.parameters():
+        p.requires_grad_(was.get(id(p), False))
+    for name, m in list(module.named_modules()):  # the trained scales (fp16) into the codes, RBE layers back
         if isinstance(m, RBEQATLinear):
-            block.set_submodule(name, m.to_rbe())
+            module.set_submodule(name, m.to_rbe())
     return err
 
 

@@ -10,7 +10,7 @@ from conftest import assert_fresh_reload_identical, rel_mse, tiny_llama_config
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from hf_rbe import RBEConfig, RBELinear, quantize_model
-from hf_rbe.hf.calibrate import calibration_ids, find_blocks
+from hf_rbe.hf.calibrate import calibration_ids, features, find_blocks, finetune_model
 
 TEXT = ["the quick brown fox jumps over the lazy dog and keeps running through the fields " * 6,
         "a calibration text is any text the model would read in use; repetition keeps this one small " * 6]
@@ -28,7 +28,7 @@ class CharTokenizer:
 
 def _cfg(**kw) -> RBEConfig:
     settings = dict(dataset=TEXT, tokenizer=CharTokenizer(), calibration_samples=8, calibration_seqlen=32,
-                    calibration_batch_size=4, calibration_finetune_steps=0)
+                    calibration_batch_size=4, calibration_finetune_steps=0, calibration_e2e_steps=0)
     return RBEConfig.from_preset("v2-2", **{**settings, **kw})
 
 
@@ -68,7 +68,7 @@ def test_calibrate_on_load_save_and_reload_bit_identical(tmp_path):
     saved = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
     assert saved["dataset"] is None and saved["tokenizer"] is None  # the record, not the data
     assert saved["calibrated_with"] == {"dataset": "2 texts", "samples": 8, "seqlen": 32, "seed": 0,
-                                        "damp_percent": 0.01, "finetune_steps": 0}
+                                        "damp_percent": 0.01, "finetune_steps": 0, "e2e_steps": 0}
     assert_fresh_reload_identical(tmp_path / "out", ids, logits)
 
 
@@ -101,3 +101,80 @@ def test_blocks_are_found_in_decoders_and_encoders():
     assert find_blocks(GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2)))[0] == "transformer.h"
     bert = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64))
     assert find_blocks(bert)[0] == "encoder.layer"
+
+
+def _kl(model, ref, batches) -> float:
+    with torch.no_grad():
+        return sum(float(torch.nn.functional.kl_div(model(b).logits.log_softmax(-1).flatten(0, 1),
+                                                    ref(b).logits.log_softmax(-1).flatten(0, 1),
+                                                    log_target=True, reduction="batchmean")) for b in batches)
+
+
+def _peaked() -> LlamaForCausalLM:
+    """A tiny random Llama with sharper next-token distributions than a random model's nearly
+    uniform ones (so KL measures something) and full-rank inputs (so 2-bit codes lose some)."""
+    torch.manual_seed(0)
+    m = LlamaForCausalLM(tiny_llama_config())
+    with torch.no_grad():
+        m.model.norm.weight.mul_(30)
+    return m.eval()
+
+
+def test_end_to_end_finetune_lowers_the_kl_and_keeps_the_codes():
+    ref = _peaked()
+    batches = list(calibration_ids(_cfg(), CharTokenizer(), 128).split(4))
+    with torch.no_grad():
+        teacher = [features(ref, b) for b in batches]
+    model = quantize_model(_peaked(), _cfg())
+    codes = {k: v.clone() for k, v in model.state_dict().items() if not v.is_floating_point()}
+    before = _kl(model, ref, batches)
+    finetune_model(model, batches, teacher, steps=32, lr=1e-3)
+    after = _kl(model, ref, batches)
+    assert after < 0.8 * before, (before, after)
+    assert isinstance(model.model.layers[1].mlp.down_proj, RBELinear)  # RBE layers back in place
+    state = model.state_dict()
+    assert state.keys() >= codes.keys() and all(torch.equal(state[k], c) for k, c in codes.items())  # codes kept
+
+
+def test_end_to_end_finetune_of_an_encoder_matches_its_last_hidden_states():
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    bert_cfg = BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                          vocab_size=128)
+    ref = BertModel(bert_cfg).eval()
+    model = BertModel(bert_cfg).eval()
+    model.load_state_dict(ref.state_dict())
+    batches = list(calibration_ids(_cfg(), CharTokenizer(), 128).split(4))
+    with torch.no_grad():
+        teacher = [features(ref, b) for b in batches]
+    assert teacher[0].shape == (4, 32, 64)
+    quantize_model(model, _cfg())
+
+    def err() -> float:
+        with torch.no_grad():
+            return sum(rel_mse(model(b).last_hidden_state, t) for b, t in zip(batches, teacher))
+
+    before = err()
+    finetune_model(model, batches, teacher, steps=32, lr=1e-3)
+    assert err() < 0.8 * before
+
+
+def test_calibration_runs_the_end_to_end_finetune_and_records_it():
+    # wiring: the pipeline runs the fine-tune (held-out gains are measured on real models, recipes/calibrate.py)
+    windows = list(calibration_ids(_cfg(), CharTokenizer(), 128).split(4))
+    ref = _peaked()
+    block_only = quantize_model(_peaked(), _cfg(calibration_finetune_steps=8))
+    e2e = quantize_model(_peaked(), _cfg(calibration_finetune_steps=8, calibration_e2e_steps=32,
+                                         calibration_e2e_lr=1e-3))
+    e_block, e_e2e = _kl(block_only, ref, windows), _kl(e2e, ref, windows)
+    assert e_e2e < 0.95 * e_block, (e_block, e_e2e)  # equal if the fine-tune never ran
+    assert e2e.config.quantization_config.calibrated_with["e2e_steps"] == 32
+
+
+@pytest.mark.parametrize("field,value", [("calibration_e2e_steps", -1), ("calibration_e2e_steps", True),
+                                         ("calibration_e2e_steps", 2.0), ("calibration_e2e_lr", 0),
+                                         ("calibration_e2e_lr", float("nan")), ("calibration_finetune_lr", True)])
+def test_bad_finetune_settings_are_refused(field, value):
+    with pytest.raises(ValueError, match=field):
+        _cfg(**{field: value})
