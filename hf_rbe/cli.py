@@ -135,7 +135,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
         render(args.out)
     else:
         ensure(*args.models, "wikipedia", "austen", "movie_reviews")
-        run(args.models, args.families, args.tokens, args.context, args.stride, args.out)
+        run(args.models, args.families, args.tokens, args.context, args.stride, args.out, args.merge)
     print(Path(args.out).with_suffix(".md").read_text())
     print(f"-> {args.out}.json, .md, .png")
 
@@ -173,6 +173,7 @@ def cmd_data(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .data.fetch import SOURCES
+    from .evaluation.compare.methods import FAMILIES
     from .hf.config import PRESETS
 
     ap = argparse.ArgumentParser(prog="hf-rbe", description=__doc__,
@@ -199,10 +200,14 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="RBE next to HQQ, optimum-quanto and bitsandbytes: table, JSON and plot",
                        description="Quantize SmolLM2-135M and all-MiniLM-L6-v2 with every method and measure "
                                    "perplexity (Wikipedia, Austen), embedding cosine, probe accuracy, bits per "
-                                   "weight, disk, memory and time. About 40 minutes on 2 CPU cores.")
+                                   "weight, disk, memory and time. About 55 minutes on 2 CPU cores (the calibrated "
+                                   "SmolLM2 row takes 11).")
     c.add_argument("--models", nargs="+", default=["smollm2", "minilm"], choices=["smollm2", "minilm"])
-    c.add_argument("--families", nargs="+", choices=["fp32", "RBE", "seed64", "HQQ", "quanto", "bitsandbytes"],
+    c.add_argument("--families", nargs="+", choices=FAMILIES,
                    help="only these method families (default: all; seed64 runs on SmolLM2 only if named)")
+    c.add_argument("--merge", action="store_true",
+                   help="keep OUT.json's rows of the methods this run does not measure (the report says which run "
+                        "measured what)")
     c.add_argument("--tokens", type=_positive_int, default=8192, help="tokens of each corpus scored for perplexity")
     c.add_argument("--context", type=_positive_int, default=1024)
     c.add_argument("--stride", type=_positive_int, default=1024)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
 import sys
 from datetime import date
 from pathlib import Path
@@ -26,8 +27,8 @@ def _command() -> str:
     """The command line as typed: ``hf-rbe compare``, or ``python recipes/x.py --flag``."""
     prog = Path(sys.argv[0]).name if sys.argv else ""
     if prog == "hf-rbe":
-        return " ".join(["hf-rbe", *sys.argv[1:]])
-    return "python " + " ".join(sys.argv)
+        return shlex.join(["hf-rbe", *sys.argv[1:]])
+    return "python " + shlex.join(sys.argv)  # quoted where needed: --families "RBE v2"
 
 
 def write_results(out: str | Path, meta: dict[str, str], rows: list[dict] | dict[str, Any], markdown: str) -> None:

@@ -302,10 +302,10 @@ def finetune_model(model: nn.Module, batches: list[torch.Tensor], teacher: list[
         out, tgt = features(model, batches[j]).float(), teacher[j].float()
         if head is None:
             return (out - tgt).pow(2).mean() / tgt.pow(2).mean().clamp_min(1e-30)
-        w = head.weight.float()
-        student = torch.log_softmax(F.linear(out, w), -1).flatten(0, -2)
+        w, b = head.weight.float(), None if getattr(head, "bias", None) is None else head.bias.float()
+        student = torch.log_softmax(F.linear(out, w, b), -1).flatten(0, -2)
         with torch.no_grad():
-            target = torch.log_softmax(F.linear(tgt, w), -1).flatten(0, -2)
+            target = torch.log_softmax(F.linear(tgt, w, b), -1).flatten(0, -2)
         return F.kl_div(student, target, log_target=True, reduction="batchmean")
 
     return train_continuous(model, loss, steps, lr, progress="RBE fine-tuning end to end")

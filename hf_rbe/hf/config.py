@@ -98,7 +98,7 @@ class RBEConfig(QuantizationConfigMixin):
         tokenizer: the tokenizer (or its name) for ``dataset``; default: the model's own.
         calibration_samples, calibration_seqlen: windows of the text used, and their length in tokens.
             The calibration defaults are the settings measured in ``recipes/calibrate.py`` (about
-            10 minutes for SmolLM2-135M on 2 CPU cores).
+            11 minutes for SmolLM2-135M on 2 CPU cores, end-to-end step included).
         calibration_batch_size: windows per forward pass while calibrating.
         calibration_seed: which windows (deterministic).
         damp_percent: damping added to the calibration Hessians (fraction of their mean diagonal).

@@ -74,3 +74,38 @@ def test_compare_render_writes_table_and_plot(tmp_path):
     assert "context 1024, stride 1024" in md
     png = out.with_suffix(".png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_merge_replaces_remeasured_rows_and_the_report_says_which_run_measured_what(tmp_path):
+    import json
+
+    from hf_rbe.cli import main
+    from hf_rbe.evaluation.compare.methods import SMOLLM2, methods
+    from hf_rbe.evaluation.compare.run import merged
+
+    calibrated = {m.name: m for m in methods(["RBE v2 calibrated"])}
+    assert list(calibrated) == ["RBE v2-3 calibrated"]
+    old_meta = {"machine": "test box", "date": "2026-11-23", "command": "hf-rbe compare", "wall_seconds": 120,
+                "families": None}
+    new_meta = {"machine": "test box", "date": "2026-11-24", "command": "hf-rbe compare --families RBE --merge",
+                "wall_seconds": 600, "families": ["RBE", "RBE v2 calibrated"]}
+    lm = dict(model=SMOLLM2, tokens=8192, tokens_scored=8184, context=1024, stride=1024, load_seconds=600.0,
+              peak_load_mib=10.0, bytes_on_disk=None, quantized_weights=100, austen_ppl=40.0)
+    fresh = [{**lm, "method": "RBE rbe-3", "family": "RBE", "bits_per_weight": 3.02, "wikipedia_ppl": 23.0},
+             {**lm, "method": "RBE v2-3 calibrated", "family": "RBE v2 calibrated", "bits_per_weight": 3.05,
+              "wikipedia_ppl": 24.0}]
+    rows, meta = merged({"meta": old_meta, "rows": _rows()}, fresh, new_meta)
+    names = [r["method"] for r in rows if r["model"] == SMOLLM2]
+    assert names == ["fp32 (unquantized)", "RBE rbe-2", "RBE rbe-3", "RBE v2-3 calibrated", "HQQ 2-bit g64",
+                     "HQQ 3-bit g64", "bitsandbytes NF4"]  # table order; the old rbe-3 row replaced, not doubled
+    assert next(r for r in rows if r["method"] == "RBE rbe-3")["wikipedia_ppl"] == 23.0
+    assert len(rows) == len(_rows()) + 1 and meta["earlier"] == [old_meta]
+
+    out = tmp_path / "cmp"
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}))
+    main(["compare", "--render-only", "--out", str(out)])
+    md = out.with_suffix(".md").read_text()
+    assert "Measured by `hf-rbe compare` on test box, 2026-11-23 (2 minutes); then re-measured or added:" in md
+    assert "- RBE, RBE v2 calibrated rows: `hf-rbe compare --families RBE --merge` on test box, 2026-11-24" in md
+    assert "| RBE v2-3 calibrated | 3.050 | 24.00 |" in md
+    assert "RBE v2-3 calibrated (3.05 bpw) ahead of HQQ 3-bit g64: 24 vs 25: **met**" in md

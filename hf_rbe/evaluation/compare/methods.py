@@ -1,5 +1,8 @@
 """The rows of ``hf-rbe compare``: each method and how it gets its quantized model from the fp32 checkpoint.
 
+RBE rows: format v1 (the paper's codes), format v2 calibration-free, and format v2 calibrated
+(``RBEConfig``'s calibration defaults; the load time then includes calibration).
+
 HQQ runs through the ``hqq`` library's own ``HQQLinear`` (transformers 5.23 has no HQQ
 loader); optimum-quanto and bitsandbytes through their transformers configs.
 """
@@ -18,7 +21,12 @@ from ...hf.config import RBEConfig
 SMOLLM2, MINILM = "SmolLM2-135M", "all-MiniLM-L6-v2"
 PROBE_TRAIN, PROBE_TEST = 2000, 1000  # movie-review snippets for the sentiment probe
 BASELINES = ("HQQ", "quanto", "bitsandbytes")
+FAMILIES = ("fp32", "RBE", "RBE v2", "RBE v2 calibrated", "seed64", *BASELINES)  # table and plot order
 RBE_SETTINGS = ("rbe-1.5", "rbe-2", "rbe-2.5", "rbe-3", "rbe-4", "rbe-4.5")
+RBE_V2_SETTINGS = ("v2-2", "v2-3", "v2-4")
+# Calibrated on the Wikipedia text after its first 32,768 tokens: disjoint from the scored start. About
+# 11 minutes per SmolLM2 row, so one row here; the sweep over bits is recipes/calibrate.py.
+CALIBRATED, CALIBRATED_SETTINGS = {"dataset": "wikipedia"}, ("v2-3",)
 
 
 @dataclass
@@ -26,7 +34,7 @@ class Method:
     """One row of the comparison: how to get the quantized model from the fp32 checkpoint."""
 
     name: str
-    family: str  # one line in the plot
+    family: str  # one line in the plot, one of FAMILIES
     load: Callable[[str, type], nn.Module]  # (checkpoint path, Auto class) -> quantized model
 
 
@@ -61,6 +69,9 @@ def methods(families: list[str] | None = None) -> list[Method]:
 
     rows = [Method("fp32 (unquantized)", "fp32", _fp32)]
     rows += [Method(f"RBE {p}", "RBE", _with_config(RBEConfig.from_preset(p))) for p in RBE_SETTINGS]
+    rows += [Method(f"RBE {p}", "RBE v2", _with_config(RBEConfig.from_preset(p))) for p in RBE_V2_SETTINGS]
+    rows += [Method(f"RBE {p} calibrated", "RBE v2 calibrated", _with_config(RBEConfig.from_preset(p, **CALIBRATED)))
+             for p in CALIBRATED_SETTINGS]
     rows += [Method("seed64 + scale + rbe-2.5 residual", "seed64",
                     _with_config(RBEConfig.from_preset("rbe-2.5", codec="seed64", tile=32, residual="rbe")))]
     rows += [Method(f"HQQ {b}-bit g64", "HQQ", _hqq(b, 64)) for b in (2, 3, 4)]

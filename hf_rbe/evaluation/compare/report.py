@@ -39,6 +39,11 @@ def targets(rows: list[dict]) -> list[str]:
         out.append(f"- ~3 bits, RBE rbe-3 ahead of {h3['method']} ({h3['bits_per_weight']:.2f} bpw): "
                    f"{r3['wikipedia_ppl']:.4g} vs {h3['wikipedia_ppl']:.4g}: "
                    f"**{'met' if r3['wikipedia_ppl'] < h3['wikipedia_ppl'] else 'missed'}**")
+    c3 = next((r for r in lm if r["method"] == "RBE v2-3 calibrated"), None)
+    if h3 and c3:
+        out.append(f"- ~3 bits, RBE v2-3 calibrated ({c3['bits_per_weight']:.2f} bpw) ahead of {h3['method']}: "
+                   f"{c3['wikipedia_ppl']:.4g} vs {h3['wikipedia_ppl']:.4g}: "
+                   f"**{'met' if c3['wikipedia_ppl'] < h3['wikipedia_ppl'] else 'missed'}**")
     return out
 
 
@@ -56,9 +61,19 @@ def _table(rows: list[dict], columns: dict[str, Callable[[dict], str]]) -> list[
     return lines
 
 
-def markdown(rows: list[dict], meta: dict) -> str:
+def _run_line(meta: dict) -> str:
     took = f" ({meta['wall_seconds'] / 60:.0f} minutes)" if "wall_seconds" in meta else ""
-    lines = [f"`{meta['command']}` on {meta['machine']}, {meta['date']}{took}", ""]
+    return f"`{meta['command']}` on {meta['machine']}, {meta['date']}{took}"
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    runs = [*meta.get("earlier", []), meta]
+    if len(runs) == 1:
+        lines = [_run_line(meta), ""]
+    else:  # merged runs: each later one re-measured its families' rows
+        lines = ["Measured by " + _run_line(runs[0]) + "; then re-measured or added:"]
+        lines += [f"- {', '.join(m.get('families') or ['all'])} rows: {_run_line(m)}" for m in runs[1:]]
+        lines.append("")
     bpw: Callable[[dict], str] = lambda r: f"{r['bits_per_weight']:.3f}"  # noqa: E731
     lm = [r for r in rows if r["model"] == SMOLLM2]
     if lm:

@@ -171,8 +171,9 @@ def _short(row: dict) -> str:
 
 
 def run(models: list[str], families: list[str] | None, tokens: int, context: int, stride: int,
-        out: str) -> dict[str, Any]:
-    """Measure, then write ``out``.json/.md/.png; returns the JSON content."""
+        out: str, merge: bool = False) -> dict[str, Any]:
+    """Measure, then write ``out``.json/.md/.png; returns the JSON content. ``merge``: keep the rows
+    of an existing ``out``.json that this run does not measure again (its meta goes to ``earlier``)."""
     ms = methods(families)
     t0 = time.perf_counter()
     rows: list[dict] = []
@@ -183,10 +184,24 @@ def run(models: list[str], families: list[str] | None, tokens: int, context: int
         rows += compare_smollm2(lm, tokens, context, stride)
     if "minilm" in models:
         rows += compare_minilm(ms)
-    result = {"meta": {**run_meta(), "wall_seconds": round(time.perf_counter() - t0)}, "rows": rows,
-              "targets": targets(rows)}
+    meta = {**run_meta(), "wall_seconds": round(time.perf_counter() - t0), "families": families}
     path = Path(out)
+    if merge and path.with_suffix(".json").exists():
+        rows, meta = merged(json.loads(path.with_suffix(".json").read_text()), rows, meta)
+    result = {"meta": meta, "rows": rows, "targets": targets(rows)}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.with_suffix(".json").write_text(json.dumps(result, indent=2))
     render(path)
     return result
+
+
+def merged(old: dict[str, Any], rows: list[dict], meta: dict[str, Any]) -> tuple[list[dict], dict[str, Any]]:
+    """Rows of ``old`` that ``rows`` do not replace, then ``rows``, in table order; ``meta`` with
+    the runs before it under ``earlier`` (so the report can say which run measured what)."""
+    fresh = {(r["model"], r["method"]) for r in rows}
+    kept = [r for r in old["rows"] if (r["model"], r["method"]) not in fresh]
+    order = {m.name: i for i, m in enumerate(methods())}
+    models = [SMOLLM2, MINILM]
+    rows = sorted(kept + rows, key=lambda r: (models.index(r["model"]), order.get(r["method"], len(order))))
+    before = {k: v for k, v in old["meta"].items() if k != "earlier"}
+    return rows, {**meta, "earlier": [*old["meta"].get("earlier", []), before]}
