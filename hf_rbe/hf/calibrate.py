@@ -128,13 +128,18 @@ def _first_block_inputs(model: nn.Module, block: nn.Module, batches: list[torch.
     handle = block.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         for ids in batches:
-            try:
-                model(input_ids=ids, use_cache=False)
-            except _Stop:
-                pass
+            _run_to_hook(model, ids)
     finally:
         handle.remove()
     return captured
+
+
+def _run_to_hook(model: nn.Module, ids: torch.Tensor) -> None:
+    """Run ``model`` on ``ids`` until a capturing hook raises ``_Stop`` (nothing after it is needed)."""
+    try:
+        model(input_ids=ids, use_cache=False)
+    except _Stop:
+        pass
 
 
 def _hidden(call: tuple[tuple, dict]) -> torch.Tensor:
@@ -281,9 +286,7 @@ def features(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
             raise _Stop
         handle = find_blocks(model)[1][-1].register_forward_hook(post)
     try:
-        model(input_ids=ids, use_cache=False)
-    except _Stop:
-        pass
+        _run_to_hook(model, ids)
     finally:
         handle.remove()
     return captured[0]
