@@ -2,15 +2,18 @@
 
 1. **Text to windows.** ``dataset`` (strings, a ``datasets.Dataset``, or a corpus name) is joined,
    tokenized once and cut into ``calibration_samples`` windows of ``calibration_seqlen`` tokens
-   (deterministic). A named offline corpus skips its first ``TRAIN_START`` tokens: that is the
-   held-out text the perplexity recipes score, so calibration never sees it.
+   (deterministic), each framed by the tokenizer's special tokens. A named offline corpus skips
+   its first ``TRAIN_START`` tokens: that is the held-out text the perplexity recipes score, so
+   calibration never sees it.
 2. **Sequential blocks.** The model's repeated blocks (decoder layers, encoder layers) are taken
    one at a time: the inputs of block ``i`` are the outputs of blocks ``0 .. i-1`` *already
    quantized* (GPTQ's sequential order), so each block corrects what the ones before it lost.
    Only one block's activations are held at once.
 3. **Per layer.** Forward hooks sum ``H = x^T x`` over the calibration tokens for every layer of
-   the block; each layer is then encoded with ``RBELinear.encode(weight, hessian=H)`` (LDLQ and
-   H-weighted scales, ``core.calibrate``) and swapped in.
+   the block (with ``calibration_fisher``, each token weighted by the squared output gradient a
+   first Fisher pass measured there: :func:`fisher`); each layer is then encoded with
+   ``RBELinear.encode(weight, hessian=H)`` (LDLQ and H-weighted scales, ``core.calibrate``) and
+   swapped in.
 
 4. **Block fine-tuning (optional, ``calibration_finetune_steps``).** With the codes fixed, the block's
    per-layer scales, biases and norm weights are trained (Adam) so that on its quantized-path
@@ -21,14 +24,17 @@
    before anything was quantized (a language model: the KL divergence of the next-token
    distributions its head gives them), as AQLM's global fine-tuning does.
 
-Layers outside the blocks (a pooler, say) are encoded calibration-free. The result is an
-ordinary RBE model: loading it needs no calibration, and its config records how it was made.
+With ``target_bits``, a Fisher-weighted measurement on the same windows first chooses each
+layer's code planes (``allocate``). Layers outside the blocks (a pooler, say) are encoded
+calibration-free. The result is an ordinary RBE model: loading it needs no calibration, and
+its config records how it was made.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -42,6 +48,7 @@ from ..core.packed import PackedLinear
 from ..core.qat import RBEQATLinear, prepare_qat
 from ..core.rbe_linear import RBELinear, link_shared_tables
 from ..data import CORPORA, TRAIN_START, text_dataset
+from .allocate import allocate
 from .config import RBEConfig
 from .replace import LayerFactory, eligible, encode_weight, float_weight
 
@@ -63,25 +70,50 @@ def _texts(dataset: Any) -> list[str]:
     return list(dataset["text"])
 
 
+def _frame(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """The special tokens ``tokenizer`` puts before and after one input (BERT: ``[CLS]`` and
+    ``[SEP]``; most language models: nothing, or a BOS)."""
+    def ids(special: bool) -> list[int]:
+        out = tokenizer("a", add_special_tokens=special).input_ids
+        return [int(i) for i in torch.as_tensor(out).flatten()]
+
+    bare, full = ids(False), ids(True)
+    for i in range(len(full) - len(bare) + 1):
+        if full[i : i + len(bare)] == bare:
+            return full[:i], full[i + len(bare) :]
+    return [], []
+
+
 def calibration_ids(config: RBEConfig, tokenizer: Any, vocab_size: int | None) -> torch.Tensor:
-    """int64 [samples, seqlen]: windows of the calibration text, the same for the same config."""
+    """int64 [samples, seqlen]: windows of the calibration text, the same for the same config,
+    each framed by the special tokens the tokenizer puts around one input (an encoder's
+    ``[CLS]`` is an attention sink whose activations are far larger than any word's: a layer
+    calibrated without it is encoded for inputs it never sees)."""
     dataset, seqlen = config.dataset, config.calibration_seqlen
     named = isinstance(dataset, str) and dataset in CORPORA
     text = "\n\n".join(_texts(dataset))
     if not text.strip():
         raise ValueError("the calibration dataset holds no text")
-    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    head, tail = _frame(tokenizer)
+    body = seqlen - len(head) - len(tail)
+    if body < 1:
+        raise ValueError(f"calibration_seqlen={seqlen} leaves no room for text between the tokenizer's "
+                         f"{len(head) + len(tail)} special tokens")
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
     if named:  # the held-out start of an offline corpus is what the perplexity recipes score
         ids = ids[TRAIN_START:]
-    if ids.numel() < seqlen:
+    if ids.numel() < body:
         raise ValueError(f"the calibration text has {ids.numel()} tokens{' after the held-out part' if named else ''}, "
-                         f"fewer than calibration_seqlen={seqlen}: give more text or a shorter calibration_seqlen")
-    if vocab_size is not None and int(ids.max()) >= vocab_size:
-        raise ValueError(f"the tokenizer produced id {int(ids.max())}, but the model's vocabulary has {vocab_size} "
-                         "entries: is it the model's tokenizer?")
+                         f"fewer than calibration_seqlen={seqlen} needs: give more text or a shorter one")
     g = torch.Generator().manual_seed(config.calibration_seed)
-    starts = torch.randint(0, ids.numel() - seqlen + 1, (config.calibration_samples,), generator=g)
-    return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+    starts = torch.randint(0, ids.numel() - body + 1, (config.calibration_samples,), generator=g)
+    windows = torch.stack([torch.cat([torch.tensor(head, dtype=ids.dtype), ids[s : s + body],
+                                      torch.tensor(tail, dtype=ids.dtype)]) for s in starts.tolist()])
+    top = max([int(ids.max()), *head, *tail])
+    if vocab_size is not None and top >= vocab_size:
+        raise ValueError(f"the tokenizer produced id {top}, but the model's vocabulary has {vocab_size} "
+                         "entries: is it the model's tokenizer?")
+    return windows
 
 
 def _tokenizer(model: nn.Module, config: RBEConfig, given: Any) -> Any:
@@ -158,21 +190,30 @@ def _run(block: nn.Module, call: tuple[tuple, dict]) -> torch.Tensor:
 
 
 class _Hessians:
-    """Sums ``x^T x`` of every watched layer's input while the block runs. Layers that read the
-    same input tensor (q, k, v; gate, up) share one product and one accumulated sum."""
+    """Sums ``x^T x`` of every watched layer's input while the block runs, one call per
+    calibration batch. With ``weights`` (:class:`Fisher`), token ``t`` of batch ``j`` counts
+    ``weights[name][j][t]`` times. Unweighted layers that read the same input tensor (q, k, v;
+    gate, up) share one product and one accumulated sum."""
 
-    def __init__(self, layers: dict[str, nn.Module]) -> None:
+    def __init__(self, layers: dict[str, nn.Module], weights: dict[str, list[torch.Tensor]] | None = None) -> None:
         self.h: dict[str, torch.Tensor] = {}
+        self.weights = weights or {}
+        self.calls = dict.fromkeys(layers, 0)
         self._last: tuple[torch.Tensor, torch.Tensor] | None = None  # (the last input, its x^T x)
         self.handles = [m.register_forward_hook(self._hook(name)) for name, m in layers.items()]
 
     def _hook(self, name: str):  # type: ignore[no-untyped-def]
         def add(module: nn.Module, args: tuple, output: Any) -> None:
             x = args[0]
-            if self._last is None or self._last[0] is not x:
-                flat = x.detach().reshape(-1, x.shape[-1]).float()
-                self._last = (x, flat.T @ flat)
-            h = self._last[1]
+            flat = x.detach().reshape(-1, x.shape[-1]).float()
+            if name in self.weights:
+                flat = flat * self.weights[name][self.calls[name]].reshape(-1, 1).to(flat).sqrt()
+                h = flat.T @ flat
+            else:
+                if self._last is None or self._last[0] is not x:
+                    self._last = (x, flat.T @ flat)
+                h = self._last[1]
+            self.calls[name] += 1
             self.h[name] = h.clone() if name not in self.h else self.h[name].add_(h)
         return add
 
@@ -195,6 +236,7 @@ class _Hessians:
 @torch.no_grad()
 def quantize_calibrated(model: nn.Module, config: RBEConfig, skip: list[str], tokenizer: Any = None) -> nn.Module:
     """Quantize ``model`` in place with calibration (module docstring); returns it."""
+    config.check_quantizable()
     tok = _tokenizer(model, config, tokenizer)
     device = next(model.parameters()).device
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
@@ -202,18 +244,25 @@ def quantize_calibrated(model: nn.Module, config: RBEConfig, skip: list[str], to
     batches = list(ids.split(config.calibration_batch_size))
     prefix, blocks = find_blocks(model)
     targets = dict(eligible(model, skip))
-    factory = LayerFactory(config)
     was_training = model.training
     model.eval()
     ft_steps, e2e_steps = finetune_steps(model, config)
+    weighted = config.calibration_fisher if config.calibration_fisher is not None else _head(model) is None
+    measured = fisher(model, targets, batches, config.calibration_seed, keep_features=e2e_steps > 0) \
+        if weighted or config.target_bits is not None else None
+    if config.target_bits is not None:  # before any layer is built: the chosen planes become overrides
+        planes = allocate(config, targets, measured.sensitivity, config.target_bits)
+        config.overrides.update({name: {"planes": list(p)} for name, p in planes.items()})
+    factory = LayerFactory(config)
     windows = list(ids.split(1))  # the end-to-end fine-tune takes one window per step
-    teacher = [t for b in batches for t in features(model, b).split(1)] if e2e_steps else []
+    teacher = [t for f in (measured.features if measured else [features(model, b) for b in batches])
+               for t in f.split(1)] if e2e_steps else []
     calls = _first_block_inputs(model, blocks[0], batches)
     fp_calls = calls if ft_steps else None  # the full-precision path, for targets
     errors = []
     for i, block in enumerate(tqdm(blocks, desc="RBE-calibrating blocks", unit="block")):
         inner = {n: m for n, m in targets.items() if n.startswith(f"{prefix}.{i}.")}
-        watch = _Hessians(inner)
+        watch = _Hessians(inner, measured.weights if weighted and measured else None)
         try:
             for call in calls:
                 _run(block, call)
@@ -241,7 +290,8 @@ def quantize_calibrated(model: nn.Module, config: RBEConfig, skip: list[str], to
     if errors:
         logger.info("calibrated %d layers; mean relative output error on the calibration inputs %.4f",
                     len(errors), sum(errors) / len(errors))
-    config.calibrated_with = {**config.calibration_record(), "finetune_steps": ft_steps, "e2e_steps": e2e_steps}
+    config.calibrated_with = {**config.calibration_record(), "finetune_steps": ft_steps, "e2e_steps": e2e_steps,
+                              "fisher": weighted}
     return model
 
 
@@ -387,3 +437,78 @@ def _swap(model: nn.Module, factory: LayerFactory, name: str, module: nn.Module,
         return 0.0
     link_shared_tables(model)
     return proxy_error(weight, layer.dequantize(torch.float32), hessian)
+
+
+@dataclass
+class Fisher:
+    """What one forward and backward pass of the full-precision model says about each layer."""
+
+    weights: dict[str, list[torch.Tensor]]  # per batch: [batch, seq] mean squared output gradient per token
+    sensitivity: dict[str, float]  # ``s_l`` of ``allocate``'s docstring
+    features: list[torch.Tensor]  # per batch with ``keep_features``: :func:`features` (the end-to-end teacher)
+
+
+@torch.enable_grad()
+def fisher(model: nn.Module, layers: dict[str, nn.Module], batches: list[torch.Tensor], seed: int = 0,
+           keep_features: bool = False) -> Fisher:
+    """Gradients at every layer's output under the Fisher information: a language model
+    backpropagates next-token labels sampled from its own distribution, an encoder random
+    Gaussian projections of its last hidden states. Each token's mean squared gradient (normalised
+    to mean 1 per layer) weighs it in the layer's Hessian: the output error ``|dW x_t|^2`` then
+    counts as much as it moves the model's output, so tokens the model leans on (an encoder's
+    ``[CLS]`` attention sink, whose value vectors every token reads) are encoded most exactly."""
+    head = _head(model)
+    weights: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
+    sums = dict.fromkeys(layers, 0.0)
+    seen: list[torch.Tensor] = []
+
+    def watch(name: str, module: nn.Module) -> Any:
+        w = float_weight(module).float()
+        rows = w.pow(2).sum(1) / w.shape[1]
+
+        def forward(mod: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            x = args[0].detach().float()
+            inputs = x.pow(2).sum(-1) / x.shape[-1]
+
+            def backward(g: torch.Tensor) -> None:
+                g2 = g.detach().float().pow(2)
+                weights[name].append(g2.mean(-1))
+                sums[name] += float((g2 @ rows * inputs).sum())
+
+            out.register_hook(backward)
+        return forward
+
+    # Gradients flow from the embedding output only: the weights' own gradients are not needed.
+    grads = {id(p): p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    handles = [model.get_input_embeddings().register_forward_hook(lambda m, a, out: out.detach().requires_grad_())]
+    handles += [m.register_forward_hook(watch(n, m)) for n, m in layers.items()]
+    g = torch.Generator(device=batches[0].device).manual_seed(seed)
+    try:
+        for ids in tqdm(batches, desc="RBE-measuring output sensitivity", unit="batch"):
+            out = features(model, ids)
+            if keep_features:
+                seen.append(out.detach())
+            h = out.float()
+            if head is not None:
+                b = None if getattr(head, "bias", None) is None else head.bias.float()
+                logits = F.linear(h, head.weight.float(), b).flatten(0, -2)
+                with torch.no_grad():
+                    labels = torch.multinomial(logits.softmax(-1), 1, generator=g)[:, 0]
+                loss = F.cross_entropy(logits, labels, reduction="sum")
+            else:
+                loss = (h * torch.randn(h.shape, generator=g, device=h.device)).sum()
+            loss.backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+        for p in model.parameters():
+            p.requires_grad_(grads[id(p)])
+    for name, per_batch in weights.items():
+        if len(per_batch) != len(batches):  # a layer the loss does not reach (a pooler) stays unweighted
+            weights[name] = []
+            continue
+        mean = torch.cat([w.flatten() for w in per_batch]).mean().clamp_min(1e-30)
+        weights[name] = [w / mean for w in per_batch]
+    return Fisher({n: w for n, w in weights.items() if w}, sums, seen)

@@ -68,6 +68,7 @@ def quantize_model(model: nn.Module, config: RBEConfig | None = None, modules_to
     text (``calibrate``; ``tokenizer`` or ``config.tokenizer`` tokenizes it).
     """
     config = config or RBEConfig()
+    config.check_quantizable()
     skip = modules_to_skip(model, config, modules_to_not_convert)
     with _all_or_nothing(model, skip):
         if config.dataset is not None:

@@ -54,6 +54,8 @@ class RBEHfQuantizer(HfQuantizer):
         # Read every file's header first: refuses pickles before anything is unpickled, and keeps the
         # stored dtypes and shapes that loading would otherwise cast away (``integrity``).
         self.checkpoint = Checkpoint.read(checkpoint_files) if checkpoint_files else None
+        if not self.pre_quantized:
+            self.quantization_config.check_quantizable()
         self.modules_to_not_convert = modules_to_skip(model, self.quantization_config, keep_in_fp32_modules or [])
         if not self.calibrating:  # calibration needs the float model first
             replace_with_rbe_linear(model, self.quantization_config, self.modules_to_not_convert)

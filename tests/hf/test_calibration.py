@@ -22,7 +22,7 @@ class CharTokenizer:
     def __init__(self, vocab: int = 128) -> None:
         self.vocab = vocab
 
-    def __call__(self, text: str, return_tensors: str = "pt") -> SimpleNamespace:
+    def __call__(self, text: str, return_tensors: str = "pt", add_special_tokens: bool = True) -> SimpleNamespace:
         return SimpleNamespace(input_ids=torch.tensor([[ord(c) % self.vocab for c in text]]))
 
 
@@ -68,7 +68,8 @@ def test_calibrate_on_load_save_and_reload_bit_identical(tmp_path):
     saved = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
     assert saved["dataset"] is None and saved["tokenizer"] is None  # the record, not the data
     assert saved["calibrated_with"] == {"dataset": "2 texts", "samples": 8, "seqlen": 32, "seed": 0,
-                                        "damp_percent": 0.01, "finetune_steps": 0, "e2e_steps": 0}
+                                        "damp_percent": 0.01, "finetune_steps": 0, "e2e_steps": 0, "fisher": False,
+                                        "target_bits": None}
     assert_fresh_reload_identical(tmp_path / "out", ids, logits)
 
 
