@@ -36,8 +36,9 @@ from .replace import float_weight
 
 logger = logging.getLogger(__name__)
 
-#: The plane stacks allocation chooses from, cheapest first (each step lowers the error per bit
-#: less than the one before, measured by :func:`relative_error`, so buying them in order is greedy-optimal).
+#: The plane stacks allocation chooses from, cheapest first. Each step lowers the error per bit
+#: less than the one before (:func:`relative_error`, tested), which is what makes buying the best
+#: step first a sound greedy choice (tables aside, optimal up to the last step that does not fit).
 LADDER: tuple[tuple[str, ...], ...] = (
     ("e8p",), ("e8p", "vq4"), ("e8p", "vq8"), ("e8p", "e8p"), ("e8p", "e8p", "vq4"), ("e8p", "e8p", "vq8"),
     ("e8p", "e8p", "e8p"), ("e8p", "e8p", "e8p", "vq4"), ("e8p", "e8p", "e8p", "vq8"), ("e8p", "e8p", "e8p", "e8p"),

@@ -119,8 +119,8 @@ class RBEConfig(QuantizationConfigMixin):
             model's output depends on that layer's output there (the Fisher information: one
             extra forward and backward pass, ``hf_rbe.hf.calibrate.fisher``). ``None`` (default):
             on for an encoder (all-MiniLM-L6-v2 v2-4, 512 windows of 32 tokens: cosine 0.9802 ->
-            0.9828, worst sentence 0.85 -> 0.94), off for a model with an output head (SmolLM2-135M v2-3: Wikipedia perplexity
-            28.96 -> 29.36, 3.5 minutes longer).
+            0.9828, worst sentence 0.85 -> 0.94), off for a model with an output head
+            (SmolLM2-135M v2-3: Wikipedia perplexity 28.96 -> 29.36, 3.5 minutes longer).
         target_bits: format 2 with a ``dataset``: spend this many stored bits per weight on average
             (every stored tensor, shared tables once) and choose each layer's ``planes``, from the
             configured ones up, by a calibration measurement of how much its error moves the
