@@ -248,6 +248,7 @@ def quantize_calibrated(model: nn.Module, config: RBEConfig, skip: list[str], to
     model.eval()
     ft_steps, e2e_steps = finetune_steps(model, config)
     weighted = config.calibration_fisher if config.calibration_fisher is not None else _head(model) is None
+    damp = config.damp_percent if config.damp_percent is not None else 0.2 if weighted else 0.01
     measured = fisher(model, targets, batches, config.calibration_seed, keep_features=e2e_steps > 0) \
         if weighted or config.target_bits is not None else None
     if config.target_bits is not None:  # before any layer is built: the chosen planes become overrides
@@ -272,7 +273,7 @@ def quantize_calibrated(model: nn.Module, config: RBEConfig, skip: list[str], to
         if fp_calls is not None:
             fp_calls = [_with_hidden(call, _run(block, call)) for call in fp_calls]
         for name, module in inner.items():
-            errors.append(_swap(model, factory, name, module, hessians[name], config, kept.get(name)))
+            errors.append(_swap(model, factory, name, module, hessians[name], damp, kept.get(name)))
         link_shared_tables(model)
         if fp_calls is not None:
             finetune_block(block, calls, [_hidden(c) for c in fp_calls], ft_steps, config.calibration_finetune_lr)
@@ -280,7 +281,7 @@ def quantize_calibrated(model: nn.Module, config: RBEConfig, skip: list[str], to
         calls = [_with_hidden(call, _run(block, call)) for call in calls]
     rest = [(n, m) for n, m in targets.items() if not n.startswith(prefix + ".")]
     for name, module in rest:  # outside the blocks: calibration-free
-        _swap(model, factory, name, module, None, config, None)
+        _swap(model, factory, name, module, None, damp, None)
     link_shared_tables(model)
     if teacher:
         loss = finetune_model(model, windows, teacher, e2e_steps, config.calibration_e2e_lr)
@@ -291,7 +292,7 @@ def quantize_calibrated(model: nn.Module, config: RBEConfig, skip: list[str], to
         logger.info("calibrated %d layers; mean relative output error on the calibration inputs %.4f",
                     len(errors), sum(errors) / len(errors))
     config.calibrated_with = {**config.calibration_record(), "finetune_steps": ft_steps, "e2e_steps": e2e_steps,
-                              "fisher": weighted}
+                              "fisher": weighted, "damp_percent": damp}
     return model
 
 
@@ -420,14 +421,14 @@ def _kept(hessians: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _swap(model: nn.Module, factory: LayerFactory, name: str, module: nn.Module, hessian: torch.Tensor | None,
-          config: RBEConfig, keep: torch.Tensor | None) -> float:
+          damp: float, keep: torch.Tensor | None) -> float:
     """Build, encode and swap in the packed layer for ``module`` (``keep``: statistics to leave on it);
     returns its relative output error on the calibration inputs."""
     layer = factory.build(name, module)
     if layer is None:
         return 0.0
     weight = float_weight(module)
-    layer.load_packed(encode_weight(layer, weight, name, hessian, config.damp_percent))
+    layer.load_packed(encode_weight(layer, weight, name, hessian, damp))
     if module.bias is not None:
         layer.bias.data.copy_(module.bias.detach())
     if keep is not None and isinstance(layer, RBELinear):

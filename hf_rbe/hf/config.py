@@ -103,6 +103,11 @@ class RBEConfig(QuantizationConfigMixin):
         calibration_batch_size: windows per forward pass while calibrating.
         calibration_seed: which windows (deterministic).
         damp_percent: damping added to the calibration Hessians (fraction of their mean diagonal).
+            ``None`` (default): 0.2 for Fisher-weighted Hessians, which a few heavy tokens make far
+            worse conditioned (all-MiniLM-L6-v2, v2-4 with 4.48 allocated bits, chosen on movie
+            reviews 1000-1999, not the scored 0-999: 0.01 / 0.05 / 0.1 / 0.2 / 0.4 gave cosine
+            0.9869 / 0.9884 / 0.9898 / 0.9905 / 0.9905, worst sentence best at 0.2), else 0.01
+            (GPTQ's).
         calibration_finetune_steps: Adam steps per block that train its scales, biases and norm
             weights (codes fixed) to reproduce the full-precision activations (0: none).
             ``None`` (default): 32 for a model with an output head (a language model), else 0
@@ -172,7 +177,7 @@ class RBEConfig(QuantizationConfigMixin):
         calibration_seqlen: int = 512,
         calibration_batch_size: int = 2,
         calibration_seed: int = 0,
-        damp_percent: float = 0.01,
+        damp_percent: float | None = None,
         calibration_finetune_steps: int | None = None,
         calibration_finetune_lr: float = 1e-3,
         calibration_e2e_steps: int | None = None,
@@ -323,7 +328,8 @@ class RBEConfig(QuantizationConfigMixin):
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         if not isinstance(self.calibration_seed, int) or isinstance(self.calibration_seed, bool):
             raise ValueError(f"calibration_seed must be an int, got {self.calibration_seed!r}")
-        if not isinstance(self.damp_percent, (int, float)) or not 0 < self.damp_percent < 1:
+        d = self.damp_percent
+        if d is not None and (not isinstance(d, (int, float)) or isinstance(d, bool) or not 0 < d < 1):
             raise ValueError(f"damp_percent must be in (0, 1), got {self.damp_percent!r}")
         if self.calibration_fisher is not None and not isinstance(self.calibration_fisher, bool):
             raise ValueError(f"calibration_fisher must be a bool or None, got {self.calibration_fisher!r}")

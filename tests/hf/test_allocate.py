@@ -133,3 +133,21 @@ def test_windows_carry_the_tokenizers_special_tokens():
     assert w.shape == (8, 32) and (w[:, 0] == 1).all() and (w[:, -1] == 2).all()
     with pytest.raises(ValueError, match="leaves no room for text"):
         calibration_ids(_cfg(calibration_seqlen=2), Framing(), 128)
+
+
+def test_encoders_get_fisher_weighting_and_its_damping_by_default():
+    from transformers import BertConfig, BertModel
+
+    def bert() -> BertModel:
+        torch.manual_seed(0)
+        return BertModel(BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                    intermediate_size=128)).eval()
+
+    record = quantize_model(bert(), _cfg()).config.quantization_config.calibrated_with
+    assert record["fisher"] is True and record["damp_percent"] == 0.2
+    record = quantize_model(bert(), _cfg(damp_percent=0.05, calibration_fisher=False)).config \
+        .quantization_config.calibrated_with
+    assert record["fisher"] is False and record["damp_percent"] == 0.05
+    for bad in (True, 1.5, 0):
+        with pytest.raises(ValueError, match="damp_percent must be in"):
+            RBEConfig.from_preset("v2-2", damp_percent=bad)
