@@ -205,12 +205,13 @@ class _Hessians:
     def _hook(self, name: str):  # type: ignore[no-untyped-def]
         def add(module: nn.Module, args: tuple, output: Any) -> None:
             x = args[0]
-            flat = x.detach().reshape(-1, x.shape[-1]).float()
             if name in self.weights:
+                flat = x.detach().reshape(-1, x.shape[-1]).float()
                 flat = flat * self.weights[name][self.calls[name]].reshape(-1, 1).to(flat).sqrt()
                 h = flat.T @ flat
             else:
                 if self._last is None or self._last[0] is not x:
+                    flat = x.detach().reshape(-1, x.shape[-1]).float()
                     self._last = (x, flat.T @ flat)
                 h = self._last[1]
             self.calls[name] += 1
@@ -300,6 +301,12 @@ def _head(model: nn.Module) -> nn.Module | None:
     return model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
 
 
+def _logits(head: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """[tokens, vocab] fp32 logits of final hidden states ``h`` through the model's output head."""
+    b = None if getattr(head, "bias", None) is None else head.bias.float()
+    return F.linear(h.float(), head.weight.float(), b).flatten(0, -2)
+
+
 def finetune_steps(model: nn.Module, config: RBEConfig) -> tuple[int, int]:
     """(per-block, end-to-end) fine-tuning steps; ``None`` settings: 32 for a model with an output
     head, none for an encoder (measured: ``RBEConfig``'s docstring)."""
@@ -356,10 +363,9 @@ def finetune_model(model: nn.Module, batches: list[torch.Tensor], teacher: list[
         out, tgt = features(model, batches[j]).float(), teacher[j].float()
         if head is None:
             return (out - tgt).pow(2).mean() / tgt.pow(2).mean().clamp_min(1e-30)
-        w, b = head.weight.float(), None if getattr(head, "bias", None) is None else head.bias.float()
-        student = torch.log_softmax(F.linear(out, w, b), -1).flatten(0, -2)
+        student = torch.log_softmax(_logits(head, out), -1)
         with torch.no_grad():
-            target = torch.log_softmax(F.linear(tgt, w, b), -1).flatten(0, -2)
+            target = torch.log_softmax(_logits(head, tgt), -1)
         return F.kl_div(student, target, log_target=True, reduction="batchmean")
 
     return train_continuous(model, loss, steps, lr, progress="RBE fine-tuning end to end")
@@ -493,8 +499,7 @@ def fisher(model: nn.Module, layers: dict[str, nn.Module], batches: list[torch.T
                 seen.append(out.detach())
             h = out.float()
             if head is not None:
-                b = None if getattr(head, "bias", None) is None else head.bias.float()
-                logits = F.linear(h, head.weight.float(), b).flatten(0, -2)
+                logits = _logits(head, h)
                 with torch.no_grad():
                     labels = torch.multinomial(logits.softmax(-1), 1, generator=g)[:, 0]
                 loss = F.cross_entropy(logits, labels, reduction="sum")
