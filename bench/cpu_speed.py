@@ -11,7 +11,8 @@ this one process; a row reports the median round.
 
 End to end: SmolLM2-135M (offline, ``hf_rbe.data.smollm2_path``) in fp32, bf16 and every
 preset (quantized without calibration: codes cost the same to decode either way; embedding and
-tied head in fp32 as loaded, and once more with ``embedding_dtype="bfloat16"``), greedy,
+tied head in fp32 as loaded, once more with ``embedding_dtype="bfloat16"`` and once with
+``quantize_embeddings=True``: the head RBE-coded, the embedding reading its rows), greedy,
 batch 1. Decode tokens/s = ``(N - 1) / (t(generate N) - t(generate 1))`` from a 16-token prompt;
 prefill tokens/s = 512 / one forward over 512 tokens. Medians of ``--repeats``. Format-v1
 presets have no CPU kernel yet (the PyTorch reference decodes every weight on every call);
@@ -123,6 +124,9 @@ def _models(smoke: bool, presets: list[str]) -> dict[str, torch.nn.Module]:
     if ACCEPT_PRESET in presets:  # the same codes with the embedding and tied head stored (and multiplied) in bf16
         models[f"{ACCEPT_PRESET} + bf16 embeddings"] = load(
             RBEConfig.from_preset(ACCEPT_PRESET, embedding_dtype="bfloat16"), torch.float32)
+        # ... or the head RBE-coded too, the tied embedding decoding its rows from the head's codes
+        models[f"{ACCEPT_PRESET} + RBE head and embedding"] = load(
+            RBEConfig.from_preset(ACCEPT_PRESET, quantize_embeddings=True), torch.float32)
     return {k: m.eval() for k, m in models.items()}
 
 

@@ -31,7 +31,7 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 import hf_rbe  # noqa: F401  (registers the quantizer)
-from hf_rbe import RBEConfig
+from hf_rbe import PRESETS, RBEConfig
 from hf_rbe.core.packed import packed_size
 from hf_rbe.data import minilm_path, movie_reviews, smollm2_path, token_stream
 from hf_rbe.data.fetch import ensure
@@ -51,8 +51,15 @@ def _calibration(args: argparse.Namespace) -> dict:
 
 
 def _config(setting: str, args: argparse.Namespace, **extra: object) -> RBEConfig:
-    """``preset`` or ``preset@bits`` (``target_bits``: the preset's planes are every layer's floor)."""
+    """``preset`` or ``preset@bits`` (``target_bits``: the preset's planes are every layer's floor), then
+    optionally ``+emb`` (``quantize_embeddings``: the LM head, and the embedding tied to it, coded
+    with the preset's planes) or ``+emb:PRESET`` (the head with that preset's planes)."""
+    setting, emb, head = setting.partition("+emb")
     preset, _, bits = setting.partition("@")
+    if emb:
+        extra = {**extra, "quantize_embeddings": True}
+        if head:
+            extra["overrides"] = {"lm_head": {"planes": PRESETS[head.removeprefix(":")]["planes"]}}
     return RBEConfig.from_preset(preset, **{**_calibration(args), **extra}, target_bits=float(bits) if bits else None)
 
 

@@ -15,6 +15,7 @@
     ops             the ``hf_rbe::linear`` custom op and its reference
     packed          PackedLinear: the contract every packed layer keeps
     rbe_linear      RBELinear (v1) and the linking of shared tables
+    rbe_embedding   RBEEmbedding: a tied input embedding that decodes rows of its head's codes
     seed64_linear   Seed64Linear
 """
 
@@ -22,11 +23,12 @@ from .format import CodeLayout, LayerSpec, ResidualSpec, StageSpec
 from .format_v2 import FORMAT_VERSION, LayerSpecV2, StageV2
 from .packed import PackedLinear
 from .rbe_codecs import universal_tables
+from .rbe_embedding import RBEEmbedding
 from .rbe_linear import RBELinear, link_shared_tables
 from .seed64_format import Seed64Spec
 from .seed64_linear import Seed64Linear
 from .spec import FormatError, TensorSpec
 
-__all__ = ["FORMAT_VERSION", "CodeLayout", "FormatError", "LayerSpec", "LayerSpecV2", "PackedLinear", "RBELinear",
-           "ResidualSpec", "Seed64Linear", "Seed64Spec", "StageSpec", "StageV2", "TensorSpec", "link_shared_tables",
-           "universal_tables"]
+__all__ = ["FORMAT_VERSION", "CodeLayout", "FormatError", "LayerSpec", "LayerSpecV2", "PackedLinear", "RBEEmbedding",
+           "RBELinear", "ResidualSpec", "Seed64Linear", "Seed64Spec", "StageSpec", "StageV2", "TensorSpec",
+           "link_shared_tables", "universal_tables"]

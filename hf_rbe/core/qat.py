@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .rbe_embedding import RBEEmbedding
 from .rbe_linear import RBELinear, link_shared_tables
 from .seed64_linear import Seed64Linear
 
@@ -157,9 +158,13 @@ def straight_through(latent: torch.Tensor, quantized: torch.Tensor) -> torch.Ten
 
 
 def _qat_targets(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """RBE layers and QAT layers of ``model``, each once (not the codes inside a QAT layer)."""
+    """RBE layers and QAT layers of ``model``, each once (not the codes inside a QAT layer). A head
+    whose codes a tied input embedding reads stays frozen: its codes serve both."""
     found: list[tuple[str, nn.Module]] = []
+    shared = {id(m.head) for m in model.modules() if isinstance(m, RBEEmbedding)}
     for name, m in model.named_modules():
+        if id(m) in shared:
+            continue
         inside = any(name.startswith(p + ".") for p, _ in found)
         if isinstance(m, Seed64Linear):
             raise ValueError(f"{name} is a seed64 layer: QAT trains RBE codes only (codec='rbe')")

@@ -25,9 +25,10 @@
    distributions its head gives them), as AQLM's global fine-tuning does.
 
 With ``target_bits``, a Fisher-weighted measurement on the same windows first chooses each
-layer's code planes (``allocate``). Layers outside the blocks (a pooler, say) are encoded
-calibration-free. The result is an ordinary RBE model: loading it needs no calibration, and
-its config records how it was made.
+layer's code planes (``allocate``). Layers outside the blocks are encoded calibration-free (a
+pooler), except an output head that ``quantize_embeddings`` codes: its Hessian comes from the
+final hidden states of the quantized blocks. The result is an ordinary RBE model: loading it
+needs no calibration, and its config records how it was made.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from ..core.rbe_linear import RBELinear, link_shared_tables
 from ..data import CORPORA, TRAIN_START, text_dataset
 from .allocate import allocate
 from .config import RBEConfig
-from .replace import LayerFactory, eligible, encode_weight, float_weight
+from .replace import LayerFactory, eligible, encode_weight, float_weight, share_head_codes, tied_embedding
 
 logger = logging.getLogger(__name__)
 
@@ -256,6 +257,7 @@ def quantize_calibrated(model: nn.Module, config: RBEConfig, skip: list[str], to
         planes = allocate(config, targets, measured.sensitivity, config.target_bits)
         config.overrides.update({name: {"planes": list(p)} for name, p in planes.items()})
     factory = LayerFactory(config)
+    tied = tied_embedding(model, config)
     windows = list(ids.split(1))  # the end-to-end fine-tune takes one window per step
     teacher = [t for f in (measured.features if measured else [features(model, b) for b in batches])
                for t in f.split(1)] if e2e_steps else []
@@ -280,12 +282,25 @@ def quantize_calibrated(model: nn.Module, config: RBEConfig, skip: list[str], to
             finetune_block(block, calls, [_hidden(c) for c in fp_calls], ft_steps, config.calibration_finetune_lr)
             link_shared_tables(model)
         calls = [_with_hidden(call, _run(block, call)) for call in calls]
-    rest = [(n, m) for n, m in targets.items() if not n.startswith(prefix + ".")]
-    for name, module in rest:  # outside the blocks: calibration-free
-        _swap(model, factory, name, module, None, damp, None)
+    head = _head(model)  # still float: the end-to-end teacher's head
+    for name, module in [(n, m) for n, m in targets.items() if not n.startswith(prefix + ".")]:
+        hessian = None  # outside the blocks (a pooler): calibration-free, except an output head
+        if module is head:  # its inputs: the final hidden states of the quantized blocks
+            watch = _Hessians({name: module}, measured.weights if weighted and measured else None)
+            try:
+                for ids in batches:
+                    model(input_ids=ids, use_cache=False)
+            finally:
+                hessian = watch.close()[name]
+        kept = _kept({name: hessian}) if hessian is not None and config.keep_calibration_statistics else {}
+        error = _swap(model, factory, name, module, hessian, damp, kept.get(name))
+        if hessian is not None:
+            errors.append(error)
+    if tied:
+        share_head_codes(model, tied)
     link_shared_tables(model)
     if teacher:
-        loss = finetune_model(model, windows, teacher, e2e_steps, config.calibration_e2e_lr)
+        loss = finetune_model(model, windows, teacher, e2e_steps, config.calibration_e2e_lr, head)
         link_shared_tables(model)
         logger.info("end-to-end fine-tune: final loss %.4f", loss)
     model.train(was_training)
@@ -302,7 +317,10 @@ def _head(model: nn.Module) -> nn.Module | None:
 
 
 def _logits(head: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    """[tokens, vocab] fp32 logits of final hidden states ``h`` through the model's output head."""
+    """[tokens, vocab] fp32 logits of final hidden states ``h`` through the model's output head
+    (a float head multiplies in fp32; a coded or QAT head runs as it is)."""
+    if isinstance(head, (PackedLinear, RBEQATLinear)):
+        return head(h).float().flatten(0, -2)
     b = None if getattr(head, "bias", None) is None else head.bias.float()
     return F.linear(h.float(), head.weight.float(), b).flatten(0, -2)
 
@@ -351,21 +369,27 @@ def features(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 def finetune_model(model: nn.Module, batches: list[torch.Tensor], teacher: list[torch.Tensor], steps: int,
-                   lr: float) -> float:
+                   lr: float, teacher_head: nn.Module | None = None) -> float:
     """End-to-end fine-tune of every continuous parameter (scales, biases, norms) of the quantized
     ``model`` against the full-precision model's :func:`features` (``teacher``, one per batch):
-    for a language model the KL divergence of the next-token distributions (both through the
-    model's head), otherwise the relative squared error. Returns the final loss."""
-    head = _head(model)
+    for a language model the KL divergence of the next-token distributions (the student's through
+    the model's head, the teacher's through ``teacher_head``, the full-precision head when the
+    model's is coded; default: the model's), otherwise the relative squared error. Returns the
+    final loss."""
+    teacher_head = teacher_head if teacher_head is not None else _head(model)
+    decoded: dict[int, nn.Linear] = {}  # a coded head that is not trained, decoded once
 
     def loss(step: int) -> torch.Tensor:
         j = step % len(batches)
-        out, tgt = features(model, batches[j]).float(), teacher[j].float()
+        out, tgt = features(model, batches[j]), teacher[j].float()
+        head = _head(model)  # QAT swaps a coded head it trains
         if head is None:
-            return (out - tgt).pow(2).mean() / tgt.pow(2).mean().clamp_min(1e-30)
+            return (out.float() - tgt).pow(2).mean() / tgt.pow(2).mean().clamp_min(1e-30)
+        if isinstance(head, PackedLinear):  # frozen (a tied head): its decoded weight, not a decode per pass
+            head = decoded.setdefault(id(head), head.to_linear().requires_grad_(False))
         student = torch.log_softmax(_logits(head, out), -1)
         with torch.no_grad():
-            target = torch.log_softmax(_logits(head, tgt), -1)
+            target = torch.log_softmax(_logits(teacher_head, tgt), -1)
         return F.kl_div(student, target, log_target=True, reduction="batchmean")
 
     return train_continuous(model, loss, steps, lr, progress="RBE fine-tuning end to end")
@@ -498,8 +522,8 @@ def fisher(model: nn.Module, layers: dict[str, nn.Module], batches: list[torch.T
             if keep_features:
                 seen.append(out.detach())
             h = out.float()
-            if head is not None:
-                logits = _logits(head, h)
+            if head is not None:  # through the head's own forward when its hooks measure it
+                logits = head(out).float().flatten(0, -2) if head in layers.values() else _logits(head, h)
                 with torch.no_grad():
                     labels = torch.multinomial(logits.softmax(-1), 1, generator=g)[:, 0]
                 loss = F.cross_entropy(logits, labels, reduction="sum")

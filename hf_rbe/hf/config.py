@@ -138,6 +138,12 @@ class RBEConfig(QuantizationConfigMixin):
             head (tied or not) in that dtype; the head multiplies in it (4x faster decoding on a
             CPU than fp32), activations stay in the model's dtype (``None``: as loaded). On a CPU
             prefer ``"bfloat16"``: CPUs multiply many fp16 rows slowly.
+        quantize_embeddings: also RBE-code the output head (a language model's LM head), with the
+            ``planes`` of the other layers unless an override names it (e.g.
+            ``overrides={"lm_head": {"planes": ["e8p", "e8p"]}}``); an input embedding tied to it
+            (SmolLM2, GPT-2) then reads the head's codes, decoding only the rows it looks up
+            (``core.rbe_embedding``). An input embedding not tied to the head stays float
+            (``embedding_dtype``). ``False``: both stay float, as bitsandbytes and GPTQ keep them.
         codec: ``"rbe"``, or ``"seed64"`` (paper 000: one 64-bit seed per ``tile`` x ``tile``
             block, plus an fp16 scale per tile if ``seed64_scale``, plus an RBE residual if
             ``residual="rbe"`` with ``residual_stage``).
@@ -187,6 +193,7 @@ class RBEConfig(QuantizationConfigMixin):
         keep_calibration_statistics: bool = False,
         calibrated_with: dict[str, Any] | None = None,
         embedding_dtype: str | None = None,
+        quantize_embeddings: bool = False,
         **kwargs: Any,
     ) -> None:
         method = kwargs.pop("quant_method", QUANT_METHOD)
@@ -238,6 +245,7 @@ class RBEConfig(QuantizationConfigMixin):
         self.calibration_fisher, self.target_bits = calibration_fisher, target_bits
         self.calibrated_with = dict(calibrated_with) if calibrated_with is not None else None
         self.embedding_dtype = embedding_dtype
+        self.quantize_embeddings = quantize_embeddings
         self.post_init()
 
     @classmethod
@@ -273,8 +281,11 @@ class RBEConfig(QuantizationConfigMixin):
                 raise ValueError("qat=True is not available with codec='seed64' (its seeds have no gradient); "
                                  "use codec='rbe', or quantize with seed64 after training")
             Seed64Spec(self.tile, self.seed64_scale)
-        if not all(isinstance(v, bool) for v in (self.rotation, self.qat, self.qat_train_quantizer)):
-            raise ValueError("rotation, qat and qat_train_quantizer must be booleans")
+        if not all(isinstance(v, bool) for v in (self.rotation, self.qat, self.qat_train_quantizer,
+                                                 self.quantize_embeddings)):
+            raise ValueError("rotation, qat, qat_train_quantizer and quantize_embeddings must be booleans")
+        if self.quantize_embeddings and self.codec != "rbe":
+            raise ValueError("quantize_embeddings codes the head with RBE: use codec='rbe'")
         if self.qat_train_quantizer and not self.qat:
             raise ValueError("qat_train_quantizer=True needs qat=True")
         for seed_name in ("rotation_seed", "table_seed"):

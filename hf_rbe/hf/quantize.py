@@ -17,7 +17,17 @@ from ..core.stored import STORAGE_DTYPES, store_embeddings
 from .calibrate import norms, quantize_calibrated
 from .config import RBEConfig
 from .quantizer import RBEHfQuantizer
-from .replace import eligible, encode_weight, float_weight, model_dtype, modules_to_skip, replace_with_rbe_linear
+from .replace import (
+    eligible,
+    encode_weight,
+    float_weight,
+    model_dtype,
+    model_part,
+    modules_to_skip,
+    replace_with_rbe_linear,
+    share_head_codes,
+    tied_embedding,
+)
 from .saving import attach
 
 logger = logging.getLogger(__name__)
@@ -32,8 +42,12 @@ def _all_or_nothing(model: nn.Module, skip: list[str]) -> Iterator[None]:
     norm_ids = {id(m) for m in norms(model)}
     norm_state = {f"{n}.{k}": p.detach().clone() for n, m in model.named_modules() if id(m) in norm_ids
                   for k, p in m.named_parameters(recurse=False)}
-    heads = [m for m in (_get(model, "get_input_embeddings"), _get(model, "get_output_embeddings")) if m is not None]
+    heads = [m for m in (model_part(model, "get_input_embeddings"), model_part(model, "get_output_embeddings"))
+             if m is not None]
     head_state = [(m, m.__class__, m.weight) for m in heads]
+    emb = model_part(model, "get_input_embeddings")
+    emb_name = next((n for n, m in model.named_modules() if m is emb), None) if emb is not None else None
+    tying = dict(getattr(model, "all_tied_weights_keys", None) or {})
     training = model.training
     try:
         yield
@@ -45,16 +59,13 @@ def _all_or_nothing(model: nn.Module, skip: list[str]) -> Iterator[None]:
                 model.get_parameter(name).copy_(value)
         for m, cls, weight in head_state:
             m.__class__, m.weight = cls, weight
+        if emb_name:  # an embedding that came to read a coded head's rows, and their tie
+            model.set_submodule(emb_name, emb)
+            if tying:
+                model.all_tied_weights_keys.update(tying)
         model.train(training)
         logger.error("hf-rbe: quantization failed; the model is left as it was")
         raise
-
-
-def _get(model: nn.Module, method: str) -> nn.Module | None:
-    try:
-        return getattr(model, method)()
-    except (AttributeError, NotImplementedError):
-        return None
 
 
 def quantize_model(model: nn.Module, config: RBEConfig | None = None, modules_to_not_convert: Iterable[str] = (),
@@ -70,6 +81,7 @@ def quantize_model(model: nn.Module, config: RBEConfig | None = None, modules_to
     config = config or RBEConfig()
     config.check_quantizable()
     skip = modules_to_skip(model, config, modules_to_not_convert)
+    tied = tied_embedding(model, config)
     with _all_or_nothing(model, skip):
         if config.dataset is not None:
             quantize_calibrated(model, config, skip, tokenizer)
@@ -82,6 +94,8 @@ def quantize_model(model: nn.Module, config: RBEConfig | None = None, modules_to
                 layer.load_packed(encode_weight(layer, float_weight(old), name))
                 if old.bias is not None:
                     layer.bias.data.copy_(old.bias.detach())
+            if tied:
+                share_head_codes(model, tied)
             link_shared_tables(model)
         compute = model_dtype(model)
         if config.embedding_dtype is not None:

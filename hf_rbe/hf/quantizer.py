@@ -19,13 +19,23 @@ from transformers.quantizers.quantizers_utils import get_module_from_name
 
 from ..core.packed import PackedLinear, packed_layers
 from ..core.qat import prepare_qat
-from ..core.rbe_linear import link_shared_tables
+from ..core.rbe_embedding import RBEEmbedding
+from ..core.rbe_linear import RBELinear, link_shared_tables
 from ..core.stored import STORAGE_DTYPES, store_embeddings
 from .calibrate import quantize_calibrated
 from .config import RBEConfig
 from .convert import RBEQuantize
 from .integrity import Checkpoint, record, verify
-from .replace import model_dtype, modules_to_skip, replace_with_rbe_linear
+from .replace import (
+    build_layers,
+    check_replaced,
+    encode_weight,
+    float_weight,
+    model_dtype,
+    modules_to_skip,
+    share_head_codes,
+    tied_embedding,
+)
 from .saving import attach
 
 
@@ -35,6 +45,8 @@ class RBEHfQuantizer(HfQuantizer):
     requires_calibration = False
     quantization_config: RBEConfig
     checkpoint: Checkpoint | None = None
+    tied: tuple[str, str] | None = None  # (head, input embedding) that share the head's codes
+    deferred: RBELinear | None = None  # the tied head's layer, encoded once its float weight is in
 
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
         device_map = kwargs.get("device_map")
@@ -57,12 +69,26 @@ class RBEHfQuantizer(HfQuantizer):
         if not self.pre_quantized:
             self.quantization_config.check_quantizable()
         self.modules_to_not_convert = modules_to_skip(model, self.quantization_config, keep_in_fp32_modules or [])
-        if not self.calibrating:  # calibration needs the float model first
-            replace_with_rbe_linear(model, self.quantization_config, self.modules_to_not_convert)
+        self.tied = tied_embedding(model, self.quantization_config)
+        if self.calibrating:  # calibration needs the float model first
+            return
+        layers = build_layers(model, self.quantization_config, self.modules_to_not_convert)
+        for name, layer in layers.items():
+            # A tied head is absent from the checkpoint (transformers ties it to the embedding after
+            # loading), so when quantizing it is encoded after loading, from the embedding's weight.
+            if self.tied and name == self.tied[0] and not self.pre_quantized:
+                self.deferred = layer
+            else:
+                model.set_submodule(name, layer)
+        check_replaced(self.quantization_config, list(layers))
+        if self.tied and self.pre_quantized:
+            share_head_codes(model, self.tied)
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         if self.calibrating:
             quantize_calibrated(model, self.quantization_config, self.modules_to_not_convert)
+        elif self.deferred is not None:
+            self._encode_tied_head(model)
         compute = model_dtype(model)
         if self.quantization_config.embedding_dtype is not None:
             store_embeddings(model, STORAGE_DTYPES[self.quantization_config.embedding_dtype], compute)
@@ -80,6 +106,19 @@ class RBEHfQuantizer(HfQuantizer):
             prepare_qat(model, train_quantizer=self.quantization_config.qat_train_quantizer)  # latents = decoded codes
         attach(model, compute)
         return model
+
+    def _encode_tied_head(self, model: nn.Module) -> None:
+        name, layer = self.tied[0], self.deferred  # type: ignore[index]
+        head = model.get_submodule(name)
+        layer.to_empty(device=head.weight.device)  # built on the meta device, before loading
+        if layer.spec.rotation:
+            layer.rotation_seed.data.fill_(layer.default_rotation_seed)
+        layer.load_packed(encode_weight(layer, float_weight(head), name))
+        if head.bias is not None:
+            layer.bias.data.copy_(head.bias.detach())
+        model.set_submodule(name, layer)
+        share_head_codes(model, self.tied)  # type: ignore[arg-type]
+        self.deferred = None
 
     def get_quantize_ops(self) -> RBEQuantize:
         return RBEQuantize(self)
@@ -105,9 +144,16 @@ class RBEHfQuantizer(HfQuantizer):
     def _dequantize(self, model: nn.Module, dtype: torch.dtype | str | None = None) -> nn.Module:
         if isinstance(dtype, str):  # a saved config holds its dtype as a name ("float32")
             dtype = getattr(torch, dtype)
+        embeddings = [(n, m) for n, m in model.named_modules() if isinstance(m, RBEEmbedding)]
+        floats: dict[int, nn.Module] = {}  # id(packed layer) -> what replaced it
         for name, layer in packed_layers(model):
             lin = _float_module(layer)
-            model.set_submodule(name, lin if dtype is None else lin.to(dtype))
+            floats[id(layer)] = lin = lin if dtype is None else lin.to(dtype)
+            model.set_submodule(name, lin)
+        for name, emb in embeddings:  # tied again: the embedding's weight is the float head's
+            plain = nn.Embedding(emb.num_embeddings, emb.embedding_dim, emb.padding_idx, device="meta")
+            plain.weight = floats[id(emb.head)].weight
+            model.set_submodule(name, plain)
         return model
 
 

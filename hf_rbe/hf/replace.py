@@ -21,10 +21,12 @@ from transformers.quantizers.quantizers_utils import should_convert_module
 from ..core.calibrate import DAMP
 from ..core.packed import PackedLinear
 from ..core.rbe_codecs import codec_for
+from ..core.rbe_embedding import RBEEmbedding
 from ..core.rbe_linear import RBELinear
 from ..core.seed64_format import Seed64Spec
 from ..core.seed64_linear import Seed64Linear
 from ..core.spec import FormatError
+from ..core.stored import StoredEmbedding
 from .config import RBEConfig
 
 logger = logging.getLogger(__name__)
@@ -40,8 +42,64 @@ def modules_to_skip(model: nn.Module, config: RBEConfig, extra: Iterable[str] = 
     ``modules_to_not_convert`` and ``extra``. The only skip policy in hf-rbe."""
     skips = list(TASK_HEADS) + list(config.modules_to_not_convert or []) + list(extra)
     if isinstance(model, PreTrainedModel):
-        skips += get_keys_to_not_convert(model) + list(getattr(model, "_keep_in_fp32_modules", None) or [])
+        defaults = get_keys_to_not_convert(model)
+        if config.quantize_embeddings:  # the output head is coded too (a tied embedding then reads its codes)
+            defaults = [k for k in defaults if k != output_head(model)]
+        skips += defaults + list(getattr(model, "_keep_in_fp32_modules", None) or [])
     return sorted(set(skips))
+
+
+def model_part(model: nn.Module, method: str) -> nn.Module | None:
+    """``model.get_input_embeddings()`` and the like, or ``None`` where the model has none."""
+    try:
+        return getattr(model, method)()
+    except (AttributeError, NotImplementedError):
+        return None
+
+
+def _name_of(model: nn.Module, module: nn.Module | None) -> str | None:
+    return None if module is None else next((n for n, m in model.named_modules() if m is module), None)
+
+
+def output_head(model: nn.Module) -> str | None:
+    """Name of the model's output head (transformers' ``get_output_embeddings``) when it is a Linear."""
+    head = model_part(model, "get_output_embeddings")
+    return _name_of(model, head) if isinstance(head, nn.Linear) else None
+
+
+def tied_embedding(model: nn.Module, config: RBEConfig) -> tuple[str, str] | None:
+    """(head, input embedding) names when ``config.quantize_embeddings`` codes a head that the input
+    embedding is tied to: the same parameter, or tied by transformers' mapping (a model being loaded
+    is tied only once its weights are in)."""
+    head_name = output_head(model) if config.quantize_embeddings else None
+    emb = model_part(model, "get_input_embeddings")
+    if head_name is None or type(emb) not in (nn.Embedding, StoredEmbedding):
+        return None
+    emb_name = _name_of(model, emb)
+    if emb_name is None:
+        return None
+    if emb.weight is getattr(model.get_submodule(head_name), "weight", None):
+        return head_name, emb_name
+    pair = {f"{head_name}.weight", f"{emb_name}.weight"}
+    mapping = getattr(model, "all_tied_weights_keys", None) or {}
+    return (head_name, emb_name) if any({t, s} == pair for t, s in mapping.items()) else None
+
+
+def share_head_codes(model: nn.Module, names: tuple[str, str]) -> bool:
+    """Make the tied input embedding ``names[1]`` an :class:`RBEEmbedding` reading the codes of the
+    RBE head ``names[0]`` (a head the format could not hold stays float, and so does the embedding),
+    and take the pair out of transformers' tying (it would tie the head to a parameter that no
+    longer exists). Returns whether it did."""
+    head_name, emb_name = names
+    head = model.get_submodule(head_name)
+    if not isinstance(head, RBELinear):
+        return False
+    model.set_submodule(emb_name, RBEEmbedding(head, getattr(model.get_submodule(emb_name), "padding_idx", None)))
+    mapping = getattr(model, "all_tied_weights_keys", None) or {}
+    pair = {f"{head_name}.weight", f"{emb_name}.weight"}
+    for target in [t for t, s in mapping.items() if {t, s} == pair]:
+        del mapping[target]
+    return True
 
 
 def _shape(module: nn.Module) -> tuple[int, int]:
@@ -91,6 +149,16 @@ class LayerFactory:
         return RBELinear(in_f, out_f, module.bias is not None, fmt, table_key=key, owns_table=owns, **kw)
 
 
+def build_layers(model: nn.Module, config: RBEConfig,
+                 modules_to_not_convert: Iterable[str] = ()) -> dict[str, PackedLinear]:
+    """The empty packed layer for every eligible Linear/Conv1D (on its device, meta included), by
+    name, built in module order (which layer stores each shared table follows that order, on
+    every path). Layers whose shape the format cannot hold are left out, with a warning."""
+    factory = LayerFactory(config)
+    built = {name: factory.build(name, module) for name, module in eligible(model, modules_to_not_convert)}
+    return {name: layer for name, layer in built.items() if layer is not None}
+
+
 def replace_with_rbe_linear(model: nn.Module, config: RBEConfig,
                             modules_to_not_convert: Iterable[str] = ()) -> list[str]:
     """Replace every eligible Linear/Conv1D (on any device, meta included) by an empty packed layer.
@@ -98,19 +166,21 @@ def replace_with_rbe_linear(model: nn.Module, config: RBEConfig,
     Layers whose shape the format cannot hold stay as they are, with a warning. Returns the
     names of the replaced modules.
     """
-    factory, replaced = LayerFactory(config), []
-    for name, module in eligible(model, modules_to_not_convert):
-        new = factory.build(name, module)
-        if new is not None:
-            model.set_submodule(name, new)
-            replaced.append(name)
+    layers = build_layers(model, config, modules_to_not_convert)
+    for name, new in layers.items():
+        model.set_submodule(name, new)
+    check_replaced(config, list(layers))
+    return list(layers)
+
+
+def check_replaced(config: RBEConfig, replaced: list[str]) -> None:
+    """Warn when nothing was converted, or an override matches none of the converted layers."""
     if not replaced:
         logger.warning("hf-rbe: no Linear layer was converted; check modules_to_not_convert and shapes")
     for pattern in config.overrides:
         if not any(fnmatch.fnmatchcase(name, pattern) for name in replaced):
             logger.warning("hf-rbe: override %r matches none of the converted layers (e.g. %s); it has no effect",
                            pattern, replaced[0] if replaced else "none")
-    return replaced
 
 
 def float_weight(module: nn.Module) -> torch.Tensor:

@@ -1,0 +1,138 @@
+"""``quantize_embeddings``: the output head RBE-coded, a tied input embedding reading its codes, on
+every path (in memory, on load, calibrated, reload), and what stays float."""
+
+import copy
+
+import pytest
+import torch
+from conftest import assert_fresh_reload_identical, rel_mse, tiny_llama_config
+from safetensors import safe_open
+from test_calibration import TEXT, CharTokenizer
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+from hf_rbe import RBEConfig, RBELinear, quantize_model
+from hf_rbe.core.packed import packed_size
+from hf_rbe.core.rbe_embedding import RBEEmbedding
+from hf_rbe.core.stored import StoredEmbedding
+from hf_rbe.training import prepare_qat
+
+IDS = torch.tensor([[1, 5, 9, 33, 70, 2, 5, 127]])
+
+
+def _model(tied: bool = True, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(tiny_llama_config(tie_word_embeddings=tied)).eval()
+
+
+def _cfg(**kw) -> RBEConfig:
+    return RBEConfig.from_preset("v2-4", quantize_embeddings=True, **kw)
+
+
+def _keys(path) -> list[str]:
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        return sorted(f.keys())
+
+
+def test_a_tied_embedding_reads_the_heads_codes_and_is_stored_once(tmp_path):
+    ref = _model()
+    with torch.no_grad():
+        target = ref(IDS).logits
+    q = quantize_model(_model(), _cfg())
+    head, emb = q.lm_head, q.model.embed_tokens
+    assert isinstance(head, RBELinear) and isinstance(emb, RBEEmbedding) and emb.head is head
+    with torch.no_grad():
+        assert rel_mse(emb(IDS)[0], head.dequantize()[IDS[0]]) < 1e-12  # lookups are rows of the head
+        logits = q(IDS).logits
+    assert rel_mse(logits, target) < 0.05
+    plain = quantize_model(_model(), RBEConfig.from_preset("v2-4"))
+    assert packed_size(q)["state_dict_bytes"] < 0.75 * packed_size(plain)["state_dict_bytes"]
+    q.save_pretrained(tmp_path / "q")
+    keys = _keys(tmp_path / "q")
+    assert "lm_head.weight" in keys and not any(k.startswith("model.embed_tokens") for k in keys)
+    assert_fresh_reload_identical(tmp_path / "q", IDS, logits)
+
+
+def test_quantize_on_load_matches_quantize_model_and_dequantize_reties(tmp_path):
+    _model().save_pretrained(tmp_path / "src")
+    with torch.no_grad():
+        expected = quantize_model(_model(), _cfg())(IDS).logits
+    m = AutoModelForCausalLM.from_pretrained(tmp_path / "src", quantization_config=_cfg())
+    assert isinstance(m.model.embed_tokens, RBEEmbedding) and m.model.embed_tokens.head is m.lm_head
+    with torch.no_grad():
+        assert torch.equal(m(IDS).logits, expected)
+    m.tie_weights()  # transformers' own tying now finds the head tied to itself
+    with torch.no_grad():
+        assert torch.equal(m(IDS).logits, expected)
+    dq = m.dequantize()
+    assert type(dq.model.embed_tokens) is torch.nn.Embedding and dq.model.embed_tokens.weight is dq.lm_head.weight
+    with torch.no_grad():
+        assert rel_mse(dq(IDS).logits, expected) < 1e-10
+
+
+def test_an_untied_embedding_stays_float_while_the_head_is_coded(tmp_path):
+    q = quantize_model(_model(tied=False), _cfg(embedding_dtype="bfloat16"))
+    assert isinstance(q.lm_head, RBELinear) and type(q.model.embed_tokens) is StoredEmbedding
+    q.save_pretrained(tmp_path / "q")
+    with torch.no_grad():
+        logits = q(IDS).logits
+    assert_fresh_reload_identical(tmp_path / "q", IDS, logits)
+    default = quantize_model(_model(), RBEConfig.from_preset("v2-4"))  # off: both float, as before
+    assert type(default.lm_head) is torch.nn.Linear and default.model.embed_tokens.weight is default.lm_head.weight
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_calibration_encodes_the_head_on_its_inputs_and_ties_the_embedding(tmp_path, tied):
+    settings = dict(dataset=TEXT, tokenizer=CharTokenizer(), calibration_samples=8, calibration_seqlen=32,
+                    calibration_batch_size=4, calibration_finetune_steps=2, calibration_e2e_steps=4,
+                    keep_calibration_statistics=True)
+    q = quantize_model(_model(tied), _cfg(**settings))
+    assert isinstance(q.lm_head, RBELinear)
+    assert isinstance(q.model.embed_tokens, RBEEmbedding if tied else torch.nn.Embedding)
+    assert not tied or q.model.embed_tokens.head is q.lm_head
+    assert q.lm_head.calibration_hessian.shape == (64, 64)  # collected on the head's inputs
+    with torch.no_grad():
+        logits = q(IDS).logits
+    assert torch.isfinite(logits).all()
+    q.save_pretrained(tmp_path / "q")
+    assert_fresh_reload_identical(tmp_path / "q", IDS, logits)
+
+
+def test_the_shared_head_stays_frozen_in_qat_and_copies_keep_the_link():
+    q = quantize_model(_model(), _cfg())
+    twin = copy.deepcopy(q)
+    assert twin.model.embed_tokens.head is twin.lm_head and twin.lm_head is not q.lm_head
+    prepare_qat(q)
+    assert type(q.lm_head) is RBELinear and q.model.embed_tokens.head is q.lm_head
+    assert type(q.model.layers[0].mlp.down_proj) is not RBELinear
+
+
+def test_bad_ids_and_settings_are_refused():
+    q = quantize_model(_model(), _cfg())
+    for ids in (torch.tensor([[128]]), torch.tensor([[-1]])):
+        with pytest.raises(IndexError, match=r"\[0, 128\)"):
+            q.model.embed_tokens(ids)
+    with pytest.raises(TypeError, match="token ids"):
+        q.model.embed_tokens(torch.ones(1, 2))
+    with pytest.raises(ValueError, match="quantize_embeddings"):
+        RBEConfig(quantize_embeddings="yes")
+    with pytest.raises(ValueError, match="codec='rbe'"):
+        RBEConfig(codec="seed64", quantize_embeddings=True)
+
+
+def test_a_failure_after_the_embedding_was_shared_leaves_the_model_as_it_was(monkeypatch):
+    import hf_rbe.hf.quantize as quantize
+
+    m = _model()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    kinds, tying = {n: type(x) for n, x in m.named_modules()}, dict(m.all_tied_weights_keys)
+
+    def fail(model):
+        assert isinstance(model.model.embed_tokens, RBEEmbedding)  # the failure comes after the swap
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(quantize, "link_shared_tables", fail)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        quantize_model(m, _cfg())
+    assert {n: type(x) for n, x in m.named_modules()} == kinds and m.all_tied_weights_keys == tying
+    assert m.model.embed_tokens.weight is m.lm_head.weight
+    assert all(torch.equal(m.state_dict()[k], v) for k, v in before.items())
