@@ -136,3 +136,21 @@ def test_a_failure_after_the_embedding_was_shared_leaves_the_model_as_it_was(mon
     assert {n: type(x) for n, x in m.named_modules()} == kinds and m.all_tied_weights_keys == tying
     assert m.model.embed_tokens.weight is m.lm_head.weight
     assert all(torch.equal(m.state_dict()[k], v) for k, v in before.items())
+
+
+def test_gpt2_ties_its_coded_head_and_lora_leaves_the_head_alone(tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64, bos_token_id=0, eos_token_id=0)
+    q = quantize_model(GPT2LMHeadModel(cfg).eval(), _cfg())
+    assert isinstance(q.transformer.wte, RBEEmbedding) and q.transformer.wte.head is q.lm_head
+    with torch.no_grad():
+        logits = q(IDS).logits
+    q.save_pretrained(tmp_path / "q")
+    assert_fresh_reload_identical(tmp_path / "q", IDS, logits)
+    lora = get_peft_model(quantize_model(_model(), _cfg()), LoraConfig(r=4, target_modules="all-linear"))
+    adapted = [n for n, _ in lora.named_modules() if n.endswith("lora_A")]
+    assert adapted and not any("lm_head" in n for n in adapted)
+    lora(input_ids=IDS, labels=IDS).loss.backward()  # trains through the coded embedding and head
