@@ -65,9 +65,10 @@ class RBEEmbedding(nn.Module):
         if input_ids.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"RBEEmbedding takes int32/int64 token ids, got {input_ids.dtype}")
         flat = input_ids.reshape(-1).long()
-        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.num_embeddings):
-            raise IndexError(f"token ids must be in [0, {self.num_embeddings}), got "
-                             f"[{int(flat.min())}, {int(flat.max())}]")
+        if flat.numel():
+            low, high = (int(v) for v in torch.aminmax(flat))  # one host sync for both bounds
+            if low < 0 or high >= self.num_embeddings:
+                raise IndexError(f"token ids must be in [0, {self.num_embeddings}), got [{low}, {high}]")
         distinct, where = torch.unique(flat, return_inverse=True)  # each distinct token decoded once
         rows = decode_rows(self.head, distinct)[where]
         return rows.reshape(*input_ids.shape, self.embedding_dim).to(self.head.compute_dtype)

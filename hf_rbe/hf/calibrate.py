@@ -51,7 +51,7 @@ from ..core.rbe_linear import RBELinear, link_shared_tables
 from ..data import CORPORA, TRAIN_START, text_dataset
 from .allocate import allocate
 from .config import RBEConfig
-from .replace import LayerFactory, eligible, encode_weight, float_weight, share_head_codes, tied_embedding
+from .replace import LayerFactory, eligible, encode_into, float_weight, share_head_codes, tied_embedding
 
 logger = logging.getLogger(__name__)
 
@@ -457,17 +457,14 @@ def _swap(model: nn.Module, factory: LayerFactory, name: str, module: nn.Module,
     layer = factory.build(name, module)
     if layer is None:
         return 0.0
-    weight = float_weight(module)
-    layer.load_packed(encode_weight(layer, weight, name, hessian, damp))
-    if module.bias is not None:
-        layer.bias.data.copy_(module.bias.detach())
+    encode_into(layer, module, name, hessian, damp)
     if keep is not None and isinstance(layer, RBELinear):
         layer.calibration_hessian = keep
     model.set_submodule(name, layer)
     if hessian is None or not isinstance(layer, PackedLinear):
         return 0.0
     link_shared_tables(model)
-    return proxy_error(weight, layer.dequantize(torch.float32), hessian)
+    return proxy_error(float_weight(module), layer.dequantize(torch.float32), hessian)
 
 
 @dataclass

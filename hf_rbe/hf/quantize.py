@@ -11,7 +11,6 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from ..core.packed import PackedLinear
 from ..core.rbe_linear import link_shared_tables
 from ..core.stored import STORAGE_DTYPES, store_embeddings
 from .calibrate import norms, quantize_calibrated
@@ -19,10 +18,10 @@ from .config import RBEConfig
 from .quantizer import RBEHfQuantizer
 from .replace import (
     eligible,
-    encode_weight,
-    float_weight,
+    encode_into,
     model_dtype,
     model_part,
+    module_name,
     modules_to_skip,
     replace_with_rbe_linear,
     share_head_codes,
@@ -42,11 +41,10 @@ def _all_or_nothing(model: nn.Module, skip: list[str]) -> Iterator[None]:
     norm_ids = {id(m) for m in norms(model)}
     norm_state = {f"{n}.{k}": p.detach().clone() for n, m in model.named_modules() if id(m) in norm_ids
                   for k, p in m.named_parameters(recurse=False)}
-    heads = [m for m in (model_part(model, "get_input_embeddings"), model_part(model, "get_output_embeddings"))
-             if m is not None]
-    head_state = [(m, m.__class__, m.weight) for m in heads]
     emb = model_part(model, "get_input_embeddings")
-    emb_name = next((n for n, m in model.named_modules() if m is emb), None) if emb is not None else None
+    head_state = [(m, m.__class__, m.weight) for m in (emb, model_part(model, "get_output_embeddings"))
+                  if m is not None]
+    emb_name = module_name(model, emb)
     tying = dict(getattr(model, "all_tied_weights_keys", None) or {})
     training = model.training
     try:
@@ -89,11 +87,7 @@ def quantize_model(model: nn.Module, config: RBEConfig | None = None, modules_to
             originals = dict(eligible(model, skip))
             names = replace_with_rbe_linear(model, config, skip)
             for name in tqdm(names, desc="RBE-encoding layers", unit="layer"):
-                layer: PackedLinear = model.get_submodule(name)
-                old = originals[name]
-                layer.load_packed(encode_weight(layer, float_weight(old), name))
-                if old.bias is not None:
-                    layer.bias.data.copy_(old.bias.detach())
+                encode_into(model.get_submodule(name), originals[name], name)
             if tied:
                 share_head_codes(model, tied)
             link_shared_tables(model)

@@ -29,8 +29,7 @@ from .integrity import Checkpoint, record, verify
 from .replace import (
     build_layers,
     check_replaced,
-    encode_weight,
-    float_weight,
+    encode_into,
     model_dtype,
     modules_to_skip,
     share_head_codes,
@@ -113,9 +112,7 @@ class RBEHfQuantizer(HfQuantizer):
         layer.to_empty(device=head.weight.device)  # built on the meta device, before loading
         if layer.spec.rotation:
             layer.rotation_seed.data.fill_(layer.default_rotation_seed)
-        layer.load_packed(encode_weight(layer, float_weight(head), name))
-        if head.bias is not None:
-            layer.bias.data.copy_(head.bias.detach())
+        encode_into(layer, head, name)
         model.set_submodule(name, layer)
         share_head_codes(model, self.tied)  # type: ignore[arg-type]
         self.deferred = None

@@ -57,14 +57,15 @@ def model_part(model: nn.Module, method: str) -> nn.Module | None:
         return None
 
 
-def _name_of(model: nn.Module, module: nn.Module | None) -> str | None:
+def module_name(model: nn.Module, module: nn.Module | None) -> str | None:
+    """The name of ``module`` inside ``model`` (``None`` if it is not there)."""
     return None if module is None else next((n for n, m in model.named_modules() if m is module), None)
 
 
 def output_head(model: nn.Module) -> str | None:
     """Name of the model's output head (transformers' ``get_output_embeddings``) when it is a Linear."""
     head = model_part(model, "get_output_embeddings")
-    return _name_of(model, head) if isinstance(head, nn.Linear) else None
+    return module_name(model, head) if isinstance(head, nn.Linear) else None
 
 
 def tied_embedding(model: nn.Module, config: RBEConfig) -> tuple[str, str] | None:
@@ -75,14 +76,17 @@ def tied_embedding(model: nn.Module, config: RBEConfig) -> tuple[str, str] | Non
     emb = model_part(model, "get_input_embeddings")
     if head_name is None or type(emb) not in (nn.Embedding, StoredEmbedding):
         return None
-    emb_name = _name_of(model, emb)
+    emb_name = module_name(model, emb)
     if emb_name is None:
         return None
-    if emb.weight is getattr(model.get_submodule(head_name), "weight", None):
-        return head_name, emb_name
-    pair = {f"{head_name}.weight", f"{emb_name}.weight"}
-    mapping = getattr(model, "all_tied_weights_keys", None) or {}
-    return (head_name, emb_name) if any({t, s} == pair for t, s in mapping.items()) else None
+    tied = emb.weight is getattr(model.get_submodule(head_name), "weight", None)
+    return (head_name, emb_name) if tied or _tie_targets(model, (head_name, emb_name)) else None
+
+
+def _tie_targets(model: nn.Module, names: tuple[str, str]) -> list[str]:
+    """The entries of transformers' tying map (``target -> source``) that tie these two modules' weights."""
+    pair = {f"{names[0]}.weight", f"{names[1]}.weight"}
+    return [t for t, s in (getattr(model, "all_tied_weights_keys", None) or {}).items() if {t, s} == pair]
 
 
 def share_head_codes(model: nn.Module, names: tuple[str, str]) -> bool:
@@ -95,10 +99,8 @@ def share_head_codes(model: nn.Module, names: tuple[str, str]) -> bool:
     if not isinstance(head, RBELinear):
         return False
     model.set_submodule(emb_name, RBEEmbedding(head, getattr(model.get_submodule(emb_name), "padding_idx", None)))
-    mapping = getattr(model, "all_tied_weights_keys", None) or {}
-    pair = {f"{head_name}.weight", f"{emb_name}.weight"}
-    for target in [t for t, s in mapping.items() if {t, s} == pair]:
-        del mapping[target]
+    for target in _tie_targets(model, names):
+        del model.all_tied_weights_keys[target]
     return True
 
 
@@ -207,6 +209,14 @@ def encode_weight(layer: PackedLinear, weight: torch.Tensor, name: str, hessian:
         return layer.encode(weight, initial_tables(layer), hessian=hessian, damp=damp)
     except FormatError as err:
         raise FormatError(f"{name}: {err}") from err
+
+
+def encode_into(layer: PackedLinear, module: nn.Module, name: str, hessian: torch.Tensor | None = None,
+                damp: float = DAMP) -> None:
+    """Encode the float ``module``'s weight into ``layer`` (:func:`encode_weight`) and copy its bias."""
+    layer.load_packed(encode_weight(layer, float_weight(module), name, hessian, damp))
+    if module.bias is not None:
+        layer.bias.data.copy_(module.bias.detach())
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:
