@@ -20,14 +20,12 @@ NO_TRANSFORMERS = {"core", "kernels"}
 
 
 def _modules() -> dict[str, Path]:
-    """Dotted name -> file for every module of the package (hf_rbe/kernels links to kernels/)."""
+    """Dotted name -> file for every module of the package."""
     out = {}
-    for path in sorted(PACKAGE.rglob("*.py")):  # rglob does not follow the kernels link
+    for path in sorted(PACKAGE.rglob("*.py")):
         rel = path.relative_to(PACKAGE).with_suffix("")
         parts = [p for p in rel.parts if p != "__init__"]
         out[".".join(["hf_rbe", *parts])] = path
-    for path in sorted((ROOT / "kernels").glob("*.py")):
-        out[f"hf_rbe.kernels.{path.stem}"] = path
     return out
 
 

@@ -1,5 +1,6 @@
 """Packaging: the kernels ship inside hf_rbe and never pose as Hugging Face's unrelated top-level
-``kernels`` package (what imports what is tests/test_layering.py's job)."""
+``kernels`` package; every subpackage and data file ships (what imports what is
+tests/test_layering.py's job)."""
 
 import subprocess
 import sys
@@ -8,8 +9,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_kernels_dir_is_not_a_regular_package_and_transformers_does_not_see_it():
-    assert not (ROOT / "kernels" / "__init__.py").exists()
+def test_no_top_level_kernels_package_and_transformers_does_not_see_one():
+    assert not (ROOT / "kernels").exists()  # the kernels are the regular package hf_rbe.kernels
+    assert not any(p.is_symlink() for p in (ROOT / "hf_rbe").rglob("*"))  # checkouts without symlinks work
     code = ("import sys; sys.path.insert(0, '.');"
             "from transformers.utils.import_utils import is_kernels_available;"
             "print(is_kernels_available())")
@@ -35,7 +37,7 @@ def test_wheel_ships_hf_rbe_kernels(tmp_path):
     shipped = {n.rsplit("/", 1)[0].replace("/", ".") for n in names if n.endswith("/__init__.py")}
     on_disk = {str(p.parent.relative_to(ROOT)).replace("/", ".") for p in (ROOT / "hf_rbe").rglob("__init__.py")}
     assert on_disk <= shipped, on_disk - shipped  # every subpackage ships
-    assert "hf_rbe/model_cards/rbe_model_card.md" in names
+    assert "hf_rbe/hf/model_card.md" in names
     assert not any(n.startswith("kernels/") for n in names)
 
 

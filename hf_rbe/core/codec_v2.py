@@ -10,7 +10,16 @@ from __future__ import annotations
 
 import torch
 
-from .format_v2 import IDX_OFFSET, PLANES, SIGN_OFFSET, VECTOR_DIM, LayerSpecV2, StageV2, stage_prefix
+from .format_v2 import (
+    IDX_OFFSET,
+    PLANES,
+    SIGN_OFFSET,
+    VECTOR_DIM,
+    LayerSpecV2,
+    StageV2,
+    e8p_sign_table,
+    stage_prefix,
+)
 from .spec import check_finite, check_fp16_scales
 
 _CHUNK = 4096  # vectors searched at once
@@ -96,10 +105,8 @@ def codewords(codes: torch.Tensor, plane: str, table: torch.Tensor) -> torch.Ten
     if plane != "e8p":
         return table[codes]
     idx = (codes >> IDX_OFFSET) & (PLANES["e8p"].table_size - 1)
-    bits = (codes[..., None] >> (SIGN_OFFSET + torch.arange(VECTOR_DIM - 1, device=codes.device))) & 1
-    last = bits.sum(-1, keepdim=True) % 2  # the implied sign of coordinate 7: parity of the others
-    sign = 1 - 2 * torch.cat([bits, last], -1).float()
-    return table[idx] * sign
+    signs = e8p_sign_table().to(codes.device)[(codes >> SIGN_OFFSET) & ((1 << PLANES["e8p"].sign) - 1)]
+    return table[idx] * signs
 
 
 # ----------------------------------------------------------------------------- code storage

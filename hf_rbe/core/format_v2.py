@@ -35,6 +35,7 @@ residual plane beat 4 gain bits on each e8p code (MSE 0.057 vs 0.066).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -82,6 +83,16 @@ PLANES: dict[str, Plane] = {
 }
 #: e8p field offsets: idx in the low bits, sign bit j of coordinate j at SIGN_OFFSET + j.
 IDX_OFFSET, SIGN_OFFSET = 0, PLANES["e8p"].idx
+
+
+@functools.lru_cache(maxsize=1)
+def e8p_sign_table() -> torch.Tensor:
+    """fp32 [128, 8] of +-1: row ``s`` holds the signs an e8p code with sign field ``s`` applies
+    (bit j negates coordinate j < 7; coordinate 7 is negated when those bits have odd parity).
+    The decoders (reference and kernels) read signs from this one table (shared: do not modify)."""
+    bits = (torch.arange(1 << (VECTOR_DIM - 1))[:, None] >> torch.arange(VECTOR_DIM - 1)) & 1
+    bits = torch.cat([bits, bits.sum(1, keepdim=True) % 2], 1)
+    return (1 - 2 * bits).float()
 
 
 def stage_prefix(i: int) -> str:

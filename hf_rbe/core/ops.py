@@ -5,56 +5,35 @@ Every packed layer computes ``y = x W^T + b`` by calling this one op with its st
 id, then what the format's ``to_layout`` writes). Registering it as a custom op means:
 
 - the dispatcher picks the implementation by device: this module registers the PyTorch
-  reference (any device; the oracle every kernel is tested against), and ``hf_rbe.kernels``
-  registers faster ones for CUDA (Triton) and the CPU over it;
+  reference (``core.reference``; any device, the oracle every kernel is tested against), and
+  ``hf_rbe.kernels`` registers faster ones for CUDA (Triton) and the CPU over it;
 - ``torch.compile`` sees one opaque node with a fake (shape-only) implementation, so a model
   compiles with ``fullgraph=True`` and CUDA graphs can capture it;
 - autograd: the gradient reaches ``x`` (adapters before the layer train) and the bias; the
   stored tensors are constants. The backward multiplies by ``hf_rbe::dequantize`` (the decoded
   weight, also an opaque op, so a compiled backward traces no decoder internals).
 
-Formats register their reference decoder with :func:`register_format`.
+What the arguments mean (tensor order, layout ints) is ``core.op_layout``'s.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
+from .op_layout import out_features
+from .reference import REFERENCE, FormatOps
 from .spec import FormatError
 
 
-@dataclass(frozen=True)
-class FormatOps:
-    """How the reference decodes one format: ``dequantize(tensors, layout) -> fp32 W [out, in]``
-    in the original basis, and ``linear(x, tensors, layout) -> x W^T`` (without bias)."""
-
-    dequantize: Callable[[list[torch.Tensor], list[int]], torch.Tensor]
-    linear: Callable[[torch.Tensor, list[torch.Tensor], list[int]], torch.Tensor]
-
-
-_FORMATS: dict[int, FormatOps] = {}
-
-
-def register_format(format_id: int, ops: FormatOps) -> None:
-    """Register the reference of a format (done once, by the module that defines the layer;
-    each format module defines its own ``FORMAT_ID``)."""
-    _FORMATS[format_id] = ops
-
-
 def format_ops(layout: list[int]) -> FormatOps:
+    """The reference decoder of the layout's format (``core.reference``)."""
     try:
-        return _FORMATS[layout[0]]
+        return REFERENCE[layout[0]]
     except (KeyError, IndexError):
         raise FormatError(f"unknown packed-layer format id {layout[:1]}") from None
-
-
-def out_features(layout: list[int]) -> int:
-    """Every layout stores ``[format_id, out_features, in_features, ...]``."""
-    return layout[1]
 
 
 @torch.library.custom_op("hf_rbe::linear", mutates_args=())

@@ -1,4 +1,4 @@
-"""``RBELinear``: a packed layer in an RBE format (v1 bitfield codes or v2 planes), and the op's reference.
+"""``RBELinear``: a packed layer in an RBE format (v1 bitfield codes or v2 planes).
 
 Both formats rotate the input side (``W S H``, signs from a stored seed) and decode with tables
 that the whole model shares: the first layer (in module order) that uses a given universal
@@ -10,60 +10,15 @@ formats is in ``core.rbe_codecs``.
 
 from __future__ import annotations
 
-import functools
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from . import ops
 from .calibrate import DAMP, damped, encode_stages, rotate_hessian
-from .format import FORMAT_ID as V1_ID
-from .format_v2 import FORMAT_ID as V2_ID
+from .op_layout import SIGNS, op_tensor_names
 from .packed import PackedLinear
-from .rbe_codecs import RBECodec, Spec, codec_by_id, codec_for
-from .rotation import random_signs, rotate, rotate_weight, unrotate
+from .rbe_codecs import Spec, codec_for
+from .rotation import random_signs, rotate_weight
 from .spec import FormatError, TensorSpec, check_finite
-
-SIGNS = "signs"  # the Hadamard signs: derived from rotation_seed, passed to the op, never saved
-
-
-@functools.lru_cache(maxsize=256)
-def op_tensor_names(spec: Spec) -> tuple[str, ...]:
-    """The tensors of ``hf_rbe::linear`` for an RBE layer, in order: its stored per-layer tensors
-    (the seed aside), the Hadamard signs, then its tables. Layer, reference and kernels all read
-    this one list (cached: every forward asks for it)."""
-    names = [n for n in spec.tensors(0, 0) if n != "rotation_seed"]
-    return tuple(names + ([SIGNS] if spec.rotation else []) + list(spec.table_tensors()))
-
-
-@functools.lru_cache(maxsize=256)
-def _parse(layout: tuple[int, ...]) -> tuple[RBECodec, Spec, int, tuple[str, ...]]:
-    codec = codec_by_id(layout[0])
-    spec = codec.spec_type.from_layout(list(layout[3:]))
-    return codec, spec, layout[2], op_tensor_names(spec)
-
-
-def _decode_rotated(tensors: list[torch.Tensor], layout: list[int]) -> tuple[torch.Tensor, dict, Spec, int]:
-    codec, spec, in_features, names = _parse(tuple(layout))
-    named = dict(zip(names, tensors))
-    return codec.decode(named, spec, in_features), named, spec, in_features
-
-
-def _dequantize(tensors: list[torch.Tensor], layout: list[int]) -> torch.Tensor:
-    w, named, spec, k = _decode_rotated(tensors, layout)
-    return unrotate(w, named[SIGNS].float(), spec.hadamard_block(k)) if spec.rotation else w
-
-
-def _linear(x: torch.Tensor, tensors: list[torch.Tensor], layout: list[int]) -> torch.Tensor:
-    w, named, spec, k = _decode_rotated(tensors, layout)
-    if spec.rotation:
-        x = rotate(x, named[SIGNS], spec.hadamard_block(k))
-    return F.linear(x, w.to(x.dtype))
-
-
-for _id in (V1_ID, V2_ID):
-    ops.register_format(_id, ops.FormatOps(dequantize=_dequantize, linear=_linear))
 
 
 class RBELinear(PackedLinear):

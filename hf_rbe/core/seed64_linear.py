@@ -2,47 +2,23 @@
 
 The stored tensors are defined in ``core.seed64_format``; the residual, when there is one, is
 an ordinary ``RBELinear`` child named ``residual`` (it shares the model's universal tables and
-is checked on load like every other RBE layer). This module also registers the seed64
-reference with the layer op.
+is checked on load like every other RBE layer). Its reference decoder is ``core.reference``'s.
 """
 
 from __future__ import annotations
 
-import functools
-
 import torch
-import torch.nn.functional as F
 
 from . import ops
 from . import seed64 as S
 from .packed import PackedLinear
 from .rbe_linear import RBELinear
+from .reference import seed64_dequantize
 from .seed64_format import FORMAT_ID, MASK, OFFSET, Seed64Spec
 from .spec import FormatError, TensorSpec, check_finite
 
 _RESERVED = MASK["reserved"] << OFFSET["reserved"]
 _RESIDUAL = "residual."
-
-
-@functools.lru_cache(maxsize=64)
-def _parse(layout: tuple[int, ...]) -> tuple[int, int, int, bool]:
-    _, out_features, in_features, tile, scaled = layout
-    return out_features, in_features, tile, bool(scaled)
-
-
-def _dequantize(tensors: list[torch.Tensor], layout: list[int]) -> torch.Tensor:
-    """float64 W [out, in] generated from the seeds (and per-tile scales)."""
-    n, k, tile, scaled = _parse(tuple(layout))
-    seeds, scale = tensors[0], (tensors[1] if scaled else None)
-    tiles = S.generate(seeds.reshape(-1), tile, None if scale is None else scale.reshape(-1))
-    return S.untile_matrix(tiles, n, k)
-
-
-def _linear(x: torch.Tensor, tensors: list[torch.Tensor], layout: list[int]) -> torch.Tensor:
-    return F.linear(x, _dequantize(tensors, layout).to(x.dtype))
-
-
-ops.register_format(FORMAT_ID, ops.FormatOps(dequantize=_dequantize, linear=_linear))
 
 
 class Seed64Linear(PackedLinear):
@@ -89,7 +65,7 @@ class Seed64Linear(PackedLinear):
             out["tile_scale"] = scale.reshape(self.weight.shape).half()
         if self.residual is not None:
             layout = self.layout()
-            rec = _dequantize([out[n] for n in self.op_tensor_names()], layout)
+            rec = seed64_dequantize([out[n] for n in self.op_tensor_names()], layout)
             out.update({_RESIDUAL + k: v for k, v in self.residual.encode((w - rec).float(), tables).items()})
         return out
 

@@ -1,4 +1,4 @@
-"""Model cards for RBE checkpoints, from the template in ``model_cards/``.
+"""Model cards for RBE checkpoints, from the template ``model_card.md`` beside this module.
 
 ``hf_rbe.hf.saving`` makes every RBE model's ``save_pretrained`` and ``push_to_hub`` write it:
 README.md after the weights, and ours instead of transformers' generic card just before files
@@ -15,14 +15,12 @@ from torch import nn
 
 from ..core.packed import packed_size
 
-_TEMPLATE = "rbe_model_card.md"
 _GENERIC = "This model card has been automatically generated"  # transformers' placeholder card
 _OURS = "quantized with [hf-rbe]"
 
 
 def _template() -> str:
-    # hf_rbe/model_cards links to the repository's model_cards/ and ships in the wheel
-    return (Path(__file__).parents[1] / "model_cards" / _TEMPLATE).read_text()
+    return (Path(__file__).with_name("model_card.md")).read_text()
 
 
 def render_card(model: nn.Module, base_model: str, repo_id: str, metrics: dict[str, Any] | None = None,

@@ -1,16 +1,29 @@
-"""Checkpoints saved before the restructure (tests/fixtures, format v1) load with bit-identical logits."""
+"""Checkpoints saved before the restructure (tests/fixtures, format v1) keep loading.
+
+What "the same model" means across machines: the stored tensors load bit for bit, the loaded
+model reproduces the logits recorded when the fixture was written to within float32 rounding,
+and a save and fresh reload on this machine is bit-identical. The recorded logits were computed
+on another CPU: torch's GEMMs pick kernels by CPU (AVX2, AVX-512, AMX), which round sums in
+another order, so recorded and recomputed logits can differ in the last bits (measured: up to
+3e-7 of the largest logit between an AMD EPYC and an Intel Xeon); a wrong table, code or scale
+moves them by orders of magnitude more.
+"""
 
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_fresh_reload_identical
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import hf_rbe  # noqa: F401  (registers the quantizer)
+from hf_rbe.core.packed import PackedLinear
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 CASES = sorted(p.name for p in FIXTURES.iterdir() if p.is_dir())
+#: float32 rounding across CPUs, relative to the largest logit (module docstring).
+ACROSS_CPUS = 1e-5
 
 
 def test_every_fixture_is_found():
@@ -18,9 +31,19 @@ def test_every_fixture_is_found():
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_v1_checkpoint_loads_bit_identical(name):
+def test_v1_checkpoint_loads_the_same_model(name, tmp_path):
     expected = load_file(FIXTURES / name / "expected_logits.safetensors")
+    stored = load_file(FIXTURES / name / "model.safetensors")
     model = AutoModelForCausalLM.from_pretrained(FIXTURES / name).eval()
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, PackedLinear)]
+    assert layers
+    for n, m in layers:
+        for t in m.stored_tensors():
+            if f"{n}.{t}" in stored:  # a layer that links to a shared table does not store it
+                assert torch.equal(getattr(m, t), stored[f"{n}.{t}"]), f"{n}.{t}"
     with torch.no_grad():
         logits = model(expected["input_ids"]).logits
-    assert torch.equal(logits, expected["logits"])
+    top = expected["logits"].abs().max()
+    assert (logits - expected["logits"]).abs().max() <= ACROSS_CPUS * top
+    model.save_pretrained(tmp_path / "again")
+    assert_fresh_reload_identical(tmp_path / "again", expected["input_ids"], logits)

@@ -16,7 +16,7 @@ chunk goes through four steps, all in registers:
 Split-K partials go to a workspace; the last program of each N tile (an atomic counter that it
 resets) adds them in a fixed order, adds the bias and writes ``y`` in ``x``'s dtype: no memset,
 no second launch, deterministic. Kernel-side layouts (fp16 tables, the sign-mask table,
-counters) are derived once from the stored tensors and cached (``_derived``).
+counters) are derived once from the stored tensors and cached (``triton_common.constant``).
 
 Supported: per-row scales, or groups that are multiples of 256; ``in_features`` a multiple of
 the Hadamard block (<= 256). Anything else uses the PyTorch reference (``hf_rbe.core.ops``).
@@ -24,9 +24,7 @@ the Hadamard block (<= 256). Anything else uses the PyTorch reference (``hf_rbe.
 
 from __future__ import annotations
 
-import os
 import weakref
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,8 +32,10 @@ import torch
 import triton
 import triton.language as tl
 
-from hf_rbe.core.format_v2 import IDX_OFFSET, PLANES, SIGN_OFFSET, VECTOR_DIM, LayerSpecV2
-from hf_rbe.core.rbe_linear import SIGNS, op_tensor_names
+from hf_rbe.core.format_v2 import IDX_OFFSET, PLANES, SIGN_OFFSET, LayerSpecV2, e8p_sign_table
+from hf_rbe.core.op_layout import SIGNS, op_tensor_names
+
+from .triton_common import check_device, constant
 
 CHUNK = 256  # K per step: one 16 x 16 Hadamard tile per row
 FP16_SAFE_EXP = tl.constexpr(14)  # rows are scaled below 2^14: products of 8 stay finite in fp16
@@ -289,23 +289,7 @@ def tiles(m: int, n: int, k: int, n_sm: int, n_stages: int = 1) -> Tiles:
     return Tiles(kernel, bm, bn, split, warps, num_stages=2)
 
 
-def sign_table(dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
-    """[128, 8] of +-1: the signs an e8p code's 7 sign bits name (the 8th by their parity)."""
-    s = torch.arange(1 << (VECTOR_DIM - 1))
-    bits = (s[:, None] >> torch.arange(VECTOR_DIM - 1)) & 1
-    bits = torch.cat([bits, bits.sum(1, keepdim=True) % 2], 1)
-    return (1 - 2 * bits).to(dtype=dtype, device=device)
-
-
-_CACHE: dict[tuple, torch.Tensor] = {}
 _TABLES: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
-
-
-def _derived(key: tuple, make: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """A kernel-side constant (sign table, split-K counters), made once per key."""
-    if key not in _CACHE:
-        _CACHE[key] = make()
-    return _CACHE[key]
 
 
 def _table16(table: torch.Tensor) -> torch.Tensor:
@@ -337,8 +321,8 @@ def kernel_args(x2: torch.Tensor, named: dict[str, torch.Tensor], spec: LayerSpe
     y = torch.empty(m, n, device=x2.device, dtype=x2.dtype)
     tiles_n = grid[0] * grid[2]
     work = torch.empty(tiles_n * split * cfg.bm * cfg.bn if split > 1 else 1, device=x2.device, dtype=torch.float32)
-    count = _derived(("count", x2.device, tiles_n), lambda: torch.zeros(tiles_n, device=x2.device, dtype=torch.int32))
-    sg = _derived(("signs", x2.device), lambda: sign_table(torch.float16, x2.device))
+    count = constant(("count", x2.device, tiles_n), lambda: torch.zeros(tiles_n, device=x2.device, dtype=torch.int32))
+    sg = constant(("e8p signs", x2.device), lambda: e8p_sign_table().to(torch.float16).to(x2.device))
     stage_args, sizes, meta = [], [], {}
     for i in range(MAX_STAGES):
         if i < len(spec.stages):
@@ -362,16 +346,6 @@ def kernel_args(x2: torch.Tensor, named: dict[str, torch.Tensor], spec: LayerSpe
 
 
 KERNELS = {"gemv": _v2_gemv_kernel, "tile": _v2_tile_kernel}
-
-
-def check_device(x: torch.Tensor) -> None:
-    """Triton kernels run on CUDA tensors (or anywhere under ``TRITON_INTERPRET=1``, slowly); say so
-    instead of Triton's "0 active drivers". A model on the CPU reaches the numba kernels through
-    ``hf_rbe::linear`` without calling these."""
-    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError(f"hf-rbe's Triton kernels need CUDA tensors, got a {x.device.type} tensor: move the model "
-                           "to a GPU, or call the layer (CPU tensors use the numba kernel), or set "
-                           "TRITON_INTERPRET=1 before importing triton to run them (slowly) on the CPU")
 
 
 def linear(x: torch.Tensor, tensors: list[torch.Tensor], layout: list[int], bias: torch.Tensor | None,

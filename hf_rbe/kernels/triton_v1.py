@@ -22,8 +22,9 @@ import triton
 import triton.language as tl
 
 from hf_rbe.core.format import INT_RESIDUAL_BITS, CodeLayout, LayerSpec
-from hf_rbe.core.rbe_linear import op_tensor_names
-from hf_rbe.kernels.triton_v2 import check_device
+from hf_rbe.core.op_layout import op_tensor_names
+
+from .triton_common import check_device
 
 MODE_RBE, MODE_INT, MODE_FP8 = 0, 1, 2
 _FP8_EXP_BIAS, _FP8_MANT_BITS = 7, 3  # float8_e4m3fn: sign | 4-bit exponent | 3-bit mantissa

@@ -7,8 +7,8 @@ walks its codes. An e8p code costs one 8-lane load from the 512-entry table, one
 multiply-add (``cpu_simd``); vq8 / vq4 codes read a signed 8-vector. At M = 1 an e8p stage and
 the stage after it run in one pass (one x load feeds both); for M > 1 each codeword is decoded
 once per block of four input rows.
-Larger M (prefill): every stage decodes into a per-shape fp32 buffer reused across calls, and
-the product goes to BLAS (``torch.matmul``). ``linear`` picks by M.
+Larger M (prefill): every stage decodes into an fp32 buffer allocated for the call, and the
+product goes to BLAS (``torch.matmul``). ``linear`` picks by M.
 
 Compiled by numba on first use and cached on disk (``cache=True``): no compiler at install
 time. The PyTorch reference of the op (``hf_rbe.core.ops``) is the oracle of the tests.
@@ -23,8 +23,8 @@ import numba as nb
 import numpy as np
 import torch
 
-from hf_rbe.core.format_v2 import FORMAT_ID, IDX_OFFSET, PLANES, SIGN_OFFSET, VECTOR_DIM, LayerSpecV2
-from hf_rbe.core.rbe_linear import SIGNS, op_tensor_names
+from hf_rbe.core.format_v2 import FORMAT_ID, IDX_OFFSET, PLANES, SIGN_OFFSET, VECTOR_DIM, LayerSpecV2, e8p_sign_table
+from hf_rbe.core.op_layout import SIGNS, op_tensor_names
 
 from .cpu_simd import vadd, vbroadcast, vfma, vload, vmul, vstore, vsum, vzero
 
@@ -194,17 +194,8 @@ def _decode(codes: np.ndarray, scale: np.ndarray, table: np.ndarray, signs: np.n
             vstore(w, at, val)
 
 
-def sign_table() -> np.ndarray:
-    """fp32 [128, 8] of +-1: the signs an e8p code's 7 sign bits name (the 8th by their parity)."""
-    s = np.arange(1 << (VECTOR_DIM - 1))
-    bits = (s[:, None] >> np.arange(VECTOR_DIM - 1)) & 1
-    bits = np.concatenate([bits, bits.sum(1, keepdims=True) % 2], 1)
-    return (1 - 2 * bits).astype(np.float32)
-
-
-_SIGNS = sign_table().ravel()
+_SIGNS = e8p_sign_table().numpy().ravel().copy()
 _PLANE_IDS = {"e8p": 0, "vq8": 1, "vq4": 2}
-_BUFFERS: dict[tuple[int, int], np.ndarray] = {}
 
 
 def supports(layout: list[int]) -> bool:
@@ -275,9 +266,7 @@ def linear(x: torch.Tensor, tensors: list[torch.Tensor], layout: list[int], bias
                 (_gemv if m == 1 else _gemv4)(flat, k, codes, scale, table, _SIGNS, plane, out)
         y = torch.from_numpy(out)
     else:
-        w = _BUFFERS.get((n, k))
-        if w is None:
-            w = _BUFFERS[(n, k)] = np.empty(n * k, dtype=np.float32)
+        w = np.empty(n * k, dtype=np.float32)  # per call: a buffer kept per shape would live as long as the process
         for i, (codes, scale, table, plane) in enumerate(stages):
             _decode(codes, scale, table, _SIGNS, plane, w, k, i > 0)
         y = torch.from_numpy(xr) @ torch.from_numpy(w).view(n, k).T

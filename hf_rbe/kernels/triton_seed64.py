@@ -16,7 +16,8 @@ import triton.language as tl
 
 from hf_rbe.core import seed64 as S
 from hf_rbe.core.seed64_format import LOG2_C_RANGE, OFFSET, WIDTH
-from hf_rbe.kernels.triton_v2 import check_device
+
+from .triton_common import check_device
 
 
 @triton.jit
