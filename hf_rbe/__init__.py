@@ -24,7 +24,16 @@ import logging
 import sys
 from typing import Any
 
-from .core import FORMAT_VERSION, FormatError, RBEEmbedding, RBELinear, Seed64Linear
+from .core import (
+    FORMAT_VERSION,
+    CheckpointError,
+    ConfigError,
+    EncodingError,
+    FormatError,
+    RBEEmbedding,
+    RBELinear,
+    Seed64Linear,
+)
 from .kernels import dispatch as _kernel_dispatch  # noqa: F401  (registers the kernels with the op)
 
 __version__ = "0.2.0"
@@ -37,7 +46,8 @@ _LAZY = {"RBEConfig": "hf_rbe.hf.config", "PRESETS": "hf_rbe.hf.config", "RBEHfQ
 #: What registers with transformers (each package registers itself when imported).
 _REGISTRANTS = ("hf_rbe.hf", "hf_rbe.hyperbolic")
 
-__all__ = ["FORMAT_VERSION", "FormatError", "RBEEmbedding", "RBELinear", "Seed64Linear", *_LAZY]
+__all__ = ["FORMAT_VERSION", "CheckpointError", "ConfigError", "EncodingError", "FormatError", "RBEEmbedding",
+           "RBELinear", "Seed64Linear", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

@@ -1,6 +1,7 @@
 """The plain-torch core: formats, codecs, packed layers and the layer op. No transformers here.
 
-    spec            FormatError, TensorSpec: what every format shares
+    errors          FormatError and its kinds: ConfigError, EncodingError, CheckpointError
+    spec            TensorSpec and the value checks every format shares
     format          RBE v1: code fields, stage/residual/layer specs, stored tensors
     format_v2       RBE v2: code planes (e8p, vq8, vq4), stages, stored tensors
     seed64_format   seed64: seed fields, stored tensors
@@ -19,6 +20,7 @@
     seed64_linear   Seed64Linear
 """
 
+from .errors import CheckpointError, ConfigError, EncodingError, FormatError
 from .format import CodeLayout, LayerSpec, ResidualSpec, StageSpec
 from .format_v2 import FORMAT_VERSION, LayerSpecV2, StageV2
 from .packed import PackedLinear
@@ -27,8 +29,9 @@ from .rbe_embedding import RBEEmbedding
 from .rbe_linear import RBELinear, link_shared_tables
 from .seed64_format import Seed64Spec
 from .seed64_linear import Seed64Linear
-from .spec import FormatError, TensorSpec
+from .spec import TensorSpec
 
-__all__ = ["FORMAT_VERSION", "CodeLayout", "FormatError", "LayerSpec", "LayerSpecV2", "PackedLinear", "RBEEmbedding",
+__all__ = ["FORMAT_VERSION", "CheckpointError", "CodeLayout", "ConfigError", "EncodingError", "FormatError",
+           "LayerSpec", "LayerSpecV2", "PackedLinear", "RBEEmbedding",
            "RBELinear", "ResidualSpec", "Seed64Linear", "Seed64Spec", "StageSpec", "StageV2", "TensorSpec",
            "link_shared_tables", "universal_tables"]

@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .spec import FormatError, TensorSpec, n_words
+from .errors import ConfigError, EncodingError
+from .spec import TensorSpec, n_words
 
 #: Format versions this code reads: 1 (this bitfield and the seed64 layout).
 FORMAT_VERSION = 1
@@ -65,11 +66,11 @@ class CodeLayout:
         for name in FIELDS:
             w = getattr(self, name)
             if not isinstance(w, int) or isinstance(w, bool) or not 0 <= w <= MAX_WIDTH[name]:
-                raise FormatError(f"field '{name}' must be an int in [0, {MAX_WIDTH[name]}], got {w!r}")
+                raise ConfigError(f"field '{name}' must be an int in [0, {MAX_WIDTH[name]}], got {w!r}")
         if self.width == 0:
-            raise FormatError("a code needs at least one bit")
+            raise ConfigError("a code needs at least one bit")
         if self.width > CODE_BITS_MAX:
-            raise FormatError(f"a code holds at most {CODE_BITS_MAX} bits, these widths add up to {self.width}")
+            raise ConfigError(f"a code holds at most {CODE_BITS_MAX} bits, these widths add up to {self.width}")
 
     @property
     def width(self) -> int:
@@ -108,7 +109,7 @@ class CodeLayout:
             part = (v.to(torch.int64) & ((1 << w) - 1)) << offs[name]
             code = part if code is None else code | part
         if code is None:
-            raise FormatError("no field values given")
+            raise ConfigError("no field values given")
         return code
 
     def unpack_fields(self, codes: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -133,12 +134,12 @@ class StageSpec:
 
     def __post_init__(self) -> None:
         if not isinstance(self.dim, int) or isinstance(self.dim, bool) or not 1 <= self.dim <= 32:
-            raise FormatError(f"vector dim must be an int in [1, 32], got {self.dim!r}")
+            raise ConfigError(f"vector dim must be an int in [1, 32], got {self.dim!r}")
         if self.layout.deriv and self.dim % 2:
-            raise FormatError("the deriv field needs an even vector dim (D rotates pairs)")
+            raise ConfigError("the deriv field needs an even vector dim (D rotates pairs)")
         g = self.group_size
         if g is not None and (not isinstance(g, int) or isinstance(g, bool) or g <= 0 or g % self.dim):
-            raise FormatError(f"group_size {g!r} must be a positive int multiple of dim {self.dim}")
+            raise ConfigError(f"group_size {g!r} must be a positive int multiple of dim {self.dim}")
 
     @property
     def bits_per_code_weight(self) -> float:
@@ -146,9 +147,9 @@ class StageSpec:
 
     def check_shape(self, out_features: int, in_features: int) -> None:
         if in_features % self.dim:
-            raise FormatError(f"in_features {in_features} is not a multiple of the vector dim {self.dim}")
+            raise EncodingError(f"in_features {in_features} is not a multiple of the vector dim {self.dim}")
         if self.group_size is not None and in_features % self.group_size:
-            raise FormatError(f"in_features {in_features} is not a multiple of group_size {self.group_size}")
+            raise EncodingError(f"in_features {in_features} is not a multiple of group_size {self.group_size}")
 
     def n_groups(self, in_features: int) -> int:
         return 1 if self.group_size is None else in_features // self.group_size
@@ -190,15 +191,15 @@ class ResidualSpec:
 
     def __post_init__(self) -> None:
         if self.kind not in RESIDUAL_KINDS:
-            raise FormatError(f"residual kind must be one of {RESIDUAL_KINDS}, got {self.kind!r}")
+            raise ConfigError(f"residual kind must be one of {RESIDUAL_KINDS}, got {self.kind!r}")
         if self.kind == "rbe" and self.stage is None:
-            raise FormatError("residual kind 'rbe' needs a stage spec")
+            raise ConfigError("residual kind 'rbe' needs a stage spec")
         if self.kind != "rbe" and self.stage is not None:
-            raise FormatError(f"residual kind {self.kind!r} takes no stage spec")
+            raise ConfigError(f"residual kind {self.kind!r} takes no stage spec")
         if self.kind in INT_RESIDUAL_BITS or self.kind == "fp8":
             g = self.group_size
             if not isinstance(g, int) or isinstance(g, bool) or g <= 0 or g % 16:
-                raise FormatError(f"residual group_size must be a positive multiple of 16, got {g!r}")
+                raise ConfigError(f"residual group_size must be a positive multiple of 16, got {g!r}")
 
     @property
     def int_bits(self) -> int | None:
@@ -208,7 +209,7 @@ class ResidualSpec:
         if self.kind == "rbe":
             self.stage.check_shape(out_features, in_features)  # type: ignore[union-attr]
         elif self.kind != "none" and in_features % self.group_size:
-            raise FormatError(f"in_features {in_features} is not a multiple of residual group {self.group_size}")
+            raise EncodingError(f"in_features {in_features} is not a multiple of residual group {self.group_size}")
 
     def tensors(self, out_features: int, in_features: int) -> dict[str, TensorSpec]:
         if self.kind == "none":
@@ -236,9 +237,9 @@ class LayerSpec:
     def __post_init__(self) -> None:
         b = self.rotation_block
         if not isinstance(b, int) or isinstance(b, bool) or b < 1 or b & (b - 1):
-            raise FormatError(f"rotation_block must be a power of two, got {b!r}")
+            raise ConfigError(f"rotation_block must be a power of two, got {b!r}")
         if not isinstance(self.rotation, bool):
-            raise FormatError(f"rotation must be a bool, got {self.rotation!r}")
+            raise ConfigError(f"rotation must be a bool, got {self.rotation!r}")
 
     @property
     def stages(self) -> list[tuple[str, StageSpec]]:
@@ -249,7 +250,7 @@ class LayerSpec:
         return out
 
     def check_shape(self, out_features: int, in_features: int) -> None:
-        """Raise FormatError if a [out_features, in_features] weight cannot be stored."""
+        """Raise EncodingError if a [out_features, in_features] weight cannot be stored."""
         self.stage.check_shape(out_features, in_features)
         self.residual.check_shape(out_features, in_features)
 

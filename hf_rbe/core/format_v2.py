@@ -40,7 +40,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .spec import FormatError, TensorSpec
+from .errors import ConfigError, EncodingError
+from .spec import TensorSpec
 
 #: This format's id in the layer op's layout (``core.ops``), and its checkpoint version.
 FORMAT_ID = 2
@@ -109,10 +110,10 @@ class StageV2:
 
     def __post_init__(self) -> None:
         if self.plane not in PLANES:
-            raise FormatError(f"plane must be one of {sorted(PLANES)}, got {self.plane!r}")
+            raise ConfigError(f"plane must be one of {sorted(PLANES)}, got {self.plane!r}")
         g = self.group_size
         if g is not None and (not isinstance(g, int) or isinstance(g, bool) or g <= 0 or g % VECTOR_DIM):
-            raise FormatError(f"group_size {g!r} must be a positive int multiple of {VECTOR_DIM}")
+            raise ConfigError(f"group_size {g!r} must be a positive int multiple of {VECTOR_DIM}")
 
     @property
     def kind(self) -> Plane:
@@ -124,9 +125,9 @@ class StageV2:
     def check_shape(self, in_features: int) -> None:
         unit = VECTOR_DIM * self.kind.codes_per_byte
         if in_features % unit:
-            raise FormatError(f"in_features {in_features} is not a multiple of {unit} ({self.plane} codes)")
+            raise EncodingError(f"in_features {in_features} is not a multiple of {unit} ({self.plane} codes)")
         if self.group_size is not None and in_features % self.group_size:
-            raise FormatError(f"in_features {in_features} is not a multiple of group_size {self.group_size}")
+            raise EncodingError(f"in_features {in_features} is not a multiple of group_size {self.group_size}")
 
     def tensors(self, out_features: int, in_features: int, prefix: str) -> dict[str, TensorSpec]:
         k = self.kind
@@ -149,15 +150,15 @@ class LayerSpecV2:
 
     def __post_init__(self) -> None:
         if not self.stages or not all(isinstance(s, StageV2) for s in self.stages):
-            raise FormatError("a v2 layer needs at least one StageV2")
+            raise ConfigError("a v2 layer needs at least one StageV2")
         if self.stages[0].plane != "e8p":
-            raise FormatError(f"the first v2 stage must be 'e8p' (later stages code its residual), "
+            raise ConfigError(f"the first v2 stage must be 'e8p' (later stages code its residual), "
                               f"got {self.stages[0].plane!r}")
         b = self.rotation_block
         if not isinstance(b, int) or isinstance(b, bool) or b < 1 or b & (b - 1):
-            raise FormatError(f"rotation_block must be a power of two, got {b!r}")
+            raise ConfigError(f"rotation_block must be a power of two, got {b!r}")
         if not isinstance(self.rotation, bool):
-            raise FormatError(f"rotation must be a bool, got {self.rotation!r}")
+            raise ConfigError(f"rotation must be a bool, got {self.rotation!r}")
 
     @property
     def prefixed_stages(self) -> list[tuple[str, StageV2]]:

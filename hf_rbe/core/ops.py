@@ -23,9 +23,9 @@ from typing import Optional
 
 import torch
 
+from .errors import CheckpointError
 from .op_layout import out_features
 from .reference import REFERENCE, FormatOps
-from .spec import FormatError
 
 
 def format_ops(layout: list[int]) -> FormatOps:
@@ -33,7 +33,7 @@ def format_ops(layout: list[int]) -> FormatOps:
     try:
         return REFERENCE[layout[0]]
     except (KeyError, IndexError):
-        raise FormatError(f"unknown packed-layer format id {layout[:1]}") from None
+        raise CheckpointError(f"unknown packed-layer format id {layout[:1]}") from None
 
 
 @torch.library.custom_op("hf_rbe::linear", mutates_args=())

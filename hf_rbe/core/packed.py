@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from . import ops
-from .spec import COMPUTE_DTYPES, FormatError, TensorSpec
+from .errors import CheckpointError
+from .spec import COMPUTE_DTYPES, TensorSpec
 
 
 def packed_layers(model: nn.Module) -> list[tuple[str, PackedLinear]]:
@@ -84,18 +85,18 @@ class PackedLinear(nn.Linear):
         raise NotImplementedError
 
     def validate(self) -> None:
-        """Check values after loading (finite scales, clean padding, ...); raise FormatError."""
+        """Check values after loading (finite scales, clean padding, ...); raise CheckpointError."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ shared behaviour
 
     def load_packed(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Copy stored tensors in (exact shapes and dtypes, or FormatError), then rebuild the
+        """Copy stored tensors in (exact shapes and dtypes, or CheckpointError), then rebuild the
         buffers derived from them."""
         expected = self.stored_tensors()
         for name, t in tensors.items():
             if name not in expected:
-                raise FormatError(f"{type(self).__name__}: unexpected tensor '{name}' for this layer's format")
+                raise CheckpointError(f"{type(self).__name__}: unexpected tensor '{name}' for this layer's format")
             expected[name].check(name, t, type(self).__name__)
         for name, t in tensors.items():
             getattr(self, name).data = t.to(getattr(self, name).device)
@@ -141,8 +142,8 @@ class PackedLinear(nn.Linear):
             if p.dtype != dtype:
                 back = p.data.to(dtype)
                 if not torch.equal(back.to(p.dtype), p.data):
-                    raise FormatError(f"{type(self).__name__}: stored '{name}' was changed to {p.dtype} and no longer "
-                                      f"fits the format's {dtype}; reload the model instead of casting it")
+                    raise CheckpointError(f"{type(self).__name__}: stored '{name}' was changed to {p.dtype} and no "
+                                          f"longer fits the format's {dtype}; reload the model instead of casting it")
                 p.data = back
 
     def op_args(self, overrides: dict[str, torch.Tensor] | None = None) -> tuple[list[torch.Tensor], list[int]]:

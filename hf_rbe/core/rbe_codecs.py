@@ -21,7 +21,7 @@ from . import format_v2, tables_v2
 from . import tables as tables_v1
 from .bits import pack_codes, padding_is_clean
 from .calibrate import StageQuantizer
-from .spec import FormatError
+from .errors import CheckpointError, ConfigError
 
 Spec = Union[format_v1.LayerSpec, format_v2.LayerSpecV2]
 Tensors = dict[str, torch.Tensor]
@@ -38,7 +38,7 @@ class RBECodec:
 
     ``encode(w_rot, spec, tables)`` returns the per-layer codes and scales of a rotated fp32
     weight; ``decode(named, spec, in_features)`` the rotated fp32 weight from stored tensors and
-    tables; ``check(named, spec, in_features, where)`` raises FormatError on values the format
+    tables; ``check(named, spec, in_features, where)`` raises CheckpointError on values the format
     cannot hold; ``constrain(tables)`` maps trained tables back to what the format allows;
     ``stage_quantizers(spec, tables)`` hands each stage to the output-aware encoder
     (``core.calibrate``).
@@ -63,14 +63,14 @@ class RBECodec:
 def _finite(named: Tensors, names: list[str], where: str) -> None:
     for n in names:
         if not torch.isfinite(named[n].float()).all():
-            raise FormatError(f"{where}: '{n}' holds NaN/Inf (tampered checkpoint?)")
+            raise CheckpointError(f"{where}: '{n}' holds NaN/Inf (tampered checkpoint?)")
 
 
 def _bounded(named: Tensors, names: list[str], where: str) -> None:
     for n in names:
         if named[n].float().abs().max() > TABLE_MAX:
-            raise FormatError(f"{where}: '{n}' holds entries beyond +-{TABLE_MAX:g}; tables are normalised "
-                              "(tampered checkpoint?)")
+            raise CheckpointError(f"{where}: '{n}' holds entries beyond +-{TABLE_MAX:g}; tables are normalised "
+                                  "(tampered checkpoint?)")
 
 
 def _v1_check(named: Tensors, spec: format_v1.LayerSpec, in_features: int, where: str) -> None:
@@ -79,9 +79,9 @@ def _v1_check(named: Tensors, spec: format_v1.LayerSpec, in_features: int, where
         _bounded(named, [prefix + "table", prefix + "lut"], where)
         norms = named[prefix + "table"].float().norm(dim=1)
         if not torch.allclose(norms, torch.ones_like(norms), atol=_UNIT_ROW_TOL):
-            raise FormatError(f"{where}: '{prefix}table' rows are not unit vectors (tampered checkpoint?)")
+            raise CheckpointError(f"{where}: '{prefix}table' rows are not unit vectors (tampered checkpoint?)")
         if not padding_is_clean(named[prefix + "weight"], stage.layout.width, in_features // stage.dim):
-            raise FormatError(f"{where}: '{prefix}weight' has bits set past its last code (tampered checkpoint?)")
+            raise CheckpointError(f"{where}: '{prefix}weight' has bits set past its last code (tampered checkpoint?)")
     if spec.residual.kind in ("int2", "int4", "int8", "fp8"):
         _finite(named, ["residual_scale"], where)
         if spec.residual.kind == "fp8":
@@ -95,8 +95,8 @@ def _v2_check(named: Tensors, spec: format_v2.LayerSpecV2, in_features: int, whe
         if stage.plane == "e8p":
             t = named[prefix + "table"]
             if (t[:, :-1] < 0).any() or (t[:, -1] == 0).any():
-                raise FormatError(f"{where}: '{prefix}table' is not an e8p table (coordinates 0-6 must be >= 0 "
-                                  "and coordinate 7 non-zero; tampered checkpoint?)")
+                raise CheckpointError(f"{where}: '{prefix}table' is not an e8p table (coordinates 0-6 must be >= 0 "
+                                      "and coordinate 7 non-zero; tampered checkpoint?)")
 
 
 def _v1_constrain(tables: Tensors) -> Tensors:
@@ -116,7 +116,7 @@ def _v2_constrain(tables: Tensors) -> Tensors:
 
 def _v1_quantizers(spec: format_v1.LayerSpec, tables: Tensors) -> list[StageQuantizer]:
     if spec.residual.kind not in ("none", "rbe"):
-        raise FormatError(f"calibration encodes RBE stages; a {spec.residual.kind} residual is not supported: use "
+        raise ConfigError(f"calibration encodes RBE stages; a {spec.residual.kind} residual is not supported: use "
                           "residual='rbe' or format_version=2")
     out = []
     for prefix, stage in spec.stages:
@@ -161,7 +161,7 @@ def codec_for(spec: Spec) -> RBECodec:
     for c in (V1, V2):
         if isinstance(spec, c.spec_type):
             return c
-    raise FormatError(f"not an RBE layer format: {spec!r}")
+    raise ConfigError(f"not an RBE layer format: {spec!r}")
 
 
 def codec_by_id(format_id: int) -> RBECodec:

@@ -14,11 +14,12 @@ import torch
 from torch import nn
 
 from .calibrate import DAMP, damped, encode_stages, rotate_hessian
+from .errors import CheckpointError
 from .op_layout import SIGNS, op_tensor_names
 from .packed import PackedLinear
 from .rbe_codecs import Spec, codec_for
 from .rotation import random_signs, rotate_weight
-from .spec import FormatError, TensorSpec, check_finite
+from .spec import TensorSpec, check_finite
 
 
 class RBELinear(PackedLinear):
@@ -149,8 +150,8 @@ class RBELinear(PackedLinear):
         """Check a loaded layer's values: finite scales and tables, the tables' invariants, clean padding,
         a rotation seed in the encoder's range."""
         if self.spec.rotation and int(self.rotation_seed.item()) < 0:
-            raise FormatError(f"{type(self).__name__}: rotation_seed {int(self.rotation_seed.item())} is negative; "
-                              "seeds are 0 .. 2**63 - 1 (tampered checkpoint?)")
+            raise CheckpointError(f"{type(self).__name__}: rotation_seed {int(self.rotation_seed.item())} is negative; "
+                                  "seeds are 0 .. 2**63 - 1 (tampered checkpoint?)")
         named = {n: getattr(self, n) for n in (*self.spec.tensors(0, 0), *self.table_names())}
         self.codec.check(named, self.spec, self.in_features, type(self).__name__)
 
@@ -172,7 +173,7 @@ def link_shared_tables(model: nn.Module) -> int:
             continue
         owner = owners.get(m.table_key)  # type: ignore[arg-type]
         if owner is None:
-            raise FormatError(f"no layer stores the shared table '{m.table_key}' (incomplete checkpoint?)")
+            raise CheckpointError(f"no layer stores the shared table '{m.table_key}' (incomplete checkpoint?)")
         for n in m.table_names():
             setattr(m, n, getattr(owner, n).detach().to(m.weight.device))
         linked += 1

@@ -34,8 +34,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import ConfigError, EncodingError
 from .seed64_format import FIELDS, LOG2_C_RANGE, MASK, OFFSET, WIDTH
-from .spec import FormatError
 
 R_BITS, THETA_BITS = WIDTH["r"], WIDTH["theta"]
 _LOG2_C_SPAN = 1 << WIDTH["log2_c"]
@@ -76,12 +76,12 @@ def pack(s: Seed) -> int:
               "rot": s.rot, "log2_c": s.log2_c & MASK["log2_c"], "reserved": s.reserved}
     lo, hi = LOG2_C_RANGE
     if not lo <= s.log2_c <= hi:
-        raise FormatError(f"log2_c must be in [{lo}, {hi}], got {s.log2_c}")
+        raise ConfigError(f"log2_c must be in [{lo}, {hi}], got {s.log2_c}")
     out = 0
     for name, bits in FIELDS:
         v = values[name]
         if not 0 <= v <= MASK[name]:
-            raise FormatError(f"seed field {name}={v} does not fit in {bits} bits")
+            raise ConfigError(f"seed field {name}={v} does not fit in {bits} bits")
         out |= v << OFFSET[name]
     return out
 
@@ -297,7 +297,7 @@ def tile_matrix(weight: torch.Tensor, tile: int) -> torch.Tensor:
     """[N, K] -> tiles [(N/T)(K/T), T, T] in row-major tile order."""
     n, k = weight.shape
     if n % tile or k % tile:
-        raise FormatError(f"seed64 needs both dimensions divisible by the tile {tile}, got {tuple(weight.shape)}")
+        raise EncodingError(f"seed64 needs both dimensions divisible by the tile {tile}, got {tuple(weight.shape)}")
     return weight.reshape(n // tile, tile, k // tile, tile).permute(0, 2, 1, 3).reshape(-1, tile, tile)
 
 

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import ConfigError, EncodingError
 from .format import LayerSpec
-from .spec import FormatError, TensorSpec
+from .spec import TensorSpec
 
 SEED64_LAYOUT_VERSION = 1
 #: This format's id in the layer op's layout (``core.ops``).
@@ -51,14 +52,14 @@ class Seed64Spec:
     def __post_init__(self) -> None:
         t = self.tile
         if not isinstance(t, int) or isinstance(t, bool) or not MIN_TILE <= t <= MAX_TILE or t & (t - 1):
-            raise FormatError(f"seed64 tile must be a power of two in [{MIN_TILE}, {MAX_TILE}], got {t!r}")
+            raise ConfigError(f"seed64 tile must be a power of two in [{MIN_TILE}, {MAX_TILE}], got {t!r}")
         if not isinstance(self.scaled, bool):
-            raise FormatError(f"seed64 'scaled' must be a bool, got {self.scaled!r}")
+            raise ConfigError(f"seed64 'scaled' must be a bool, got {self.scaled!r}")
 
     def check_shape(self, out_features: int, in_features: int) -> None:
         if in_features % self.tile or out_features % self.tile:
-            raise FormatError(f"seed64 needs both dimensions divisible by the tile {self.tile}, "
-                              f"got {out_features}x{in_features}")
+            raise EncodingError(f"seed64 needs both dimensions divisible by the tile {self.tile}, "
+                                f"got {out_features}x{in_features}")
         if self.residual is not None:
             self.residual.check_shape(out_features, in_features)
 

@@ -11,11 +11,12 @@ import torch
 
 from . import ops
 from . import seed64 as S
+from .errors import CheckpointError
 from .packed import PackedLinear
 from .rbe_linear import RBELinear
 from .reference import seed64_dequantize
 from .seed64_format import FORMAT_ID, MASK, OFFSET, Seed64Spec
-from .spec import FormatError, TensorSpec, check_finite
+from .spec import TensorSpec, check_finite
 
 _RESERVED = MASK["reserved"] << OFFSET["reserved"]
 _RESIDUAL = "residual."
@@ -73,7 +74,7 @@ class Seed64Linear(PackedLinear):
         own = {k: v for k, v in tensors.items() if not k.startswith(_RESIDUAL)}
         res = {k[len(_RESIDUAL):]: v for k, v in tensors.items() if k.startswith(_RESIDUAL)}
         if res and self.residual is None:
-            raise FormatError("Seed64Linear: residual tensors given but the layer has no residual")
+            raise CheckpointError("Seed64Linear: residual tensors given but the layer has no residual")
         super().load_packed(own)
         if res:
             self.residual.load_packed(res)  # type: ignore[union-attr]
@@ -101,9 +102,9 @@ class Seed64Linear(PackedLinear):
     def validate(self) -> None:
         """Reserved seed bits must be zero (the encoder never sets them); scales finite."""
         if bool(((self.weight & _RESERVED) != 0).any()):
-            raise FormatError("Seed64Linear: reserved seed bits are set (tampered checkpoint?)")
+            raise CheckpointError("Seed64Linear: reserved seed bits are set (tampered checkpoint?)")
         if self.spec.scaled and not torch.isfinite(self.tile_scale.float()).all():
-            raise FormatError("Seed64Linear: 'tile_scale' holds NaN/Inf (tampered checkpoint?)")
+            raise CheckpointError("Seed64Linear: 'tile_scale' holds NaN/Inf (tampered checkpoint?)")
         if self.residual is not None:
             self.residual.validate()
 

@@ -1,4 +1,4 @@
-"""What every stored format shares: one exception type and exact descriptions of stored tensors.
+"""What every stored format shares: exact descriptions of stored tensors and the checks on values.
 
 A format (RBE v1, seed64, ...) describes each tensor a layer stores as a :class:`TensorSpec`
 (shape and dtype); layers allocate from those descriptions and check loaded tensors against
@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import CheckpointError, EncodingError, FormatError  # noqa: F401  (FormatError's old home)
+
 #: dtypes a packed layer computes in (activations and decoded weights).
 COMPUTE_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
 #: The largest finite fp16 value: fp16 scales must stay below it.
@@ -21,11 +23,6 @@ FP16_MAX = 65504.0
 #: below) rounds worse, down to zero. Single tiny groups in an ordinary layer are not judged: their
 #: rounding error is tiny next to the layer's weights.
 FP16_SCALE_RTOL = 2.0**-6
-
-
-class FormatError(ValueError):
-    """A setting, a weight or a stored tensor that the format cannot hold (the one error type
-    for format problems; a subclass of ``ValueError``)."""
 
 
 @dataclass(frozen=True)
@@ -39,12 +36,13 @@ class TensorSpec:
         return torch.zeros(self.shape, dtype=self.dtype, device=device)
 
     def check(self, name: str, t: torch.Tensor, where: str = "") -> None:
-        """Raise :class:`FormatError` unless ``t`` has exactly this shape and dtype."""
+        """Raise :class:`CheckpointError` unless ``t`` has exactly this shape and dtype."""
         prefix = f"{where}: " if where else ""
         if t.dtype != self.dtype:
-            raise FormatError(f"{prefix}'{name}' is {t.dtype}, the format stores {self.dtype} (tampered checkpoint?)")
+            raise CheckpointError(f"{prefix}'{name}' is {t.dtype}, the format stores {self.dtype} "
+                                  "(tampered checkpoint?)")
         if tuple(t.shape) != self.shape:
-            raise FormatError(f"{prefix}'{name}' has shape {tuple(t.shape)}, the format needs {self.shape}")
+            raise CheckpointError(f"{prefix}'{name}' has shape {tuple(t.shape)}, the format needs {self.shape}")
 
 
 def n_words(n_values: int, bits: int) -> int:
@@ -56,17 +54,17 @@ def check_fp16_scales(scale: torch.Tensor) -> None:
     """Refuse fp32 scales that fp16 cannot hold: overflow (weights too large) or underflow (a stage
     whose largest scale would round to zero or lose more than ``FP16_SCALE_RTOL``)."""
     if not torch.isfinite(scale).all() or scale.abs().max() > FP16_MAX:
-        raise FormatError("group scales overflow fp16 (weights too large for the RBE format); keep the layer in "
-                          "full precision with modules_to_not_convert")
+        raise EncodingError("group scales overflow fp16 (weights too large for the RBE format); keep the layer in "
+                            "full precision with modules_to_not_convert")
     top = float(scale.abs().max()) if scale.numel() else 0.0
     if top > 0 and abs(float(torch.tensor(top).half()) - top) > FP16_SCALE_RTOL * top:
-        raise FormatError(f"group scales (the largest {top:.2g}) underflow fp16: weights this small would be "
-                          "stored as zeros or coarsely; rescale the layer or keep it in full precision with "
-                          "modules_to_not_convert")
+        raise EncodingError(f"group scales (the largest {top:.2g}) underflow fp16: weights this small would be "
+                            "stored as zeros or coarsely; rescale the layer or keep it in full precision with "
+                            "modules_to_not_convert")
 
 
 def check_finite(weight: torch.Tensor, name: str = "weight") -> None:
     """Refuse NaN/Inf weights (no format can encode them)."""
     if not torch.isfinite(weight).all():
         bad = int((~torch.isfinite(weight)).sum())
-        raise FormatError(f"{name} has {bad} NaN/Inf values; they cannot be encoded")
+        raise EncodingError(f"{name} has {bad} NaN/Inf values; they cannot be encoded")

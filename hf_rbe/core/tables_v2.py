@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from .codec_v2 import _e8p_nearest, e8p_parts, nearest
+from .errors import ConfigError
 from .format_v2 import PLANES, VECTOR_DIM, LayerSpecV2, stage_prefix
-from .spec import FormatError
 
 TABLE_FILE = Path(__file__).with_name("v2_tables.safetensors")
 _EPS = 1e-12
@@ -33,14 +33,14 @@ def _shipped() -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     if not TABLE_FILE.exists():
-        raise FormatError(f"{TABLE_FILE} is missing: reinstall hf-rbe or run `python bench/v2_codebook.py`")
+        raise FileNotFoundError(f"{TABLE_FILE} is missing: reinstall hf-rbe or run `python bench/v2_codebook.py`")
     return load_file(TABLE_FILE)
 
 
 def universal_tables(spec: LayerSpecV2) -> dict[str, torch.Tensor]:
     """The shipped tables of every stage of ``spec``, under their stored names (copies)."""
     if spec.table_seed != 0:
-        raise FormatError(f"hf-rbe ships universal v2 table set 0, not {spec.table_seed}")
+        raise ConfigError(f"hf-rbe ships universal v2 table set 0, not {spec.table_seed}")
     tables = _shipped()
     return {prefix + "table": tables[universal_key(s.plane, i == 0)].clone()
             for i, (prefix, s) in enumerate(spec.prefixed_stages)}

@@ -29,8 +29,9 @@ import torch
 from torch import nn
 
 from ..core import codec_v2, tables_v2
+from ..core.errors import ConfigError, EncodingError
 from ..core.format_v2 import LayerSpecV2, StageV2
-from ..core.spec import FormatError, TensorSpec
+from ..core.spec import TensorSpec
 from .config import RBEConfig
 from .replace import float_weight
 
@@ -59,8 +60,8 @@ def relative_error(planes: tuple[str, ...]) -> float:
 def _rung(spec: LayerSpecV2) -> int:
     planes = tuple(s.plane for s in spec.stages)
     if planes not in LADDER:
-        raise ValueError(f"target_bits starts from planes on the allocation ladder {[list(p) for p in LADDER]}, "
-                         f"got {list(planes)}")
+        raise ConfigError(f"target_bits starts from planes on the allocation ladder {[list(p) for p in LADDER]}, "
+                          f"got {list(planes)}")
     return LADDER.index(planes)
 
 
@@ -78,7 +79,7 @@ def allocate(config: RBEConfig, layers: dict[str, nn.Module], sens: dict[str, fl
         shape = tuple(float_weight(module).shape)
         try:
             base.check_shape(*shape)
-        except FormatError:
+        except EncodingError:
             continue  # kept unquantized (``LayerFactory`` says why)
         specs[name] = [LayerSpecV2(tuple(StageV2(p, base.stages[0].group_size) for p in planes),
                                    base.rotation, base.rotation_block, base.table_seed) for planes in LADDER]
@@ -95,8 +96,8 @@ def allocate(config: RBEConfig, layers: dict[str, nn.Module], sens: dict[str, fl
     total = sum(sizes.values())
     spent = sum(bits[n][k] for n, k in rung.items()) + sum(t for t, u in zip(table, users) if u)
     if spent > target_bits * total:
-        raise ValueError(f"target_bits={target_bits} is below what the configured planes store "
-                         f"({spent / total:.3f} bits per weight): choose fewer planes")
+        raise ConfigError(f"target_bits={target_bits} is below what the configured planes store "
+                          f"({spent / total:.3f} bits per weight): choose fewer planes")
     budget = target_bits * total
     err = [relative_error(p) for p in LADDER]
 

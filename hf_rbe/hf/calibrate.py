@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from ..core.calibrate import proxy_error
+from ..core.errors import ConfigError
 from ..core.packed import PackedLinear
 from ..core.qat import RBEQATLinear, prepare_qat
 from ..core.rbe_linear import RBELinear, link_shared_tables
@@ -94,26 +95,27 @@ def calibration_ids(config: RBEConfig, tokenizer: Any, vocab_size: int | None) -
     named = isinstance(dataset, str) and dataset in CORPORA
     text = "\n\n".join(_texts(dataset))
     if not text.strip():
-        raise ValueError("the calibration dataset holds no text")
+        raise ConfigError("the calibration dataset holds no text")
     head, tail = _frame(tokenizer)
     body = seqlen - len(head) - len(tail)
     if body < 1:
-        raise ValueError(f"calibration_seqlen={seqlen} leaves no room for text between the tokenizer's "
-                         f"{len(head) + len(tail)} special tokens")
+        raise ConfigError(f"calibration_seqlen={seqlen} leaves no room for text between the tokenizer's "
+                          f"{len(head) + len(tail)} special tokens")
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
     if named:  # the held-out start of an offline corpus is what the perplexity recipes score
         ids = ids[TRAIN_START:]
     if ids.numel() < body:
-        raise ValueError(f"the calibration text has {ids.numel()} tokens{' after the held-out part' if named else ''}, "
-                         f"fewer than calibration_seqlen={seqlen} needs: give more text or a shorter one")
+        where = " after the held-out part" if named else ""
+        raise ConfigError(f"the calibration text has {ids.numel()} tokens{where}, "
+                          f"fewer than calibration_seqlen={seqlen} needs: give more text or a shorter one")
     g = torch.Generator().manual_seed(config.calibration_seed)
     starts = torch.randint(0, ids.numel() - body + 1, (config.calibration_samples,), generator=g)
     windows = torch.stack([torch.cat([torch.tensor(head, dtype=ids.dtype), ids[s : s + body],
                                       torch.tensor(tail, dtype=ids.dtype)]) for s in starts.tolist()])
     top = max([int(ids.max()), *head, *tail])
     if vocab_size is not None and top >= vocab_size:
-        raise ValueError(f"the tokenizer produced id {top}, but the model's vocabulary has {vocab_size} "
-                         "entries: is it the model's tokenizer?")
+        raise ConfigError(f"the tokenizer produced id {top}, but the model's vocabulary has {vocab_size} "
+                          "entries: is it the model's tokenizer?")
     return windows
 
 
@@ -126,10 +128,10 @@ def _tokenizer(model: nn.Module, config: RBEConfig, given: Any) -> Any:
         try:
             tok = AutoTokenizer.from_pretrained(source)
         except Exception as err:
-            raise ValueError(f"calibration needs the model's tokenizer: pass tokenizer=... (could not load one "
-                             f"from {source!r}: {type(err).__name__})") from err
+            raise ConfigError(f"calibration needs the model's tokenizer: pass tokenizer=... (could not load one "
+                              f"from {source!r}: {type(err).__name__})") from err
     if not callable(tok):
-        raise ValueError(f"tokenizer must be a tokenizer or its name, got {type(tok).__name__}")
+        raise ConfigError(f"tokenizer must be a tokenizer or its name, got {type(tok).__name__}")
     return tok
 
 
@@ -146,7 +148,7 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
             if best is None or size > best[2]:
                 best = (name, m, size)
     if best is None:
-        raise ValueError("calibration found no repeated blocks of Linear layers in this model")
+        raise ConfigError("calibration found no repeated blocks of Linear layers in this model")
     return best[0], best[1]
 
 

@@ -32,8 +32,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from ..core.errors import CheckpointError
 from ..core.packed import PackedLinear
-from ..core.spec import FormatError
 
 logger = logging.getLogger(__name__)
 
@@ -88,8 +88,8 @@ class Checkpoint:
         layers: dict[str, dict] | None = None
         for f in files:
             if not str(f).endswith(".safetensors"):
-                raise FormatError(f"{f}: hf-rbe reads safetensors checkpoints only (other formats are pickles, "
-                                  "which it never loads); save the model with save_pretrained to get safetensors")
+                raise CheckpointError(f"{f}: hf-rbe reads safetensors checkpoints only (other formats are pickles, "
+                                      "which it never loads); save the model with save_pretrained to get safetensors")
             with safe_open(str(f), framework="pt") as st:
                 for key in st.keys():
                     sl = st.get_slice(key)
@@ -102,8 +102,8 @@ class Checkpoint:
                     if parsed.get("version") != RECORD_VERSION or not isinstance(part, dict):
                         raise ValueError(f"record version {parsed.get('version')!r}")
                 except (ValueError, KeyError, TypeError) as err:
-                    raise FormatError(f"{f}: unreadable hf-rbe record in the safetensors metadata ({err}); "
-                                      "tampered checkpoint?") from err
+                    raise CheckpointError(f"{f}: unreadable hf-rbe record in the safetensors metadata ({err}); "
+                                          "tampered checkpoint?") from err
                 layers = {**(layers or {}), **part}
         return cls(headers, layers)
 
@@ -118,7 +118,7 @@ def _resolve(name: str, modules: dict[str, set[str]], prefix: str) -> str:
 
 
 def verify(model: nn.Module, checkpoint: Checkpoint) -> None:
-    """Refuse (FormatError) a loaded model whose packed layers do not match ``checkpoint`` exactly."""
+    """Refuse (CheckpointError) a loaded model whose packed layers do not match ``checkpoint`` exactly."""
     modules: dict[str, set[str]] = defaultdict(set)  # module name -> the tensor names the checkpoint holds for it
     for key in checkpoint.headers:
         module, _, tensor = key.rpartition(".")
@@ -129,31 +129,32 @@ def verify(model: nn.Module, checkpoint: Checkpoint) -> None:
         logger.warning("hf-rbe: this checkpoint has no hf-rbe record (written by an older hf-rbe): its tensors' "
                        "dtypes and shapes are checked, its layout and values cannot be; save it again to add one")
     elif len(checkpoint.layers) != len(packed):
-        raise FormatError(f"the config builds {len(packed)} packed layers, the checkpoint records "
-                          f"{len(checkpoint.layers)}: config.json does not match the weights (tampered checkpoint?)")
+        raise CheckpointError(f"the config builds {len(packed)} packed layers, the checkpoint records "
+                              f"{len(checkpoint.layers)}: config.json does not match the weights "
+                              "(tampered checkpoint?)")
     for name, layer in packed:
         where = _resolve(name, modules, prefix)
         expected = layer.stored_tensors()
         for t, spec in expected.items():
             if t not in modules.get(where, ()):
-                raise FormatError(f"{where}: the checkpoint lacks '{t}' (truncated or tampered checkpoint, or a "
-                                  "config.json that does not match the weights)")
+                raise CheckpointError(f"{where}: the checkpoint lacks '{t}' (truncated or tampered checkpoint, or a "
+                                      "config.json that does not match the weights)")
             dtype, shape = checkpoint.headers[f"{where}.{t}"]
             if dtype != _ST_DTYPES.get(spec.dtype) or shape != spec.shape:
-                raise FormatError(f"{where}: '{t}' is stored as {dtype} {list(shape)}, the format needs "
-                                  f"{_ST_DTYPES.get(spec.dtype)} {list(spec.shape)} (tampered checkpoint?)")
+                raise CheckpointError(f"{where}: '{t}' is stored as {dtype} {list(shape)}, the format needs "
+                                      f"{_ST_DTYPES.get(spec.dtype)} {list(spec.shape)} (tampered checkpoint?)")
         extra = sorted(modules.get(where, set()) - set(expected) - {"bias"})
         if extra:
-            raise FormatError(f"{where}: the checkpoint holds {extra[:3]}, which this layer's format does not store: "
-                              "config.json does not match the weights (tampered checkpoint?)")
+            raise CheckpointError(f"{where}: the checkpoint holds {extra[:3]}, which this layer's format does not "
+                                  "store: config.json does not match the weights (tampered checkpoint?)")
         if checkpoint.layers is None:
             continue
         rec = checkpoint.layers.get(where) or checkpoint.layers.get(name)
         if not isinstance(rec, dict):
-            raise FormatError(f"{where}: not in the checkpoint's hf-rbe record (tampered checkpoint?)")
+            raise CheckpointError(f"{where}: not in the checkpoint's hf-rbe record (tampered checkpoint?)")
         if rec.get("layout") != layer.layout():
-            raise FormatError(f"{where}: config.json builds layout {layer.layout()}, the weights were written with "
-                              f"{rec.get('layout')}: config.json was edited (restore it)")
+            raise CheckpointError(f"{where}: config.json builds layout {layer.layout()}, the weights were written with "
+                                  f"{rec.get('layout')}: config.json was edited (restore it)")
         if rec.get("sha256") != digest(layer):
-            raise FormatError(f"{where}: stored tensors do not match the checksum written with them "
-                              "(corrupted or tampered checkpoint)")
+            raise CheckpointError(f"{where}: stored tensors do not match the checksum written with them "
+                                  "(corrupted or tampered checkpoint)")

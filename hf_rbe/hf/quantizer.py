@@ -17,6 +17,7 @@ from torch import nn
 from transformers.quantizers.base import HfQuantizer
 from transformers.quantizers.quantizers_utils import get_module_from_name
 
+from ..core.errors import ConfigError
 from ..core.packed import PackedLinear, packed_layers
 from ..core.qat import prepare_qat
 from ..core.rbe_embedding import RBEEmbedding
@@ -50,7 +51,7 @@ class RBEHfQuantizer(HfQuantizer):
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
         device_map = kwargs.get("device_map")
         if isinstance(device_map, dict) and "disk" in device_map.values():
-            raise ValueError("hf-rbe cannot offload RBE layers to disk; use cpu or an accelerator in device_map")
+            raise ConfigError("hf-rbe cannot offload RBE layers to disk; use cpu or an accelerator in device_map")
 
     @property
     def calibrating(self) -> bool:

@@ -19,13 +19,13 @@ from transformers.quantizers.base import get_keys_to_not_convert
 from transformers.quantizers.quantizers_utils import should_convert_module
 
 from ..core.calibrate import DAMP
+from ..core.errors import ConfigError, EncodingError, FormatError
 from ..core.packed import PackedLinear
 from ..core.rbe_codecs import codec_for
 from ..core.rbe_embedding import RBEEmbedding
 from ..core.rbe_linear import RBELinear
 from ..core.seed64_format import Seed64Spec
 from ..core.seed64_linear import Seed64Linear
-from ..core.spec import FormatError
 from ..core.stored import StoredEmbedding
 from .config import RBEConfig
 
@@ -134,7 +134,7 @@ class LayerFactory:
         in_f, out_f = _shape(module)
         try:
             fmt.check_shape(out_f, in_f)
-        except FormatError as err:
+        except EncodingError as err:
             logger.warning("hf-rbe: keeping %s unquantized: %s", name, err)
             return None
         rbe = fmt.residual if isinstance(fmt, Seed64Spec) else fmt
@@ -205,10 +205,10 @@ def encode_weight(layer: PackedLinear, weight: torch.Tensor, name: str, hessian:
         if hessian is None:
             return layer.encode(weight, initial_tables(layer))
         if not isinstance(layer, RBELinear):
-            raise FormatError("calibration encodes RBE layers; seed64 has no output-aware encoder")
+            raise ConfigError("calibration encodes RBE layers; seed64 has no output-aware encoder")
         return layer.encode(weight, initial_tables(layer), hessian=hessian, damp=damp)
-    except FormatError as err:
-        raise FormatError(f"{name}: {err}") from err
+    except FormatError as err:  # the same kind of error, naming the layer
+        raise type(err)(f"{name}: {err}") from err
 
 
 def encode_into(layer: PackedLinear, module: nn.Module, name: str, hessian: torch.Tensor | None = None,

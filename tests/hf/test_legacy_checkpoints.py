@@ -1,4 +1,5 @@
-"""Checkpoints saved before the restructure (tests/fixtures, format v1) keep loading.
+"""Checkpoints saved by older hf-rbe (tests/fixtures: format v1, and format v2 before the house
+restructure, whose configs hold every format-1 default) keep loading.
 
 What "the same model" means across machines: the stored tensors load bit for bit, the loaded
 model reproduces the logits recorded when the fixture was written to within float32 rounding,
@@ -27,11 +28,12 @@ ACROSS_CPUS = 1e-5
 
 
 def test_every_fixture_is_found():
-    assert CASES == ["v1_rbe_default", "v1_rbe_gpt2_fp8", "v1_rbe_per_layer_int4", "v1_seed64_rbe"]
+    assert CASES == ["v1_rbe_default", "v1_rbe_gpt2_fp8", "v1_rbe_per_layer_int4", "v1_seed64_rbe",
+                     "v2_preset_overrides", "v2_tied_coded_head"]
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_v1_checkpoint_loads_the_same_model(name, tmp_path):
+def test_old_checkpoint_loads_the_same_model(name, tmp_path):
     expected = load_file(FIXTURES / name / "expected_logits.safetensors")
     stored = load_file(FIXTURES / name / "model.safetensors")
     model = AutoModelForCausalLM.from_pretrained(FIXTURES / name).eval()
