@@ -37,7 +37,7 @@ from hf_rbe.training import (
 )
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="rbe-2.5", choices=sorted(hf_rbe.PRESETS))
     ap.add_argument("--minutes", type=float, default=30.0, help="training time budget")
@@ -51,7 +51,11 @@ def main() -> None:
     ap.add_argument("--quantizer-lr", type=float, default=1e-4, help="learning rate of trained scales and tables")
     ap.add_argument("--eval-tokens", type=int, default=8192)
     ap.add_argument("--out", default="results/qat")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     ensure("smollm2", "wikipedia")
     hf_logging.set_verbosity_error()
     torch.manual_seed(0)

@@ -4,6 +4,7 @@ them (fetched once through the data-fetch tool), and the devices to run on."""
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -106,3 +107,98 @@ def assert_fresh_reload_identical(saved, ids: torch.Tensor, logits: torch.Tensor
         res = subprocess.run([sys.executable, "-c", _RELOAD, str(saved), expected], capture_output=True, text=True,
                              timeout=300)
     assert res.returncode == 0 and "identical" in res.stdout, res.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------- calibration helpers
+
+TEXT = ["the quick brown fox jumps over the lazy dog and keeps running through the fields " * 6,
+        "a calibration text is any text the model would read in use; repetition keeps this one small " * 6]
+
+
+class CharTokenizer:
+    """Characters to ids below ``vocab``: enough to drive a tiny random model."""
+
+    def __init__(self, vocab: int = 128) -> None:
+        self.vocab = vocab
+
+    def __call__(self, text: str, return_tensors: str = "pt", add_special_tokens: bool = True) -> SimpleNamespace:
+        return SimpleNamespace(input_ids=torch.tensor([[ord(c) % self.vocab for c in text]]))
+
+
+def calibration_config(**kw):  # type: ignore[no-untyped-def]
+    """A quick calibrated v2-2 config for the tiny models: 8 windows of 32 characters, no fine-tuning."""
+    from hf_rbe import RBEConfig
+
+    settings = dict(dataset=TEXT, tokenizer=CharTokenizer(), calibration_samples=8, calibration_seqlen=32,
+                    calibration_batch_size=4, calibration_finetune_steps=0, calibration_e2e_steps=0)
+    return RBEConfig.from_preset("v2-2", **{**settings, **kw})
+
+
+def structured_model(seed: int = 0):  # type: ignore[no-untyped-def]
+    """A tiny Llama whose inputs to each layer are strongly correlated (low-rank embeddings),
+    as real models' are: the case where calibration matters."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    m = LlamaForCausalLM(tiny_llama_config())
+    with torch.no_grad():
+        m.model.embed_tokens.weight.copy_(torch.randn(128, 6) @ torch.randn(6, 64))
+    return m.eval()
+
+
+# ----------------------------------------------------------------------------- saved RBE checkpoints
+
+HARDENING_IDS = torch.tensor([[1, 5, 9, 33, 70, 2, 100, 3]])
+
+
+def logits_of(model, ids: torch.Tensor = HARDENING_IDS) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.fixture(scope="session")
+def saved(tiny_llama_dir: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """{preset: (checkpoint dir, logits)} of the tiny Llama at a v2 and a v1 preset with a residual stage."""
+    from transformers import AutoModelForCausalLM
+
+    from hf_rbe import RBEConfig
+
+    out = {}
+    for preset in ("v2-3", "rbe-5"):
+        d = tmp_path_factory.mktemp(preset)
+        m = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=RBEConfig.from_preset(preset))
+        m.save_pretrained(d)
+        out[preset] = (d, logits_of(m))
+    return out
+
+
+def edited_copy(src, dst, tensors=None, config=None, keep_record=True):  # type: ignore[no-untyped-def]
+    """A copy of checkpoint ``src`` with its tensors (``tensors(dict)``) and/or config.json
+    (``config(dict)``) edited in place; ``keep_record=False`` drops hf-rbe's metadata (an old checkpoint)."""
+    import json
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    if tensors is not None or not keep_record:
+        path = dst / "model.safetensors"
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+        t = load_file(path)
+        if tensors is not None:
+            tensors(t)
+        save_file(t, path, metadata=meta if keep_record else {"format": "pt"})
+    if config is not None:
+        c = json.loads((dst / "config.json").read_text())
+        config(c)
+        (dst / "config.json").write_text(json.dumps(c))
+    return dst
+
+
+def stored_key(d, suffix: str) -> str:  # type: ignore[no-untyped-def]
+    """The first tensor name in checkpoint ``d`` ending with ``suffix``."""
+    from safetensors.torch import load_file
+
+    return next(k for k in load_file(d / "model.safetensors") if k.endswith(suffix))

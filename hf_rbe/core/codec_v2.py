@@ -1,7 +1,7 @@
 """Encode and decode the RBE v2 planes (``core.format_v2``): the PyTorch reference.
 
 ``nearest(u, plane, table)`` finds the exact nearest codeword of each 8-vector (the building
-block every encoder shares: calibration-free here, output-aware in ``core.calibrate``);
+block every encoder shares: calibration-free here, output-aware in ``core.ldlq``);
 ``encode_stage`` fits a scale per row or group around it; ``decode_stage`` inverts the codes.
 All functions run on the tensor's own device, in chunks that bound memory.
 """
@@ -166,7 +166,7 @@ def encode_stage(w: torch.Tensor, stage: StageV2,
     """(stored codes, fp16 scales [N, groups], decoded fp32 [N, K]) for a rotated ``w`` [N, K].
 
     The codes are chosen under the fitted scale (rounded to fp16); each group's scale is then
-    the least-squares one for those codes (what ``core.calibrate`` does with ``H = I``)."""
+    the least-squares one for those codes (what ``core.ldlq`` does with ``H = I``)."""
     n, k = w.shape
     g = _group_view(w, stage)
     codes, v = _codes_at(g, initial_scale(w, stage, table).half().float(), stage.plane, table)

@@ -27,7 +27,9 @@ This module is plain Python + torch; it knows nothing of transformers.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -298,3 +300,40 @@ class LayerSpec:
         elif r.kind != "none":
             bits += (r.int_bits or 8) + 16 / r.group_size
         return bits
+
+
+# ----------------------------------------------------------------------------- settings
+
+#: The format-1 settings (``RBEConfig`` arguments and per-layer overrides) and their defaults: the
+#: ``rbe-5.5`` preset, what ``RBEConfig(format_version=1)`` gives. ``group_size``, ``rotation`` and
+#: ``rotation_block`` are shared with format 2.
+SETTINGS: dict[str, Any] = {"dim": 4, "idx": 9, "sign": 1, "amp": 2, "deriv": 0, "cat": 0, "sub": 0, "amp_fine": 0,
+                            "residual": "rbe", "residual_group_size": 64,
+                            "residual_stage": {"dim": 4, "idx": 7, "sign": 1, "amp": 2}}
+STAGE_SETTINGS: tuple[str, ...] = ("dim", "group_size", *FIELDS)
+
+
+def stage_from_settings(s: Mapping[str, Any]) -> StageSpec:
+    """A stage from ``dim``, ``group_size`` and field widths (absent widths: ``CodeLayout``'s defaults)."""
+    unknown = set(s) - set(STAGE_SETTINGS)
+    if unknown:
+        raise ConfigError(f"unknown stage settings {sorted(unknown)} (a stage takes {list(STAGE_SETTINGS)})")
+    layout = CodeLayout(**{k: s[k] for k in FIELDS if k in s})
+    return StageSpec(dim=s.get("dim", 4), layout=layout, group_size=s.get("group_size"))
+
+
+def spec_from_settings(s: Mapping[str, Any], table_seed: int = 0) -> LayerSpec:
+    """The layer spec of flat settings (every key of :data:`SETTINGS` plus ``group_size``,
+    ``rotation``, ``rotation_block``); ConfigError names what cannot be built."""
+    residual_stage = None
+    if s["residual"] == "rbe":
+        if not s["residual_stage"]:
+            raise ConfigError("residual='rbe' needs residual_stage, e.g. {'dim': 6, 'idx': 9, 'amp': 2}")
+        if not isinstance(s["residual_stage"], Mapping):
+            raise ConfigError(f"residual_stage must be a dict of stage settings, got {s['residual_stage']!r}")
+        residual_stage = stage_from_settings(s["residual_stage"])
+    elif s["residual_stage"]:
+        raise ConfigError(f"residual_stage is only used with residual='rbe', not {s['residual']!r}")
+    residual = ResidualSpec(kind=s["residual"], group_size=s["residual_group_size"], stage=residual_stage)
+    return LayerSpec(stage=stage_from_settings({k: s[k] for k in STAGE_SETTINGS}), residual=residual,
+                     rotation=s["rotation"], rotation_block=s["rotation_block"], table_seed=table_seed)

@@ -36,7 +36,9 @@ residual plane beat 4 gain bits on each e8p code (MSE 0.057 vs 0.066).
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -199,3 +201,27 @@ class LayerSpecV2:
         stages = tuple(StageV2(planes[ints[1 + 2 * i]], ints[2 + 2 * i] or None) for i in range(n))
         rot, block, seed = ints[1 + 2 * n :]
         return cls(stages, bool(rot), block, seed)
+
+
+#: Plane stacks in order of stored bits, cheapest first: what bit allocation (``target_bits``)
+#: chooses each layer's planes from. Each step lowers the Gaussian error per stored bit less than
+#: the one before (tested), which makes buying the best step first a sound greedy choice.
+PLANE_LADDER: tuple[tuple[str, ...], ...] = (
+    ("e8p",), ("e8p", "vq4"), ("e8p", "vq8"), ("e8p", "e8p"), ("e8p", "e8p", "vq4"), ("e8p", "e8p", "vq8"),
+    ("e8p", "e8p", "e8p"), ("e8p", "e8p", "e8p", "vq4"), ("e8p", "e8p", "e8p", "vq8"), ("e8p", "e8p", "e8p", "e8p"),
+)
+
+#: The format-2 setting of ``RBEConfig`` (and per-layer overrides) besides the shared ``group_size``,
+#: ``rotation`` and ``rotation_block``: ``planes``, which has no default here (``RBEConfig`` takes
+#: the default preset's).
+SETTINGS: dict[str, Any] = {"planes": None}
+
+
+def spec_from_settings(s: Mapping[str, Any], table_seed: int = 0) -> LayerSpecV2:
+    """The layer spec of flat settings (``planes``, ``group_size``, ``rotation``, ``rotation_block``)."""
+    planes = s["planes"]
+    if not planes or isinstance(planes, str) or not all(isinstance(p, str) and p in PLANES for p in planes):
+        raise ConfigError(f"format 2 needs planes, a list drawn from {sorted(PLANES)} (e.g. ['e8p', 'vq8']), "
+                          f"got {planes!r}")
+    return LayerSpecV2(tuple(StageV2(p, s["group_size"]) for p in planes), s["rotation"], s["rotation_block"],
+                       table_seed)

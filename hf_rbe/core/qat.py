@@ -33,7 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .rbe_embedding import RBEEmbedding
-from .rbe_linear import RBELinear, link_shared_tables
+from .rbe_linear import RBELinear, swap_layers
 from .seed64_linear import Seed64Linear
 
 
@@ -183,6 +183,7 @@ def prepare_qat(model: nn.Module, latent_from: nn.Module | None = None, train_qu
     source = dict(latent_from.named_modules()) if latent_from is not None else {}
     shared: dict[str, TrainableTables] = {}  # table_key -> the one trainable copy of that table
     layers = _qat_targets(model)
+    swaps: dict[str, RBEQATLinear] = {}
     if train_quantizer:  # owners first, so that every shared table is copied from its stored values
         layers.sort(key=lambda nm: not (isinstance(nm[1], RBELinear) and nm[1].owns_table))
     for name, module in layers:
@@ -203,7 +204,8 @@ def prepare_qat(model: nn.Module, latent_from: nn.Module | None = None, train_qu
             else:
                 owns = codes.table_key not in shared
                 tables = shared.setdefault(codes.table_key, TrainableTables(codes))
-        model.set_submodule(name, RBEQATLinear(module, latent, tables, owns))
+        swaps[name] = RBEQATLinear(module, latent, tables, owns)
+    swap_layers(model, swaps)
     return model
 
 
@@ -231,10 +233,8 @@ def freeze(model: nn.Module) -> nn.Module:
     """Put packed ``RBELinear`` layers back (for saving): re-encoded, or with the trained scales
     and tables. The saved config says ``qat=False``: a frozen checkpoint reloads as packed
     codes, not as a new QAT run."""
-    for name, module in list(model.named_modules()):
-        if isinstance(module, RBEQATLinear):
-            model.set_submodule(name, module.to_rbe())
-    link_shared_tables(model)
+    swap_layers(model, {name: module.to_rbe() for name, module in list(model.named_modules())
+                        if isinstance(module, RBEQATLinear)})
     cfg = getattr(getattr(model, "config", None), "quantization_config", None)
     if cfg is not None and getattr(cfg, "qat", False):
         cfg.qat = cfg.qat_train_quantizer = False

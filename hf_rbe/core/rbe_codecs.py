@@ -20,8 +20,8 @@ from . import format as format_v1
 from . import format_v2, tables_v2
 from . import tables as tables_v1
 from .bits import pack_codes, padding_is_clean
-from .calibrate import StageQuantizer
 from .errors import CheckpointError, ConfigError
+from .ldlq import StageQuantizer
 
 Spec = Union[format_v1.LayerSpec, format_v2.LayerSpecV2]
 Tensors = dict[str, torch.Tensor]
@@ -41,7 +41,7 @@ class RBECodec:
     tables; ``check(named, spec, in_features, where)`` raises CheckpointError on values the format
     cannot hold; ``constrain(tables)`` maps trained tables back to what the format allows;
     ``stage_quantizers(spec, tables)`` hands each stage to the output-aware encoder
-    (``core.calibrate``).
+    (``core.ldlq``).
     """
 
     format_id: int

@@ -2,23 +2,28 @@
 
 Both formats rotate the input side (``W S H``, signs from a stored seed) and decode with tables
 that the whole model shares: the first layer (in module order) that uses a given universal
-table *owns* it and stores it as parameters; every other layer keeps a non-persistent copy
-that :func:`link_shared_tables` fills after loading. A checkpoint therefore stores each table
-once, and each layer can still be moved to any device on its own. What differs between the
-formats is in ``core.rbe_codecs``.
+table *owns* it and stores it as parameters; every other layer (a *follower*) holds a reference
+to its owner and a non-persistent copy of the tables on its own device, refreshed from the owner
+whenever its buffers are rebuilt (after encoding, loading, ``load_state_dict``). A checkpoint
+therefore stores each table once, and each layer can still be moved to any device on its own.
+Layers enter a model through :func:`swap_layers`, which links followers to owners. What differs
+between the formats is in ``core.rbe_codecs``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 
-from .calibrate import DAMP, damped, encode_stages, rotate_hessian
 from .errors import CheckpointError
+from .ldlq import DAMP, damped, encode_stages, rotate_hessian
 from .op_layout import SIGNS, op_tensor_names
 from .packed import PackedLinear
 from .rbe_codecs import Spec, codec_for
-from .rotation import random_signs, rotate_weight
+from .rotation import random_signs, rotate, rotate_weight
+from .scale_tuning import TunedLinear
 from .spec import TensorSpec, check_finite
 
 
@@ -30,24 +35,47 @@ class RBELinear(PackedLinear):
         spec: the per-layer format: a v1 ``LayerSpec`` or a v2 ``LayerSpecV2``.
         table_key: name of the universal tables this layer uses (``None``: its own tables).
         owns_table: whether this layer stores the (shared) tables in its state dict.
+        table_owner: for a follower, the layer that stores its tables (else :func:`link_shared_tables`
+            finds it).
         rotation_seed: the Hadamard seed this layer encodes with (a loaded one replaces it).
+
+    ``calibration_hessian`` (``None`` unless calibration kept it, ``keep_calibration_statistics``):
+    the normalised fp16 Hessian of the layer's calibration inputs, which re-encoding (QAT, a LoRA
+    merge) uses to stay output-aware. ``tuned_scales`` (``None`` outside
+    ``core.scale_tuning.tuned_scales``): trainable fp32 scales the forward pass computes with.
     """
+
+    calibration_hessian: torch.Tensor | None
+    tuned_scales: dict[str, nn.Parameter] | None
 
     def __init__(self, in_features: int, out_features: int, bias: bool, spec: Spec,
                  table_key: str | None = None, owns_table: bool = True, compute_dtype: torch.dtype = torch.float32,
-                 device: torch.device | str | None = None, from_conv1d: bool = False, rotation_seed: int = 0) -> None:
+                 device: torch.device | str | None = None, from_conv1d: bool = False, rotation_seed: int = 0,
+                 table_owner: RBELinear | None = None) -> None:
         spec.check_shape(out_features, in_features)
         self.spec, self.codec, self.table_key = spec, codec_for(spec), table_key
         self.owns_table = owns_table or table_key is None
         super().__init__(in_features, out_features, bias, compute_dtype, device, from_conv1d)
-        if not self.owns_table:  # a working copy of the owner's tables, filled by link_shared_tables
+        self.__dict__["_table_owner"] = None  # a plain attribute: the owner is not a submodule
+        self.calibration_hessian = None
+        self.tuned_scales = None
+        # Shared tables start as the universal ones (never zeros): an owner until it is encoded or
+        # loaded, a follower (a working copy) until it follows its owner.
+        initial = None if torch.device(device or "cpu").type == "meta" else self.universal_tables()
+        if not self.owns_table:
             for name, ts in spec.table_tensors().items():
-                self.register_buffer(name, ts.empty(device), persistent=False)
+                value = ts.empty(device) if initial is None else initial[name].to(device)
+                self.register_buffer(name, value, persistent=False)
+        elif initial is not None:
+            for name, t in initial.items():
+                getattr(self, name).data.copy_(t)
         if spec.rotation:
             self.register_buffer(SIGNS, torch.ones(in_features, device=device), persistent=False)
             if self.rotation_seed.device.type != "meta":
                 self.rotation_seed.fill_(rotation_seed)
         self.default_rotation_seed = rotation_seed
+        if table_owner is not None:
+            self.follow(table_owner)
 
     # ------------------------------------------------------------------ the format
 
@@ -100,7 +128,7 @@ class RBELinear(PackedLinear):
         with now (a layer with its own per-layer tables fits new ones to ``weight``).
         ``rotation_seed``: by default :meth:`current_rotation_seed`. ``hessian``: ``sum x^T x``
         [in, in] of calibration inputs; with it the codes and scales minimise the output error
-        on those inputs (``core.calibrate``; ``damp``: the fraction of its mean diagonal added),
+        on those inputs (``core.ldlq``; ``damp``: the fraction of its mean diagonal added),
         without it the weight error. A layer that does not own its shared tables gets no table
         tensors back.
         """
@@ -139,10 +167,53 @@ class RBELinear(PackedLinear):
         return mod
 
     def rebuild_buffers(self) -> None:
-        """Recompute the Hadamard signs from the stored seed."""
+        """Recompute the Hadamard signs from the stored seed, and a follower's tables from its owner."""
         if self.spec.rotation and self.rotation_seed.device.type != "meta":
             seed = self.rotation_seed
             self.signs = random_signs(int(seed.item()), self.in_features, device=seed.device)
+        self._copy_tables()
+
+    # ------------------------------------------------------------------ shared tables
+
+    @property
+    def table_owner(self) -> RBELinear | None:
+        """The layer that stores this follower's tables (``None`` for an owner, or before linking)."""
+        return self._table_owner
+
+    def follow(self, owner: RBELinear) -> None:
+        """Decode with ``owner``'s tables from now on (copied now when it has them)."""
+        if self.owns_table or owner.table_key != self.table_key or not owner.owns_table:
+            raise CheckpointError(f"a layer with table '{self.table_key}' cannot follow one that stores "
+                                  f"'{owner.table_key}'")
+        self.__dict__["_table_owner"] = owner
+        self._copy_tables()
+
+    def _copy_tables(self) -> None:
+        owner = self._table_owner
+        if owner is None or owner.weight.device.type == "meta":
+            return
+        for n in self.table_names():
+            setattr(self, n, getattr(owner, n).detach().to(self.weight.device))
+
+    # ------------------------------------------------------------------ the decoder
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tuned_scales is None:
+            return super().forward(x)
+        names = tuple(self.tuned_scales)
+        return TunedLinear.apply(x, self.bias, self, names, *(self.tuned_scales[n] for n in names))
+
+    def decode_rotated(self, overrides: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """fp32 ``W S H`` [out, in] (the rotated basis the codes describe); ``overrides`` replace
+        stored tensors by name, as in :meth:`dequantize`."""
+        tensors, _ = self.op_args(overrides)
+        return self.codec.decode(dict(zip(self.op_tensor_names(), tensors)), self.spec, self.in_features)
+
+    def rotate_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x S H``: an input in the basis of :meth:`decode_rotated` (``x`` itself without rotation)."""
+        if not self.spec.rotation:
+            return x
+        return rotate(x, self.signs, self.spec.hadamard_block(self.in_features))
 
     # ------------------------------------------------------------------ checks
 
@@ -160,8 +231,17 @@ class RBELinear(PackedLinear):
                 f"bpw={self.bits_per_weight:.3f}, format=v{self.codec.version}")
 
 
+def swap_layers(model: nn.Module, layers: Mapping[str, nn.Module]) -> None:
+    """Put each module at its name in ``model`` and link every follower in the model to the layer
+    that now stores its tables: the one way packed layers (and their QAT twins) enter a model."""
+    for name, layer in layers.items():
+        model.set_submodule(name, layer)
+    link_shared_tables(model)
+
+
 def link_shared_tables(model: nn.Module) -> int:
-    """Give every non-owner RBELinear the tables of its owner; returns the number of layers linked."""
+    """Make every follower RBELinear in ``model`` follow the layer there that stores its tables
+    (:meth:`RBELinear.follow`); returns the number of followers."""
     layers = [m for m in model.modules() if isinstance(m, RBELinear)]
     owners: dict[str, RBELinear] = {}
     for m in layers:
@@ -174,7 +254,6 @@ def link_shared_tables(model: nn.Module) -> int:
         owner = owners.get(m.table_key)  # type: ignore[arg-type]
         if owner is None:
             raise CheckpointError(f"no layer stores the shared table '{m.table_key}' (incomplete checkpoint?)")
-        for n in m.table_names():
-            setattr(m, n, getattr(owner, n).detach().to(m.weight.device))
+        m.follow(owner)
         linked += 1
     return linked

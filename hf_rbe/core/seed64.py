@@ -225,6 +225,32 @@ def _fit(w: torch.Tensor, g: torch.Tensor, scaled: bool) -> tuple[torch.Tensor, 
     return (w * w).sum(-1) - 2 * wg + gg, torch.ones_like(wg)
 
 
+def _refine(w: torch.Tensor, f: dict[str, torch.Tensor], tile: int, scaled: bool,
+            steps: int) -> dict[str, torch.Tensor]:
+    """Pattern search on r and theta of every kept start (fields [n, k]) of tiles ``w`` [n, T*T]:
+    each step tries +-step on each, keeps improvements and halves the steps that found none.
+    Returns the best start's fields per tile ([n])."""
+    w = w[:, None, :]
+    cur, _ = _fit(w, generate_fields(f, tile).flatten(-2), scaled)
+    step_r, step_t = torch.full_like(f["r"], 0.1), torch.full_like(f["r"], math.pi / 12)
+    for _ in range(steps):
+        improved = torch.zeros_like(cur, dtype=torch.bool)
+        for key, step, sgn in (("r", step_r, 1), ("r", step_r, -1), ("theta", step_t, 1), ("theta", step_t, -1)):
+            trial = dict(f)
+            trial[key] = f[key] + sgn * step
+            if key == "r":
+                trial["r"] = trial["r"].clamp(0.5 / 2**R_BITS, 1 - 0.5 / 2**R_BITS)
+            e, _ = _fit(w, generate_fields(trial, tile).flatten(-2), scaled)
+            better = torch.isfinite(e) & (e < cur)
+            f[key] = torch.where(better, trial[key], f[key])
+            cur = torch.where(better, e, cur)
+            improved |= better
+        step_r = torch.where(improved, step_r, step_r / 2)
+        step_t = torch.where(improved, step_t, step_t / 2)
+    pick = cur.argmin(-1, keepdim=True)
+    return {k: v.gather(1, pick).squeeze(1) for k, v in f.items()}
+
+
 @torch.no_grad()
 def encode(tiles: torch.Tensor, scaled: bool = True, refine_steps: int = 16, starts_kept: int = 4, chunk: int = 1024,
            progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -256,27 +282,7 @@ def encode(tiles: torch.Tensor, scaled: bool = True, refine_steps: int = 16, sta
             err = (w * w).sum(-1, keepdim=True) - 2 * wg + gg
         err = torch.where(finite, err, torch.inf)
         best = err.topk(starts_kept, dim=-1, largest=False).indices  # [n, k]: refine several starts
-        f = {k: v[best].clone() for k, v in starts.items()}
-        w = w[:, None, :]
-        cur, _ = _fit(w, generate_fields(f, tile).flatten(-2), scaled)
-        step_r, step_t = torch.full_like(f["r"], 0.1), torch.full_like(f["r"], math.pi / 12)
-        for _ in range(refine_steps):
-            improved = torch.zeros_like(cur, dtype=torch.bool)
-            for key, step, sgn in (("r", step_r, 1), ("r", step_r, -1), ("theta", step_t, 1), ("theta", step_t, -1)):
-                trial = dict(f)
-                trial[key] = f[key] + sgn * step
-                if key == "r":
-                    trial["r"] = trial["r"].clamp(0.5 / 2**R_BITS, 1 - 0.5 / 2**R_BITS)
-                e, _ = _fit(w, generate_fields(trial, tile).flatten(-2), scaled)
-                better = torch.isfinite(e) & (e < cur)
-                f[key] = torch.where(better, trial[key], f[key])
-                cur = torch.where(better, e, cur)
-                improved |= better
-            step_r = torch.where(improved, step_r, step_r / 2)
-            step_t = torch.where(improved, step_t, step_t / 2)
-        pick = cur.argmin(-1, keepdim=True)
-        f = {k: v.gather(1, pick).squeeze(1) for k, v in f.items()}
-        w = w[:, 0, :]
+        f = _refine(w, {k: v[best].clone() for k, v in starts.items()}, tile, scaled, refine_steps)
         # d_theta and rot shift the angle by k pi / (2m) and rot pi / 8: exactly what theta already
         # does with 24 bits, so they add nothing to the search and stay 0.
         qr = torch.clamp(torch.floor(f["r"] * 2**R_BITS), 0, 2**R_BITS - 1).long()

@@ -16,12 +16,15 @@ changed since version 1; the generator's meaning of each field is in ``core.seed
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from .errors import ConfigError, EncodingError
-from .format import LayerSpec
+from .format import CodeLayout, LayerSpec
+from .format import spec_from_settings as rbe_spec_from_settings
 from .spec import TensorSpec
 
 SEED64_LAYOUT_VERSION = 1
@@ -74,3 +77,29 @@ class Seed64Spec:
     def bits_per_weight_estimate(self, in_features: int) -> float:
         bits = (64 + (16 if self.scaled else 0)) / self.tile**2
         return bits + (self.residual.bits_per_weight_estimate(in_features) if self.residual is not None else 0.0)
+
+
+#: The seed64 settings of ``RBEConfig`` and their defaults. Its residual is set by the format-1
+#: settings ``residual`` (``"none"`` or ``"rbe"``) and ``residual_stage``, and rotated by
+#: ``rotation`` / ``rotation_block``.
+SETTINGS: dict[str, Any] = {"tile": 32, "seed64_scale": True}
+RESIDUAL_KINDS = ("none", "rbe")
+
+
+def spec_from_settings(s: Mapping[str, Any], table_seed: int = 0) -> Seed64Spec:
+    """The spec of a seed64 layer from flat settings (``tile``, ``seed64_scale``, ``residual``,
+    ``residual_stage``, ``rotation``, ``rotation_block``). The residual is one RBE stage with
+    ``CodeLayout``'s widths, ``dim`` 4 and a scale per row, overridden by ``residual_stage``."""
+    if s["residual"] not in RESIDUAL_KINDS:
+        raise ConfigError(f"seed64 takes residual 'none' or 'rbe', got {s['residual']!r}")
+    residual = None
+    if s["residual"] == "rbe":
+        if not isinstance(s["residual_stage"], Mapping):
+            raise ConfigError(f"a seed64 residual needs residual_stage, a dict of stage settings, got "
+                              f"{s['residual_stage']!r}")
+        stage = {"dim": 4, "group_size": None, **{k: getattr(CodeLayout(), k) for k in CodeLayout.__dataclass_fields__},
+                 **s["residual_stage"]}
+        residual = rbe_spec_from_settings({**stage, "residual": "none", "residual_group_size": 64,
+                                           "residual_stage": None, "rotation": s["rotation"],
+                                           "rotation_block": s["rotation_block"]}, table_seed)
+    return Seed64Spec(s["tile"], s["seed64_scale"], residual)

@@ -11,23 +11,20 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from ..core.rbe_linear import link_shared_tables
-from ..core.stored import STORAGE_DTYPES, store_embeddings
-from .calibrate import norms, quantize_calibrated
+from .calibration import quantize_calibrated
+from .calibration.finetune import norms
 from .config import RBEConfig
+from .finish import finish_conversion
 from .quantizer import RBEHfQuantizer
 from .replace import (
     eligible,
     encode_into,
-    model_dtype,
     model_part,
     module_name,
     modules_to_skip,
     replace_with_rbe_linear,
-    share_head_codes,
     tied_embedding,
 )
-from .saving import attach
 
 logger = logging.getLogger(__name__)
 
@@ -74,28 +71,24 @@ def quantize_model(model: nn.Module, config: RBEConfig | None = None, modules_to
     The layers converted are those ``from_pretrained(..., quantization_config=config)`` would
     convert (``replace.modules_to_skip``), plus ``modules_to_not_convert`` kept as they are.
     With ``config.dataset`` the codes minimise each layer's output error on that calibration
-    text (``calibrate``; ``tokenizer`` or ``config.tokenizer`` tokenizes it).
+    text (``calibration``; ``tokenizer`` or ``config.tokenizer`` tokenizes it). ``config`` itself
+    is never changed: the model gets a copy (with what calibration chose and recorded).
     """
-    config = config or RBEConfig()
+    config = (config or RBEConfig()).copy()
     config.check_quantizable()
     skip = modules_to_skip(model, config, modules_to_not_convert)
     tied = tied_embedding(model, config)
     with _all_or_nothing(model, skip):
         if config.dataset is not None:
-            quantize_calibrated(model, config, skip, tokenizer)
+            result = quantize_calibrated(model, config, skip, tokenizer)
+            config = config.with_calibration(result.overrides, result.record)
         else:
             originals = dict(eligible(model, skip))
             names = replace_with_rbe_linear(model, config, skip)
             for name in tqdm(names, desc="RBE-encoding layers", unit="layer"):
                 encode_into(model.get_submodule(name), originals[name], name)
-            if tied:
-                share_head_codes(model, tied)
-            link_shared_tables(model)
-        compute = model_dtype(model)
-        if config.embedding_dtype is not None:
-            store_embeddings(model, STORAGE_DTYPES[config.embedding_dtype], compute)
+        finish_conversion(model, config, tied)
     if isinstance(model, PreTrainedModel):  # as from_pretrained leaves it: saves, reloads, dequantizes
-        model.config.quantization_config = config
         model.hf_quantizer = RBEHfQuantizer(config, pre_quantized=True)
-        attach(model, compute)
+        model.config.quantization_config = model.hf_quantizer.quantization_config
     return model

@@ -19,24 +19,14 @@ from transformers.quantizers.quantizers_utils import get_module_from_name
 
 from ..core.errors import ConfigError
 from ..core.packed import PackedLinear, packed_layers
-from ..core.qat import prepare_qat
 from ..core.rbe_embedding import RBEEmbedding
-from ..core.rbe_linear import RBELinear, link_shared_tables
-from ..core.stored import STORAGE_DTYPES, store_embeddings
-from .calibrate import quantize_calibrated
+from ..core.rbe_linear import RBELinear, swap_layers
+from .calibration import quantize_calibrated
 from .config import RBEConfig
 from .convert import RBEQuantize
+from .finish import finish_conversion
 from .integrity import Checkpoint, record, verify
-from .replace import (
-    build_layers,
-    check_replaced,
-    encode_into,
-    model_dtype,
-    modules_to_skip,
-    share_head_codes,
-    tied_embedding,
-)
-from .saving import attach
+from .replace import build_layers, check_replaced, encode_into, modules_to_skip, share_head_codes, tied_embedding
 
 
 class RBEHfQuantizer(HfQuantizer):
@@ -47,6 +37,10 @@ class RBEHfQuantizer(HfQuantizer):
     checkpoint: Checkpoint | None = None
     tied: tuple[str, str] | None = None  # (head, input embedding) that share the head's codes
     deferred: RBELinear | None = None  # the tied head's layer, encoded once its float weight is in
+
+    def __init__(self, quantization_config: RBEConfig, **kwargs: Any) -> None:
+        # transformers hands over the caller's config object: quantizing must not change it
+        super().__init__(quantization_config.copy(), **kwargs)
 
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
         device_map = kwargs.get("device_map")
@@ -66,45 +60,33 @@ class RBEHfQuantizer(HfQuantizer):
         # Read every file's header first: refuses pickles before anything is unpickled, and keeps the
         # stored dtypes and shapes that loading would otherwise cast away (``integrity``).
         self.checkpoint = Checkpoint.read(checkpoint_files) if checkpoint_files else None
+        config = model.config.quantization_config = self.quantization_config  # our copy, not the caller's
         if not self.pre_quantized:
-            self.quantization_config.check_quantizable()
-        self.modules_to_not_convert = modules_to_skip(model, self.quantization_config, keep_in_fp32_modules or [])
-        self.tied = tied_embedding(model, self.quantization_config)
+            config.check_quantizable()
+        self.modules_to_not_convert = modules_to_skip(model, config, keep_in_fp32_modules or [])
+        self.tied = tied_embedding(model, config)
         if self.calibrating:  # calibration needs the float model first
             return
-        layers = build_layers(model, self.quantization_config, self.modules_to_not_convert)
-        for name, layer in layers.items():
+        layers = build_layers(model, config, self.modules_to_not_convert)
+        if self.tied and not self.pre_quantized and self.tied[0] in layers:
             # A tied head is absent from the checkpoint (transformers ties it to the embedding after
             # loading), so when quantizing it is encoded after loading, from the embedding's weight.
-            if self.tied and name == self.tied[0] and not self.pre_quantized:
-                self.deferred = layer
-            else:
-                model.set_submodule(name, layer)
-        check_replaced(self.quantization_config, list(layers))
+            self.deferred = layers.pop(self.tied[0])
+        swap_layers(model, layers)
+        check_replaced(config, [*layers, *([self.tied[0]] if self.deferred is not None else [])])
         if self.tied and self.pre_quantized:
             share_head_codes(model, self.tied)
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         if self.calibrating:
-            quantize_calibrated(model, self.quantization_config, self.modules_to_not_convert)
+            result = quantize_calibrated(model, self.quantization_config, self.modules_to_not_convert)
+            self.quantization_config = self.quantization_config.with_calibration(result.overrides, result.record)
+            model.config.quantization_config = self.quantization_config
         elif self.deferred is not None:
             self._encode_tied_head(model)
-        compute = model_dtype(model)
-        if self.quantization_config.embedding_dtype is not None:
-            store_embeddings(model, STORAGE_DTYPES[self.quantization_config.embedding_dtype], compute)
-        link_shared_tables(model)
-        for module in model.modules():
-            if isinstance(module, PackedLinear):
-                module.rebuild_buffers()
-                for p in module.parameters(recurse=False):
-                    p.requires_grad_(False)  # loaded stored tensors would otherwise be trainable
         if self.pre_quantized and self.checkpoint is not None:
             verify(model, self.checkpoint)
-        for _, layer in packed_layers(model):
-            layer.validate()
-        if self.quantization_config.qat:
-            prepare_qat(model, train_quantizer=self.quantization_config.qat_train_quantizer)  # latents = decoded codes
-        attach(model, compute)
+        finish_conversion(model, self.quantization_config, self.tied)
         return model
 
     def _encode_tied_head(self, model: nn.Module) -> None:
@@ -114,8 +96,7 @@ class RBEHfQuantizer(HfQuantizer):
         if layer.spec.rotation:
             layer.rotation_seed.data.fill_(layer.default_rotation_seed)
         encode_into(layer, head, name)
-        model.set_submodule(name, layer)
-        share_head_codes(model, self.tied)  # type: ignore[arg-type]
+        swap_layers(model, {name: layer})
         self.deferred = None
 
     def get_quantize_ops(self) -> RBEQuantize:

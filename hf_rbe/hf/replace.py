@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
@@ -18,8 +18,10 @@ from transformers.pytorch_utils import Conv1D
 from transformers.quantizers.base import get_keys_to_not_convert
 from transformers.quantizers.quantizers_utils import should_convert_module
 
-from ..core.calibrate import DAMP
 from ..core.errors import ConfigError, EncodingError, FormatError
+from ..core.format import LayerSpec
+from ..core.format_v2 import LayerSpecV2
+from ..core.ldlq import DAMP
 from ..core.packed import PackedLinear
 from ..core.rbe_codecs import codec_for
 from ..core.rbe_embedding import RBEEmbedding
@@ -95,7 +97,9 @@ def share_head_codes(model: nn.Module, names: tuple[str, str]) -> bool:
     and take the pair out of transformers' tying (it would tie the head to a parameter that no
     longer exists). Returns whether it did."""
     head_name, emb_name = names
-    head = model.get_submodule(head_name)
+    head, emb = model.get_submodule(head_name), model.get_submodule(emb_name)
+    if isinstance(emb, RBEEmbedding) and emb.head is head:
+        return True
     if not isinstance(head, RBELinear):
         return False
     model.set_submodule(emb_name, RBEEmbedding(head, getattr(model.get_submodule(emb_name), "padding_idx", None)))
@@ -120,35 +124,61 @@ def eligible(model: nn.Module, modules_to_not_convert: Iterable[str]) -> list[tu
 
 
 class LayerFactory:
-    """Builds the empty packed layer that replaces a Linear / Conv1D. The first layer built for
-    each universal table owns it (stores it in the checkpoint); later ones link to it."""
+    """Builds the empty packed layer that replaces a Linear / Conv1D (``modules``: every layer the
+    factory may build, by name, in module order). Of the layers that use one universal table set,
+    the first in module order owns it (stores it in the checkpoint) whatever order they are built
+    in (calibration builds block by block), so every path writes and reads the same checkpoint;
+    the others follow it (``RBELinear.follow``)."""
 
-    def __init__(self, config: RBEConfig) -> None:
+    def __init__(self, config: RBEConfig, modules: Mapping[str, nn.Module]) -> None:
         self.config = config
-        self.owners: set[str] = set()
+        self.owner_of: dict[str, str] = {}  # table key -> name of the layer that stores it
+        for name, module in modules.items():
+            fmt, _ = self._format(name, module)
+            key = None if fmt is None else self._table_key(fmt)
+            if key is not None:
+                self.owner_of.setdefault(key, name)
+        self.owners: dict[str, RBELinear] = {}  # table key -> the owner, once built
 
-    def build(self, name: str, module: nn.Module) -> PackedLinear | None:
-        """The packed layer for ``module`` (``None``, with a warning, if the format cannot hold its shape)."""
-        config = self.config
-        fmt = config.layer_format(name)
+    def _format(self, name: str, module: nn.Module) -> tuple[LayerSpec | LayerSpecV2 | Seed64Spec | None, str]:
+        """The layer's format, or ``None`` and why when the format cannot hold its shape."""
+        fmt = self.config.layer_format(name)
         in_f, out_f = _shape(module)
         try:
             fmt.check_shape(out_f, in_f)
         except EncodingError as err:
-            logger.warning("hf-rbe: keeping %s unquantized: %s", name, err)
-            return None
+            return None, str(err)
+        return fmt, ""
+
+    def _table_key(self, fmt: LayerSpec | LayerSpecV2 | Seed64Spec) -> str | None:
         rbe = fmt.residual if isinstance(fmt, Seed64Spec) else fmt
-        key = None if config.table == "per_layer" or rbe is None else codec_for(rbe).table_key(rbe)
-        owns = key is None or key not in self.owners
-        if key is not None:
-            self.owners.add(key)
+        return None if self.config.table == "per_layer" or rbe is None else codec_for(rbe).table_key(rbe)
+
+    def build(self, name: str, module: nn.Module) -> PackedLinear | None:
+        """The packed layer for ``module`` (``None``, with a warning, if the format cannot hold its shape)."""
+        fmt, why = self._format(name, module)
+        if fmt is None:
+            logger.warning("hf-rbe: keeping %s unquantized: %s", name, why)
+            return None
+        key = self._table_key(fmt)
+        owns = key is None or self.owner_of.get(key) == name
         kw = {"compute_dtype": module.weight.dtype if module.weight.is_floating_point() else torch.float32,
               "device": module.weight.device, "from_conv1d": isinstance(module, Conv1D),
-              "rotation_seed": config.layer_rotation_seed(name)}
+              "rotation_seed": self.config.layer_rotation_seed(name)}
+        in_f, out_f = _shape(module)
+        owner = None if owns or key is None else self.owners.get(key)
         if isinstance(fmt, Seed64Spec):
-            return Seed64Linear(in_f, out_f, module.bias is not None, fmt, residual_table_key=key,
-                                residual_owns_table=owns, **kw)
-        return RBELinear(in_f, out_f, module.bias is not None, fmt, table_key=key, owns_table=owns, **kw)
+            layer = Seed64Linear(in_f, out_f, module.bias is not None, fmt, residual_table_key=key,
+                                 residual_owns_table=owns, **kw)
+            rbe = layer.residual
+            if rbe is not None and owner is not None:
+                rbe.follow(owner)
+        else:
+            layer = rbe = RBELinear(in_f, out_f, module.bias is not None, fmt, table_key=key, owns_table=owns,
+                                    table_owner=owner, **kw)
+        if owns and key is not None:
+            self.owners[key] = rbe  # type: ignore[assignment]
+        return layer
 
 
 def build_layers(model: nn.Module, config: RBEConfig,
@@ -156,8 +186,9 @@ def build_layers(model: nn.Module, config: RBEConfig,
     """The empty packed layer for every eligible Linear/Conv1D (on its device, meta included), by
     name, built in module order (which layer stores each shared table follows that order, on
     every path). Layers whose shape the format cannot hold are left out, with a warning."""
-    factory = LayerFactory(config)
-    built = {name: factory.build(name, module) for name, module in eligible(model, modules_to_not_convert)}
+    modules = dict(eligible(model, modules_to_not_convert))
+    factory = LayerFactory(config, modules)
+    built = {name: factory.build(name, module) for name, module in modules.items()}
     return {name: layer for name, layer in built.items() if layer is not None}
 
 

@@ -5,9 +5,8 @@ import copy
 
 import pytest
 import torch
-from conftest import assert_fresh_reload_identical, rel_mse, tiny_llama_config
+from conftest import TEXT, CharTokenizer, assert_fresh_reload_identical, rel_mse, tiny_llama_config
 from safetensors import safe_open
-from test_calibration import TEXT, CharTokenizer
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from hf_rbe import RBEConfig, RBELinear, quantize_model
@@ -106,21 +105,17 @@ def test_the_shared_head_stays_frozen_in_qat_and_copies_keep_the_link():
     assert type(q.model.layers[0].mlp.down_proj) is not RBELinear
 
 
-def test_bad_ids_and_settings_are_refused():
+def test_bad_ids_are_refused():
     q = quantize_model(_model(), _cfg())
     for ids in (torch.tensor([[128]]), torch.tensor([[-1]])):
         with pytest.raises(IndexError, match=r"\[0, 128\)"):
             q.model.embed_tokens(ids)
     with pytest.raises(TypeError, match="token ids"):
         q.model.embed_tokens(torch.ones(1, 2))
-    with pytest.raises(ValueError, match="quantize_embeddings"):
-        RBEConfig(quantize_embeddings="yes")
-    with pytest.raises(ValueError, match="codec='rbe'"):
-        RBEConfig(codec="seed64", quantize_embeddings=True)
 
 
 def test_a_failure_after_the_embedding_was_shared_leaves_the_model_as_it_was(monkeypatch):
-    import hf_rbe.hf.quantize as quantize
+    import hf_rbe.hf.finish as finish
 
     m = _model()
     before = {k: v.clone() for k, v in m.state_dict().items()}
@@ -130,7 +125,7 @@ def test_a_failure_after_the_embedding_was_shared_leaves_the_model_as_it_was(mon
         assert isinstance(model.model.embed_tokens, RBEEmbedding)  # the failure comes after the swap
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(quantize, "link_shared_tables", fail)
+    monkeypatch.setattr(finish, "model_dtype", fail)  # what finish_conversion does right after the swap
     with pytest.raises(RuntimeError, match="disk on fire"):
         quantize_model(m, _cfg())
     assert {n: type(x) for n, x in m.named_modules()} == kinds and m.all_tied_weights_keys == tying

@@ -40,17 +40,6 @@ def test_gpt2_conv1d_in_v2(tmp_path):
     assert rel_mse(attn.dequantize(), ref.transformer.h[0].attn.c_attn.weight.T) < 0.05
 
 
-def test_v2_config_errors():
-    with pytest.raises(ValueError, match="format_version=2 needs planes"):
-        RBEConfig(format_version=2)
-    with pytest.raises(ValueError, match="planes are a format-2 setting"):
-        RBEConfig(format_version=1, planes=["e8p"])
-    with pytest.raises(ValueError, match="keys \\['idx'\\] that format v2 layers do not have"):
-        RBEConfig.from_preset("v2-2", overrides={"*": {"idx": 7}})
-    with pytest.raises(ValueError, match="format 1"):
-        RBEConfig.from_preset("v2-2", codec="seed64")
-
-
 def test_embeddings_stored_in_half_precision_save_smaller_and_reload_identically(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 

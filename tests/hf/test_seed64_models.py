@@ -30,17 +30,6 @@ def test_seed64_in_a_transformers_model(tiny_llama_dir, tmp_path, residual):
     assert_fresh_reload_identical(tmp_path, ids, logits)
 
 
-def test_seed64_config_errors():
-    with pytest.raises(ValueError, match="residual"):
-        RBEConfig(codec="seed64", residual="int8")
-    with pytest.raises(ValueError, match="tile"):
-        RBEConfig(codec="seed64", tile=24)
-    with pytest.raises(ValueError, match="codec"):
-        RBEConfig(codec="jpeg")
-    with pytest.raises(ValueError, match="qat=True is not available with codec='seed64'"):
-        RBEConfig(codec="seed64", qat=True)
-
-
 def test_prepare_qat_refuses_a_seed64_model(tiny_llama_dir):
     from hf_rbe.training import prepare_qat
 

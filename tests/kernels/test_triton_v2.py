@@ -100,3 +100,14 @@ def test_group_scales_and_no_rotation():
 def test_unsupported_layouts_are_declined():
     spec = LayerSpecV2((StageV2("e8p", 64),))  # groups smaller than a 256-chunk
     assert not T.supports(_layer(spec, 256, 8).layout())
+
+
+def test_triton_kernels_on_cpu_tensors_say_what_to_do(monkeypatch):
+    pytest.importorskip("triton")
+    from hf_rbe.kernels import triton_v2
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    layer = RBELinear.from_linear(torch.nn.Linear(64, 16), RBEConfig.from_preset("v2-3").base_spec())
+    tensors, layout = layer.op_args()
+    with pytest.raises(RuntimeError, match="need CUDA tensors.*numba"):
+        triton_v2.linear(torch.randn(2, 64), tensors, layout, None)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...hf.config import RBEConfig
+from ...hf.config import PRESETS, RBEConfig
 
 SMOLLM2, MINILM = "SmolLM2-135M", "all-MiniLM-L6-v2"
 PROBE_TRAIN, PROBE_TEST = 2000, 1000  # movie-review snippets for the sentiment probe
@@ -27,6 +27,8 @@ RBE_V2_SETTINGS = ("v2-2", "v2-3", "v2-4")
 # Calibrated on the Wikipedia text after its first 32,768 tokens: disjoint from the scored start. About
 # 11 minutes per SmolLM2 row, so one row here; the sweep over bits is recipes/calibrate.py.
 CALIBRATED, CALIBRATED_SETTINGS = {"dataset": "wikipedia"}, ("v2-3",)
+#: The seed64 row's residual: one rbe-2.5 stage.
+RESIDUAL_2_5 = {k: v for k, v in PRESETS["rbe-2.5"].items() if k in ("dim", "idx", "sign", "amp")}
 
 
 @dataclass
@@ -73,7 +75,7 @@ def methods(families: list[str] | None = None) -> list[Method]:
     rows += [Method(f"RBE {p} calibrated", "RBE v2 calibrated", _with_config(RBEConfig.from_preset(p, **CALIBRATED)))
              for p in CALIBRATED_SETTINGS]
     rows += [Method("seed64 + scale + rbe-2.5 residual", "seed64",
-                    _with_config(RBEConfig.from_preset("rbe-2.5", codec="seed64", tile=32, residual="rbe")))]
+                    _with_config(RBEConfig(codec="seed64", tile=32, residual="rbe", residual_stage=RESIDUAL_2_5)))]
     rows += [Method(f"HQQ {b}-bit g64", "HQQ", _hqq(b, 64)) for b in (2, 3, 4)]
     rows += [Method(f"quanto {w}", "quanto", _with_config(QuantoConfig(weights=w))) for w in ("int2", "int4", "int8")]
     rows += [Method("bitsandbytes NF4", "bitsandbytes",

@@ -4,15 +4,19 @@ import json
 
 import pytest
 import torch
-from conftest import assert_fresh_reload_identical
-from test_calibration import CharTokenizer, _cfg, _structured_model
+from conftest import CharTokenizer, assert_fresh_reload_identical
+from conftest import calibration_config as _cfg
+from conftest import structured_model as _structured_model
 from torch import nn
 from transformers import AutoModelForCausalLM
 
 from hf_rbe import RBEConfig, quantize_model
+from hf_rbe.core.format_v2 import PLANE_LADDER as LADDER
 from hf_rbe.core.packed import packed_size
-from hf_rbe.hf.allocate import LADDER, allocate, relative_error
-from hf_rbe.hf.calibrate import _Hessians, calibration_ids, find_blocks, fisher
+from hf_rbe.hf.calibration.allocate import allocate, relative_error
+from hf_rbe.hf.calibration.capture import Hessians, find_blocks
+from hf_rbe.hf.calibration.fisher import fisher
+from hf_rbe.hf.calibration.windows import calibration_ids
 from hf_rbe.hf.replace import eligible
 
 
@@ -62,20 +66,13 @@ def test_allocation_starts_from_the_configured_planes():
     assert LADDER.index(planes["l0"]) > LADDER.index(("e8p", "e8p"))
 
 
-def test_impossible_budgets_and_settings_are_refused():
+def test_impossible_budgets_are_refused():
     with pytest.raises(ValueError, match="below what the configured planes store"):
         allocate(RBEConfig.from_preset("v2-4"), _layers(), dict.fromkeys(("l0", "l1", "l2"), 1.0), 3.0)
     with pytest.raises(ValueError, match="allocation ladder"):
         allocate(RBEConfig(planes=["e8p", "vq8", "vq8"]), _layers(), dict.fromkeys(("l0", "l1", "l2"), 1.0), 6.0)
-    for bad in (0, -1.0, float("nan"), True, "4"):
-        with pytest.raises(ValueError, match="target_bits must be a positive number"):
-            RBEConfig.from_preset("v2-2", target_bits=bad)
-    with pytest.raises(ValueError, match="format-2 code planes"):
-        RBEConfig.from_preset("rbe-3", target_bits=3.5)
     with pytest.raises(ValueError, match="give a dataset"):
         quantize_model(_structured_model(), RBEConfig.from_preset("v2-2", target_bits=3.5))
-    with pytest.raises(ValueError, match="calibration_fisher must be a bool or None"):
-        RBEConfig(calibration_fisher="yes")
 
 
 def test_fisher_weights_every_block_token_and_leaves_the_model_as_it_was():
@@ -96,9 +93,10 @@ def test_weighted_hessians_count_each_token_by_its_weight():
     layer = nn.Linear(16, 4)
     x = torch.randn(2, 5, 16)
     w = torch.rand(2, 5)
-    watch = _Hessians({"l": layer}, {"l": [w]})
-    layer(x)
-    h = watch.close()["l"]
+    with Hessians({"l": layer}, {"l": [w]}) as watch:
+        layer(x)
+    h = watch.sums()["l"]
+    assert not layer._forward_hooks  # the hooks come off
     flat = x.reshape(-1, 16)
     assert torch.allclose(h, flat.T @ (flat * w.reshape(-1, 1)), atol=1e-5)
 
@@ -148,6 +146,3 @@ def test_encoders_get_fisher_weighting_and_its_damping_by_default():
     record = quantize_model(bert(), _cfg(damp_percent=0.05, calibration_fisher=False)).config \
         .quantization_config.calibrated_with
     assert record["fisher"] is False and record["damp_percent"] == 0.05
-    for bad in (True, 1.5, 0):
-        with pytest.raises(ValueError, match="damp_percent must be in"):
-            RBEConfig.from_preset("v2-2", damp_percent=bad)

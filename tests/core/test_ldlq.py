@@ -6,7 +6,7 @@ import torch
 
 from hf_rbe import RBEConfig
 from hf_rbe.core import RBELinear, universal_tables
-from hf_rbe.core.calibrate import proxy_error, refit_scale, rotate_hessian
+from hf_rbe.core.ldlq import proxy_error, refit_scale, rotate_hessian
 from hf_rbe.core.rotation import random_signs, rotate
 
 

@@ -1,0 +1,15 @@
+"""Calibrated encoding: the codes minimise each layer's output error on calibration text.
+
+    windows     calibration text into token windows (held-out text excluded)
+    capture     running parts of a model on the windows; block inputs, Hessians, features
+    fisher      the Fisher pass: per-token weights and per-layer sensitivities
+    allocate    bit allocation: code planes per layer for a bit budget (``target_bits``)
+    finetune    fine-tuning scales, biases and norms with the codes fixed (per block, end to end)
+    pipeline    ``quantize_calibrated``: the steps above in order, block by block
+
+The LDLQ maths itself is plain torch: ``hf_rbe.core.ldlq``.
+"""
+
+from .pipeline import Calibration, quantize_calibrated
+
+__all__ = ["Calibration", "quantize_calibrated"]

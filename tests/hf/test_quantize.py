@@ -1,0 +1,38 @@
+"""``quantize_model``: all layers or none (a failure hands the model back as it was), and overrides that
+match no layer are reported."""
+
+import logging
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import hf_rbe
+from hf_rbe import FormatError, RBEConfig
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_failed_quantize_model_leaves_the_model_as_it_was(tiny_llama_dir, calibrated):
+    from conftest import char_tokenizer
+
+    m = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    with torch.no_grad():
+        m.model.layers[1].mlp.down_proj.weight[3, 5] = float("nan")  # the last block: everything before converts
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    kinds = {n: type(x) for n, x in m.named_modules()}
+    kw = dict(dataset=["The quick brown fox jumps over the lazy dog. " * 8] * 4, calibration_samples=4,
+              calibration_seqlen=32, calibration_finetune_steps=2) if calibrated else {}
+    with pytest.raises(FormatError, match="down_proj.*NaN"):
+        hf_rbe.quantize_model(m, RBEConfig.from_preset("v2-3", **kw), tokenizer=char_tokenizer())
+    assert {n: type(x) for n, x in m.named_modules()} == kinds
+    after = m.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], v) for k, v in before.items() if not v.isnan().any())
+    assert not any(x._forward_hooks or x._forward_pre_hooks for x in m.modules())
+
+
+def test_overrides_that_match_nothing_warn(tiny_llama_dir, caplog):
+    with caplog.at_level(logging.WARNING, logger="hf_rbe"):
+        AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=RBEConfig(
+            overrides={"*.dense_4h_to_h": {"group_size": 64}}))
+    assert "'*.dense_4h_to_h' matches none" in caplog.text
