@@ -19,15 +19,11 @@ replace the committed ones).
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
@@ -37,23 +33,11 @@ from hf_rbe.core.packed import packed_size
 from hf_rbe.data import minilm_path, movie_reviews, smollm2_path, token_stream
 from hf_rbe.data.fetch import ensure
 from hf_rbe.evaluation.measure import decode_speed, mean_pooled_embeddings, perplexity
+from hf_rbe.evaluation.reload import reload_verdict
 from hf_rbe.evaluation.results import run_meta, write_results
 from hf_rbe.hf.config import DEFAULT_PRESET
 
 PROMPT = "The capital of France is"
-_RELOAD = """
-import sys, torch, hf_rbe
-from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
-saved, ref = sys.argv[1], sys.argv[2]
-exp = load_file(ref)
-model = AutoModelForCausalLM.from_pretrained(saved).eval()
-with torch.no_grad():
-    out = model(exp["ids"]).logits
-print("bit-identical" if torch.equal(out, exp["logits"]) else f"DIFFERENT max|d|={(out - exp['logits']).abs().max()}")
-"""
-
-
 def wiki_ids(tokenizer, n_tokens: int) -> torch.Tensor:
     ids = token_stream(tokenizer, "wikipedia")
     if ids.numel() < n_tokens:
@@ -73,13 +57,9 @@ def reload_check(model, saved: Path) -> tuple[str, int]:
     model.save_pretrained(saved)
     ids = torch.tensor([[1, 504, 3458, 282, 4649, 314, 253, 1345]])
     with torch.no_grad():
-        save_file({"ids": ids, "logits": model(ids).logits.contiguous()}, saved / "expected.safetensors")
-    res = subprocess.run([sys.executable, "-c", _RELOAD, str(saved), str(saved / "expected.safetensors")],
-                         capture_output=True, text=True, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
-    if res.returncode:
-        raise RuntimeError(f"reload failed:\n{res.stderr[-3000:]}")
-    disk = sum(f.stat().st_size for f in saved.glob("*.safetensors") if f.name != "expected.safetensors")
-    return res.stdout.strip().splitlines()[-1], disk
+        logits = model(ids).logits
+    disk = sum(f.stat().st_size for f in saved.glob("*.safetensors"))
+    return reload_verdict(saved, ids, logits), disk
 
 
 # Calibration as in recipes/calibrate.py (RBEConfig's defaults): windows of Wikipedia after its first

@@ -81,32 +81,12 @@ def char_tokenizer():  # type: ignore[no-untyped-def]
                                    pad_token="<pad>")
 
 
-_RELOAD = """
-import sys, torch, hf_rbe
-from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
-exp = load_file(sys.argv[2])
-out = AutoModelForCausalLM.from_pretrained(sys.argv[1])(exp["ids"]).logits.detach()
-assert torch.equal(out, exp["logits"]), (out - exp["logits"]).abs().max()
-print("identical")
-"""
-
-
 def assert_fresh_reload_identical(saved, ids: torch.Tensor, logits: torch.Tensor) -> None:  # type: ignore[no-untyped-def]
     """Reload the causal LM saved in ``saved`` with a plain ``from_pretrained`` in a new Python
     process (only ``import hf_rbe`` there) and require its logits on ``ids`` to equal ``logits`` bit for bit."""
-    import subprocess
-    import sys
-    import tempfile
+    from hf_rbe.evaluation.reload import reload_verdict
 
-    from safetensors.torch import save_file
-
-    with tempfile.TemporaryDirectory() as tmp:
-        expected = os.path.join(tmp, "expected.safetensors")
-        save_file({"ids": ids.contiguous(), "logits": logits.detach().contiguous()}, expected)
-        res = subprocess.run([sys.executable, "-c", _RELOAD, str(saved), expected], capture_output=True, text=True,
-                             timeout=300)
-    assert res.returncode == 0 and "identical" in res.stdout, res.stderr[-2000:]
+    assert reload_verdict(saved, ids, logits.detach()) == "bit-identical"
 
 
 # ----------------------------------------------------------------------------- calibration helpers

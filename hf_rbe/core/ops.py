@@ -24,8 +24,12 @@ from typing import Optional
 import torch
 
 from .errors import CheckpointError
+from .moved import renamed
 from .op_layout import out_features
 from .reference import REFERENCE, FormatOps
+
+__getattr__ = renamed("hf_rbe.core.ops", {  # the reference of each format is core.reference's table now
+    "register_format": ("hf_rbe.core.reference.REFERENCE", REFERENCE.__setitem__)})
 
 
 def format_ops(layout: list[int]) -> FormatOps:

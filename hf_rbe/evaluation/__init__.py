@@ -5,5 +5,6 @@
     sizes       bits per weight of any quantized model (RBE, HQQ, quanto, bitsandbytes)
     baselines   the scalar min-max quantizer the benchmarks compare with
     results     result files stamped with machine, date and command
+    reload      a checkpoint's logits from a plain from_pretrained in a fresh process
     compare     hf-rbe compare: methods, run, report
 """

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from hf_rbe.core.format_v2 import FORMAT_ID, IDX_OFFSET, PLANES, SIGN_OFFSET, VECTOR_DIM, LayerSpecV2, e8p_sign_table
+from hf_rbe.core.moved import renamed
 from hf_rbe.core.op_layout import SIGNS, op_tensor_names
 
 from .cpu_simd import vadd, vbroadcast, vfma, vload, vmul, vstore, vsum, vzero
@@ -195,6 +196,8 @@ def _decode(codes: np.ndarray, scale: np.ndarray, table: np.ndarray, signs: np.n
 
 
 _SIGNS = e8p_sign_table().numpy().ravel().copy()
+__getattr__ = renamed("hf_rbe.kernels.cpu_numba", {
+    "sign_table": ("hf_rbe.core.format_v2.e8p_sign_table", lambda: e8p_sign_table().numpy().copy())})
 _PLANE_IDS = {"e8p": 0, "vq8": 1, "vq4": 2}
 
 

@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from hf_rbe.core.format_v2 import IDX_OFFSET, PLANES, SIGN_OFFSET, LayerSpecV2, e8p_sign_table
+from hf_rbe.core.moved import renamed
 from hf_rbe.core.op_layout import SIGNS, op_tensor_names
 
 from .triton_common import check_device, constant
@@ -290,6 +291,9 @@ def tiles(m: int, n: int, k: int, n_sm: int, n_stages: int = 1) -> Tiles:
 
 
 _TABLES: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
+__getattr__ = renamed("hf_rbe.kernels.triton_v2", {"sign_table": (
+    "hf_rbe.core.format_v2.e8p_sign_table",
+    lambda dtype, device="cpu": e8p_sign_table().to(dtype=dtype, device=device))})
 
 
 def _table16(table: torch.Tensor) -> torch.Tensor:
