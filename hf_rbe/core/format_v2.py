@@ -26,11 +26,11 @@ A layer stores (shapes from :meth:`LayerSpecV2.tensors` / :meth:`table_tensors`,
     table, residual_table, ...    fp32 [2**idx, 8] per stage, in the layer that owns the model's
                                   shared tables (universal tables ship with hf-rbe)
 
-Why this codebook (measured on N(0,1), ``bench/v2_codebook.py``): a learned 512-entry table
-with 7 sign bits and a parity-implied 8th reaches MSE 0.089 at 2.0 bits per weight (QuIP#'s
-E8P lattice codebook: 0.092; 256 entries with 8 free sign bits: 0.095), and decodes with one
-16-byte table read and one 16-byte sign-mask read per 8 weights. For 2.5 bits a 4-bit
-residual plane beat 4 gain bits on each e8p code (MSE 0.057 vs 0.066).
+Why this codebook (``bench/v2_codebook.py``, docs/results/codebook.md): on Gaussian weights a
+learned 512-entry table with 7 sign bits and a parity-implied 8th sits closer to the Shannon
+bound at 2 bits per weight than QuIP#'s E8P lattice codebook or 256 entries with 8 free sign
+bits, and decodes with one 16-byte table read and one 16-byte sign-mask read per 8 weights. For
+2.5 bits a 4-bit residual plane beat 4 gain bits on each e8p code.
 """
 
 from __future__ import annotations

@@ -30,8 +30,8 @@ class StoredEmbedding(nn.Embedding):
 class StoredLinear(nn.Linear):
     """``nn.Linear`` with its weight in a storage dtype, multiplied in that dtype (matmuls accumulate
     in fp32) and returned in the input's. Why not cast the weight up: a SmolLM2 head is 28M
-    weights; casting them on every decoding step cost 33 ms on a 2-core CPU, the half-precision
-    product 1.1-1.7 ms (fp32: 6.6 ms)."""
+    weights, and casting them on every decoding step costs far more than the half-precision
+    product itself (docs/results/cpu_speed.md)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight

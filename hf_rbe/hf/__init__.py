@@ -1,15 +1,20 @@
-"""The transformers glue: ``RBEConfig``, layer replacement, quantize-on-load, the quantizer's
-lifecycle and model cards. Importing this package registers the ``"rbe"`` quantization method
-(``hf_rbe/__init__`` does so as soon as transformers is imported).
+"""The transformers glue: ``RBEConfig``, layer replacement, calibration, quantize-on-load, the
+quantizer's lifecycle, saving and model cards. Importing this package registers the ``"rbe"``
+quantization method (``hf_rbe/__init__`` does so as soon as transformers is imported).
 
-    config      RBEConfig: validated settings and presets, per-layer formats
-    replace     the one skip policy, the layer factory, swapping layers
-    calibrate   output-aware encoding from calibration text, block by block
+    presets     the named settings
+    settings    RBEConfig's settings by concern and the checks of the non-format ones
+    config      RBEConfig: the flat API, the format choice, per-layer formats, copies
+    replace     the one skip policy, the layer factory, tied heads, encoding helpers
+    finish      the one place a conversion ends
+    calibration output-aware encoding from calibration text, block by block (a package)
     quantize    quantize_model: a model in memory, calibrated or not
     convert     the quantize-on-load conversion op
     quantizer   RBEHfQuantizer: the loading lifecycle, nothing else
-    card        the model card's text (README.md)
-    saving      what save_pretrained / push_to_hub do for an RBE model: card, recorded dtype
+    integrity   the checkpoint record and the checks on load
+    saving      what save_pretrained / push_to_hub do for an RBE model
+    card        the model card's text (template: model_card.md)
+    calibrate, allocate   old paths of calibration and allocation (warn once)
 """
 
 from transformers.quantizers.auto import (

@@ -29,8 +29,8 @@ from hf_rbe.core.op_layout import SIGNS, op_tensor_names
 
 from .cpu_simd import vadd, vbroadcast, vfma, vload, vmul, vstore, vsum, vzero
 
-#: Largest M the code-walking GEMV serves; above it decode + BLAS is faster (measured on 2 cores:
-#: SmolLM2 and 4096x4096 shapes, v2-2 and v2-3; the crossover sat between 12 and 16).
+#: Largest M the code-walking GEMV serves; above it decode + BLAS is faster (the crossover
+#: ``NOTES.md`` records, on SmolLM2 and 4096x4096 shapes).
 GEMV_MAX_M = 12
 _E8P_IDX = PLANES["e8p"].table_size - 1  # the idx field's mask
 _NIBBLE = PLANES["vq4"].table_size - 1

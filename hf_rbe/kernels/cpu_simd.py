@@ -2,10 +2,9 @@
 
 Why: numba has no SIMD types, and LLVM does not find the vector form of an RBE decode by
 itself. Given ``acc += table[idx] * signs[s] * x[8v:8v+8]`` as scalar code, it either stays
-scalar (one load per weight per operand: ~1.1 cycles per weight on this project's CPU) or
-vectorizes across codes with gathers (worse). Stated as one 8-lane load per operand and one
-fused multiply-add per code it runs at ~0.2 cycles per weight (measured, single core, AVX-512
-AMD EPYC), and LLVM keeps the accumulators in registers. The operations are the few the kernels
+scalar (one load per weight per operand) or vectorizes across codes with gathers (worse).
+Stated as one 8-lane load per operand and one fused multiply-add per code it runs several times
+faster (``NOTES.md``), and LLVM keeps the accumulators in registers. The operations are the few the kernels
 need; every one is plain LLVM IR, so numba compiles them for whatever CPU it runs on.
 
 Loads and stores do no bounds checks: a caller proves its offsets in range (the kernels mask

@@ -1,5 +1,9 @@
 """Local ``evaluate`` metric modules, loaded by path so they work with no Hub access.
 
+    perplexity          sliding-window perplexity of a causal LM
+    embedding_cosine    cosine of sentence embeddings to a reference model's
+    probe_accuracy      accuracy of a logistic-regression probe on embeddings
+
     from hf_rbe.evaluation.metrics import load
     ppl = load("perplexity")          # an evaluate.EvaluationModule
 
