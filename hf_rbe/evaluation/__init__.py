@@ -6,5 +6,6 @@
     baselines   the scalar min-max quantizer the benchmarks compare with
     results     result files stamped with machine, date and command
     reload      a checkpoint's logits from a plain from_pretrained in a fresh process
+    memory      peak resident memory of a job, overall and per calibration phase
     compare     hf-rbe compare: methods, run, report
 """

@@ -21,7 +21,6 @@ import json
 import logging
 import random
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from torch import nn
 
 from ...data import minilm_path, smollm2_path, text_dataset, token_stream
 from ..measure import mean_pooled_embeddings, perplexity
+from ..memory import MemoryProfile
 from ..results import run_meta
 from ..sizes import quantized_size
 from .methods import MINILM, PROBE_TEST, PROBE_TRAIN, SMOLLM2, Method, methods
@@ -49,35 +49,8 @@ def _disk_bytes(model: nn.Module) -> int | None:
         return sum(f.stat().st_size for f in Path(tmp).glob("*.safetensors")) or None
 
 
-class _PeakRSS:
-    """Peak resident memory above the starting level, sampled every 10 ms in a thread."""
-
-    def __enter__(self) -> "_PeakRSS":
-        import psutil
-
-        self._proc = psutil.Process()
-        self.base = self.peak = self._proc.memory_info().rss
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.01):
-            self.peak = max(self.peak, self._proc.memory_info().rss)
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._proc.memory_info().rss)
-
-    @property
-    def added_mib(self) -> float:
-        return (self.peak - self.base) / 2**20
-
-
 def _load(method: Method, path: str, auto: type) -> tuple[nn.Module, dict[str, Any]]:
-    with _PeakRSS() as rss:
+    with MemoryProfile() as rss:
         t0 = time.perf_counter()
         model = method.load(path, auto).eval()
         secs = time.perf_counter() - t0

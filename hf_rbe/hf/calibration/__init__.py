@@ -6,6 +6,7 @@
     allocate    bit allocation: code planes per layer for a bit budget (``target_bits``)
     finetune    fine-tuning scales, biases and norms with the codes fixed (per block, end to end)
     pipeline    ``quantize_calibrated``: the steps above in order, block by block
+    phases      named phases of a run, for accounting its time and memory
 
 The LDLQ maths itself is plain torch: ``hf_rbe.core.ldlq``.
 """

@@ -40,6 +40,7 @@ from .allocate import allocate
 from .capture import Hessians, features, find_blocks, first_block_inputs, hidden, output_head, run_block, with_hidden
 from .finetune import finetune_block, finetune_model, finetune_steps
 from .fisher import Fisher, fisher
+from .phases import phase
 from .windows import calibration_ids, resolve_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -90,14 +91,20 @@ def quantize_calibrated(model: nn.Module, config: RBEConfig, skip: list[str], to
     model.eval()
     try:
         plan = _plan(model, config, skip, tokenizer)
-        teacher = _teacher(model, plan)  # before anything is quantized
+        with phase("teacher"):
+            teacher = _teacher(model, plan)  # before anything is quantized
         teacher_head = output_head(model)  # still float
-        errors = _quantize_blocks(model, plan) + _quantize_rest(model, plan)
+        with phase("blocks"):
+            errors = _quantize_blocks(model, plan)
+        with phase("head"):
+            errors += _quantize_rest(model, plan)
         if plan.tied:
             share_head_codes(model, plan.tied)
         if teacher:
             windows = [w for b in plan.batches for w in b.split(1)]  # one window per step
-            loss = finetune_model(model, windows, teacher, plan.e2e_steps, config.calibration_e2e_lr, teacher_head)
+            with phase("end-to-end"):
+                loss = finetune_model(model, windows, teacher, plan.e2e_steps, config.calibration_e2e_lr,
+                                      teacher_head)
             logger.info("end-to-end fine-tune: final loss %.4f", loss)
     finally:
         model.train(was_training)
@@ -111,14 +118,17 @@ def _plan(model: nn.Module, config: RBEConfig, skip: list[str], tokenizer: Any) 
     tok = resolve_tokenizer(model, config, tokenizer)
     device = next(model.parameters()).device
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    batches = list(calibration_ids(config, tok, vocab).to(device).split(config.calibration_batch_size))
+    with phase("windows"):
+        batches = list(calibration_ids(config, tok, vocab).to(device).split(config.calibration_batch_size))
     prefix, blocks = find_blocks(model)
     targets = dict(eligible(model, skip))
     ft_steps, e2e_steps = finetune_steps(model, config)
     weighted = config.calibration_fisher if config.calibration_fisher is not None else output_head(model) is None
     damp = config.damp_percent if config.damp_percent is not None else 0.2 if weighted else 0.01
-    measured = fisher(model, targets, batches, config.calibration_seed, keep_features=e2e_steps > 0) \
-        if weighted or config.target_bits is not None else None
+    measured = None
+    if weighted or config.target_bits is not None:
+        with phase("fisher"):
+            measured = fisher(model, targets, batches, config.calibration_seed, keep_features=e2e_steps > 0)
     allocated: dict[str, dict[str, Any]] = {}
     if config.target_bits is not None:  # before any layer is built: the chosen planes become overrides
         planes = allocate(config, targets, measured.sensitivity, config.target_bits)  # type: ignore[union-attr]
@@ -153,17 +163,21 @@ def _quantize_blocks(model: nn.Module, plan: _Plan) -> list[float]:
     errors: list[float] = []
     for i, block in enumerate(tqdm(plan.blocks, desc="RBE-calibrating blocks", unit="block")):
         inner = {n: m for n, m in plan.targets.items() if n.startswith(f"{plan.prefix}.{i}.")}
-        with Hessians(inner, plan.weights) as watch:
+        with phase("hessians"), Hessians(inner, plan.weights) as watch:
             for call in calls:
                 run_block(block, call)
         hessians = watch.sums()
         if fp_calls is not None:
-            fp_calls = [with_hidden(call, run_block(block, call)) for call in fp_calls]
-        errors += [_swap(model, plan, name, module, hessians[name]) for name, module in inner.items()]
+            with phase("full-precision path"):
+                fp_calls = [with_hidden(call, run_block(block, call)) for call in fp_calls]
+        with phase("encode"):
+            errors += [_swap(model, plan, name, module, hessians[name]) for name, module in inner.items()]
         if fp_calls is not None:
-            finetune_block(block, calls, [hidden(c) for c in fp_calls], plan.ft_steps,
-                           plan.config.calibration_finetune_lr)
-        calls = [with_hidden(call, run_block(block, call)) for call in calls]
+            with phase("block fine-tune"):
+                finetune_block(block, calls, [hidden(c) for c in fp_calls], plan.ft_steps,
+                               plan.config.calibration_finetune_lr)
+        with phase("propagate"):
+            calls = [with_hidden(call, run_block(block, call)) for call in calls]
     return errors
 
 
