@@ -42,7 +42,8 @@ logger = logging.getLogger(__name__)
 
 #: Public names that need transformers, imported on first use.
 _LAZY = {"RBEConfig": "hf_rbe.hf.config", "PRESETS": "hf_rbe.hf.config", "RBEHfQuantizer": "hf_rbe.hf.quantizer",
-         "quantize_model": "hf_rbe.hf.quantize", "replace_with_rbe_linear": "hf_rbe.hf.replace"}
+         "quantize_model": "hf_rbe.hf.quantize", "replace_with_rbe_linear": "hf_rbe.hf.replace",
+         "quantize_checkpoint": "hf_rbe.hf.checkpoint"}
 #: What registers with transformers (each package registers itself when imported).
 _REGISTRANTS = ("hf_rbe.hf", "hf_rbe.hyperbolic")
 

@@ -74,23 +74,20 @@ def _is_encoder(path: str) -> bool:
 
 def cmd_quantize(args: argparse.Namespace) -> None:
     import torch
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-    from .core.packed import packed_size
-    from .hf.card import write_card
+    from .hf.checkpoint import quantize_checkpoint
+    from .hf.integrity import Checkpoint
 
     if Path(args.out).is_file():  # say so now, not after the whole quantization
         raise SystemExit(f"{args.out} is a file; the output must be a directory")
     config = _config(args)
     path = _resolve(args.model)
-    auto = AutoModel if _is_encoder(path) else AutoModelForCausalLM
-    model = auto.from_pretrained(path, quantization_config=config, dtype=getattr(torch, args.dtype))
-    model.save_pretrained(args.out)
-    AutoTokenizer.from_pretrained(path).save_pretrained(args.out)
-    write_card(model, args.out, base_model=args.model)
-    size = packed_size(model)
-    print(f"saved to {args.out}: {size['rbe_layers']} RBE layers at {size['bits_per_weight']:.3f} bits/weight "
-          f"({size['rbe_bytes'] / 2**20:.2f} MiB), whole state dict {size['state_dict_bytes'] / 2**20:.1f} MiB")
+    out = quantize_checkpoint(path, args.out, config, dtype=getattr(torch, args.dtype),
+                              max_shard_size=args.max_shard_size, keep_work_dir=args.keep_work_dir)
+    files = sorted(out.glob("*.safetensors"))
+    layers = len(Checkpoint.read(files).layers or {})
+    disk = sum(f.stat().st_size for f in files)
+    print(f"saved to {out}: {layers} RBE layers, {disk / 2**20:.1f} MiB in {len(files)} safetensors file(s)")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -186,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--preset", choices=sorted(PRESETS), help="named setting (default: RBEConfig() defaults)")
     q.add_argument("--config", help="JSON object of RBEConfig arguments (applied over --preset)")
     q.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    q.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard of the output")
+    q.add_argument("--keep-work-dir", action="store_true",
+                   help="keep OUT/.rbe-calibration (every calibrated block) after a calibrated run finishes")
     q.set_defaults(func=cmd_quantize)
 
     e = sub.add_parser("eval", help="perplexity (causal LMs) or embedding cosine (encoders)")

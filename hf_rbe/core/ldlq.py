@@ -51,12 +51,15 @@ def rotate_hessian(h: torch.Tensor, rotation_seed: int | None, block: int) -> to
     if rotation_seed is None:
         return h
     signs = random_signs(rotation_seed, h.shape[0], device=h.device).to(h.dtype)
-    return rotate(rotate(h, signs, block).T.contiguous(), signs, block)
+    h = rotate(h, signs, block)  # one K x K temporary at a time: at K = 28672 each is 6.6 GB in float64
+    h = h.T.contiguous()
+    return rotate(h, signs, block)
 
 
-def damped(h: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
-    """``H + damp * mean(diag H) I``; dead inputs (zero diagonal) get a unit diagonal instead."""
-    h = h.double().clone()
+def damped(h: torch.Tensor, damp: float = DAMP, in_place: bool = False) -> torch.Tensor:
+    """float64 ``H + damp * mean(diag H) I``; dead inputs (zero diagonal) get a unit diagonal instead.
+    ``in_place``: change a float64 ``h`` itself instead of a copy (a wide layer's K x K is gigabytes)."""
+    h = h.double() if in_place else h.double().clone()
     diag = h.diagonal()
     dead = diag <= 0
     diag[dead] = 1.0
@@ -64,14 +67,19 @@ def damped(h: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
     return h
 
 
-def _upper_inverse_cholesky(h: torch.Tensor) -> torch.Tensor:
-    """Upper Cholesky factor ``U`` of ``H^-1`` (``H^-1 = U^T U``), computed in float64."""
-    inv = torch.cholesky_inverse(torch.linalg.cholesky(h.double()))
-    return torch.linalg.cholesky(inv, upper=True)
+def upper_inverse_cholesky(h: torch.Tensor) -> torch.Tensor:
+    """fp32 upper Cholesky factor ``U`` of ``H^-1`` (``H^-1 = U^T U``), computed in float64 in one
+    working copy of ``h`` (LAPACK works in place: the K x K factors are the largest buffers of a
+    wide layer's encode)."""
+    f = h.double().clone()
+    torch.linalg.cholesky(f, out=f)
+    torch.cholesky_inverse(f, out=f)
+    torch.linalg.cholesky(f, upper=True, out=f)
+    return f.triu_().float()
 
 
 def _expand(scale: torch.Tensor, k: int) -> torch.Tensor:
-    """Per-group scales [N, G] -> per-column [N, K]."""
+    """[N, groups] -> [N, K]: each group's scale over its columns."""
     return scale.repeat_interleave(k // scale.shape[1], dim=1)
 
 
@@ -81,12 +89,18 @@ def ldlq(w: torch.Tensor, h: torch.Tensor, q: StageQuantizer,
 
     Returns (int64 codes [N, K / dim], fp32 unit-scale codewords [N, K]) under the fixed
     ``scale`` [N, groups] (default: the stage's calibration-free fit, rounded to fp16)."""
+    return ldlq_factored(w, upper_inverse_cholesky(h), q, scale)
+
+
+def ldlq_factored(w: torch.Tensor, u_factor: torch.Tensor, q: StageQuantizer,
+                  scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`ldlq` with the Hessian already factored (``u_factor = upper_inverse_cholesky(h)``):
+    the stages of one layer share the factor."""
     n, k = w.shape
     dim = q.dim
     if scale is None:
         scale = q.initial_scale(w).half()
     s_cols = _expand(scale.float().clamp_min(_TINY), k)
-    u_factor = _upper_inverse_cholesky(h).float()
     work = w.float().clone()
     codes = torch.empty(n, k // dim, dtype=torch.int64, device=w.device)
     values = torch.empty(n, k, dtype=torch.float32, device=w.device)
@@ -130,8 +144,9 @@ def encode_stages(w_rot: torch.Tensor, h_rot: torch.Tensor, stages: list[StageQu
     """Stored codes and fp16 scales of every stage (each on the residual of those before it),
     chosen and scaled against ``h_rot`` (already rotated and damped)."""
     out, r = {}, w_rot.float()
+    u_factor = upper_inverse_cholesky(h_rot)  # the same for every stage
     for q in stages:
-        codes, values = ldlq(r, h_rot, q)
+        codes, values = ldlq_factored(r, u_factor, q)
         n_groups = 1 if q.group_size is None else r.shape[1] // q.group_size
         scale = refit_scale(r, values, h_rot, n_groups)
         check_fp16_scales(scale)

@@ -142,8 +142,8 @@ class RBELinear(PackedLinear):
             out = self.codec.encode(w_rot, self.spec, tables)
         else:
             block = self.spec.hadamard_block(self.in_features)
-            h = damped(rotate_hessian(hessian.to(w_rot.device).double(), seed if self.spec.rotation else None, block),
-                       damp)
+            h = rotate_hessian(hessian.to(w_rot.device).double(), seed if self.spec.rotation else None, block)
+            h = damped(h, damp, in_place=h is not hessian)  # in place when h is our own copy
             out = encode_stages(w_rot, h, self.codec.stage_quantizers(self.spec, tables))
         if self.spec.rotation:
             out["rotation_seed"] = torch.tensor([seed], dtype=torch.int64, device=weight.device)

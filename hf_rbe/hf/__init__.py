@@ -9,6 +9,7 @@ quantization method (``hf_rbe/__init__`` does so as soon as transformers is impo
     finish      the one place a conversion ends
     calibration output-aware encoding from calibration text, block by block (a package)
     quantize    quantize_model: a model in memory, calibrated or not
+    checkpoint  quantize_checkpoint: a checkpoint on disk into another, in bounded memory, resumable
     convert     the quantize-on-load conversion op
     quantizer   RBEHfQuantizer: the loading lifecycle, nothing else
     integrity   the checkpoint record and the checks on load

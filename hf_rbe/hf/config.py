@@ -69,7 +69,10 @@ class RBEConfig(QuantizationConfigMixin):
     an output head, 0 for an encoder). ``calibration_fisher``: Fisher-weighted Hessians (``None``: on
     for encoders). ``target_bits``: allocate that many bits per weight over the layers (format 2),
     from ``planes`` up. ``keep_calibration_statistics``: keep each layer's Hessian for re-encoding
-    (LoRA merge, QAT). The measured defaults and why: ``docs/usage.md``.
+    (LoRA merge, QAT). ``calibration_device``: where blocks are calibrated (``None``: a GPU when there
+    is one), one at a time, while the model stays where it is. ``calibration_work_dir``: save every
+    finished block there; a stopped run started again with the same settings resumes from its last
+    finished block. The measured defaults and why: ``docs/usage.md``.
     """
 
     def __init__(  # the flat argument list is the API; grouped here by concern (class docstring)
@@ -93,6 +96,7 @@ class RBEConfig(QuantizationConfigMixin):
         calibration_finetune_lr: float = 1e-3, calibration_e2e_steps: int | None = None,
         calibration_e2e_lr: float = 3e-4, calibration_fisher: bool | None = None, target_bits: float | None = None,
         keep_calibration_statistics: bool = False, calibrated_with: dict[str, Any] | None = None,
+        calibration_device: str | None = None, calibration_work_dir: str | None = None,
         # embeddings and head
         embedding_dtype: str | None = None, quantize_embeddings: bool = False,
         **kwargs: Any,
@@ -129,6 +133,7 @@ class RBEConfig(QuantizationConfigMixin):
             calibration_finetune_lr
         self.calibration_e2e_steps, self.calibration_e2e_lr = calibration_e2e_steps, calibration_e2e_lr
         self.calibration_fisher, self.target_bits = calibration_fisher, target_bits
+        self.calibration_device, self.calibration_work_dir = calibration_device, calibration_work_dir
         self.calibrated_with = calibrated_with
         self.post_init()
 

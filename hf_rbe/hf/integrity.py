@@ -77,14 +77,16 @@ def record(model: nn.Module) -> dict[str, str]:
 @dataclass
 class Checkpoint:
     """What the files of a checkpoint say before any tensor is read: dtype and shape of every
-    tensor (from the headers) and the hf-rbe record, if one was written."""
+    tensor (from the headers), the file that holds it, and the hf-rbe record, if one was written."""
 
     headers: dict[str, tuple[str, tuple[int, ...]]]
     layers: dict[str, dict] | None
+    files: dict[str, str]  # tensor name -> the safetensors file holding it
 
     @classmethod
     def read(cls, files: Iterable[str | Path]) -> Checkpoint:
         headers: dict[str, tuple[str, tuple[int, ...]]] = {}
+        where: dict[str, str] = {}
         layers: dict[str, dict] | None = None
         for f in files:
             if not str(f).endswith(".safetensors"):
@@ -94,6 +96,7 @@ class Checkpoint:
                 for key in st.keys():
                     sl = st.get_slice(key)
                     headers[key] = (sl.get_dtype(), tuple(sl.get_shape()))
+                    where[key] = str(f)
                 meta = (st.metadata() or {}).get(METADATA_KEY)
             if meta is not None:
                 try:
@@ -105,7 +108,7 @@ class Checkpoint:
                     raise CheckpointError(f"{f}: unreadable hf-rbe record in the safetensors metadata ({err}); "
                                           "tampered checkpoint?") from err
                 layers = {**(layers or {}), **part}
-        return cls(headers, layers)
+        return cls(headers, layers, where)
 
 
 def _resolve(name: str, modules: dict[str, set[str]], prefix: str) -> str:

@@ -10,6 +10,7 @@ integration does.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -22,11 +23,21 @@ from ..core.packed import PackedLinear, packed_layers
 from ..core.rbe_embedding import RBEEmbedding
 from ..core.rbe_linear import RBELinear, swap_layers
 from .calibration import quantize_calibrated
+from .calibration.capture import find_blocks
+from .calibration.weights import BlockWeights, checkpoint_name, storage_device, unload
 from .config import RBEConfig
 from .convert import RBEQuantize
 from .finish import finish_conversion
 from .integrity import Checkpoint, record, verify
-from .replace import build_layers, check_replaced, encode_into, modules_to_skip, share_head_codes, tied_embedding
+from .replace import (
+    build_layers,
+    check_replaced,
+    eligible,
+    encode_into,
+    modules_to_skip,
+    share_head_codes,
+    tied_embedding,
+)
 
 
 class RBEHfQuantizer(HfQuantizer):
@@ -37,6 +48,7 @@ class RBEHfQuantizer(HfQuantizer):
     checkpoint: Checkpoint | None = None
     tied: tuple[str, str] | None = None  # (head, input embedding) that share the head's codes
     deferred: RBELinear | None = None  # the tied head's layer, encoded once its float weight is in
+    unloaded: dict[str, str] | None = None  # calibrating: block weights left unloaded -> their checkpoint names
 
     def __init__(self, quantization_config: RBEConfig, **kwargs: Any) -> None:
         # transformers hands over the caller's config object: quantizing must not change it
@@ -65,7 +77,8 @@ class RBEHfQuantizer(HfQuantizer):
             config.check_quantizable()
         self.modules_to_not_convert = modules_to_skip(model, config, keep_in_fp32_modules or [])
         self.tied = tied_embedding(model, config)
-        if self.calibrating:  # calibration needs the float model first
+        if self.calibrating:  # calibration reads the blocks' float weights itself, one block at a time
+            self.unloaded = self._unloaded(model) if self.checkpoint is not None else {}
             return
         layers = build_layers(model, config, self.modules_to_not_convert)
         if self.tied and not self.pre_quantized and self.tied[0] in layers:
@@ -79,7 +92,8 @@ class RBEHfQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         if self.calibrating:
-            result = quantize_calibrated(model, self.quantization_config, self.modules_to_not_convert)
+            weights = BlockWeights(storage_device(model), self.checkpoint, self.unloaded)
+            result = quantize_calibrated(model, self.quantization_config, self.modules_to_not_convert, weights=weights)
             self.quantization_config = self.quantization_config.with_calibration(result.overrides, result.record)
             model.config.quantization_config = self.quantization_config
         elif self.deferred is not None:
@@ -88,6 +102,28 @@ class RBEHfQuantizer(HfQuantizer):
             verify(model, self.checkpoint)
         finish_conversion(model, self.quantization_config, self.tied)
         return model
+
+    def _unloaded(self, model: nn.Module) -> dict[str, str]:
+        """Leave the Linear layers calibration converts inside the model's blocks in the checkpoint:
+        they become ``Unloaded`` placeholders, transformers does not read their tensors, and
+        calibration reads each block's when it calibrates the block (``calibration.weights``), so the
+        full-precision model is never in memory at once. Returns their tensors' checkpoint names."""
+        prefix, _ = find_blocks(model)
+        base = getattr(model, "base_model_prefix", "") or ""
+        names, layers = {}, []
+        for name, module in eligible(model, self.modules_to_not_convert):
+            if type(module) is not nn.Linear or not name.startswith(prefix + "."):
+                continue
+            tensors = [f"{name}.weight"] + ([f"{name}.bias"] if module.bias is not None else [])
+            keys = [checkpoint_name(self.checkpoint, t, base) for t in tensors]  # type: ignore[arg-type]
+            if all(k is not None for k in keys):
+                names.update(zip(tensors, keys))
+                layers.append(name)
+        unload(model, layers)
+        if names:  # their checkpoint tensors are expected not to load: no "unexpected keys" report
+            ignore = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
+            model._keys_to_ignore_on_load_unexpected = ignore | {"^(" + "|".join(map(re.escape, names.values())) + ")$"}
+        return names
 
     def _encode_tied_head(self, model: nn.Module) -> None:
         name, layer = self.tied[0], self.deferred  # type: ignore[index]

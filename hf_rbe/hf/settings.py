@@ -7,9 +7,12 @@ Plain data and functions; ``config`` assembles them.
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Mapping
 from typing import Any
+
+import torch
 
 from ..core import format as format_v1
 from ..core import format_v2, seed64_format
@@ -29,7 +32,8 @@ CALIBRATION: dict[str, Any] = {
     "dataset": None, "tokenizer": None, "calibration_samples": 64, "calibration_seqlen": 512,
     "calibration_batch_size": 2, "calibration_seed": 0, "damp_percent": None, "calibration_finetune_steps": None,
     "calibration_finetune_lr": 1e-3, "calibration_e2e_steps": None, "calibration_e2e_lr": 3e-4,
-    "calibration_fisher": None, "target_bits": None, "keep_calibration_statistics": False}
+    "calibration_fisher": None, "target_bits": None, "keep_calibration_statistics": False,
+    "calibration_device": None, "calibration_work_dir": None}
 
 #: Every field that belongs to one codec or format (the rest are ``COMMON`` and ``CALIBRATION``).
 SPECIFIC: tuple[str, ...] = (*format_v1.SETTINGS, *format_v2.SETTINGS, *seed64_format.SETTINGS, *SHARED)
@@ -133,3 +137,13 @@ def check_calibration(values: Mapping[str, Any]) -> None:
         raise ConfigError(f"keep_calibration_statistics must be a bool, got {values['keep_calibration_statistics']!r}")
     if values["target_bits"] is not None:
         _positive_number("target_bits", values["target_bits"])
+    device = values["calibration_device"]
+    if device is not None:
+        try:
+            torch.device(device)
+        except (RuntimeError, TypeError) as err:
+            raise ConfigError(f"calibration_device must name a torch device ('cpu', 'cuda', 'cuda:1'), got "
+                              f"{device!r}") from err
+    work = values["calibration_work_dir"]
+    if work is not None and not isinstance(work, (str, os.PathLike)):
+        raise ConfigError(f"calibration_work_dir must be a directory path, got {work!r}")

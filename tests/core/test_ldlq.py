@@ -71,3 +71,17 @@ def test_the_hessian_rotates_with_the_weight():
     e = 0.1 * torch.randn(8, 32, generator=g, dtype=torch.float64)  # the same output error in both bases
     assert torch.allclose(((e @ (x.T @ x)) * e).sum(), ((rotate(e, signs, 16) @ h_rot) * rotate(e, signs, 16)).sum())
     assert torch.allclose(x @ w.T, xr @ wr.T)
+
+
+def test_the_inverse_cholesky_factor_is_upper_and_inverts_h():
+    from hf_rbe.core.ldlq import damped, upper_inverse_cholesky
+
+    torch.manual_seed(0)
+    x = torch.randn(40, 24, dtype=torch.float64)
+    h = damped(x.T @ x)  # rank 24 of 24 plus damping
+    u = upper_inverse_cholesky(h)
+    assert u.dtype == torch.float32 and torch.equal(u, u.triu())
+    assert torch.allclose(u.double().T @ u.double(), torch.linalg.inv(h), rtol=1e-4, atol=1e-6)
+    before = h.clone()
+    upper_inverse_cholesky(h)
+    assert torch.equal(h, before)  # works on its own copy

@@ -7,6 +7,9 @@
     finetune    fine-tuning scales, biases and norms with the codes fixed (per block, end to end)
     pipeline    ``quantize_calibrated``: the steps above in order, block by block
     phases      named phases of a run, for accounting its time and memory
+    weights     where a block's float weights come from (the model, or the checkpoint) and go
+    heap        handing freed heap memory back to the operating system at block boundaries
+    work        a run's progress on disk, so a stopped run resumes from its last finished block
 
 The LDLQ maths itself is plain torch: ``hf_rbe.core.ldlq``.
 """

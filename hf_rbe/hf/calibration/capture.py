@@ -10,6 +10,8 @@ reads (or the last block's output, for an encoder).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -171,3 +173,60 @@ class Hessians:
             if self.h[name] is h:
                 distinct.append(h)
         return self.h
+
+
+def calls_to(calls: list[Call], device: torch.device) -> list[Call]:
+    """The calls with every tensor argument on ``device``."""
+    def move(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            return v.to(device)
+        if isinstance(v, tuple):
+            return tuple(move(x) for x in v)
+        return v
+
+    return [(tuple(move(a) for a in args), {k: move(v) for k, v in kwargs.items()}) for args, kwargs in calls]
+
+
+class _Replay(nn.Module):
+    """Stands in for a block: passes its hidden states through, or (``value`` set) returns those."""
+
+    def __init__(self, block: nn.Module, returns_tuple: bool) -> None:
+        super().__init__()
+        self.block, self.returns_tuple = block, returns_tuple
+        self.value: torch.Tensor | None = None
+
+    def __getattr__(self, name: str) -> Any:  # attributes the model's loop reads (``attention_type``)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["block"], name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        h = self.value if self.value is not None else (args[0] if args else kwargs["hidden_states"])
+        return (h,) if self.returns_tuple else h
+
+
+@contextlib.contextmanager
+def replayed(blocks: nn.ModuleList, returns_tuple: bool) -> Iterator[list[_Replay]]:
+    """The blocks replaced by pass-throughs inside the block (set ``[-1].value`` to what the last
+    one should output): the model then computes only what comes after them (a final norm)."""
+    originals = list(blocks)
+    replays = [_Replay(b, returns_tuple) for b in originals]
+    try:
+        for i, r in enumerate(replays):
+            blocks[i] = r
+        yield replays
+    finally:
+        for i, b in enumerate(originals):
+            blocks[i] = b
+
+
+def head_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[torch.Tensor], hiddens: list[torch.Tensor],
+                returns_tuple: bool) -> list[torch.Tensor]:
+    """:func:`features` of each batch when the last block outputs ``hiddens[j]`` (:func:`replayed`)."""
+    out = []
+    with replayed(blocks, returns_tuple) as replays:
+        for ids, h in zip(batches, hiddens):
+            replays[-1].value = h.to(ids.device)
+            out.append(features(model, ids).detach())
+    return out

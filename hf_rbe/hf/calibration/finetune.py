@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from ...core.packed import PackedLinear
@@ -23,7 +25,8 @@ from ...core.rbe_embedding import RBEEmbedding
 from ...core.rbe_linear import RBELinear
 from ...core.scale_tuning import tuned_scales
 from ..config import RBEConfig
-from .capture import Call, features, logits, output_head, run_block
+from .capture import Call, features, find_blocks, logits, output_head, run_block
+from .heap import TrimBoundary, trim
 
 #: Fine-tuning steps (per block, end to end) when the config leaves them at ``None``: for a model
 #: with an output head (docs/usage.md: measured on SmolLM2 and MiniLM); none for an encoder.
@@ -63,11 +66,12 @@ def _only(module: nn.Module, params: list[nn.Parameter]) -> Iterator[None]:
 
 
 @torch.enable_grad()
-def train_continuous(module: nn.Module, loss: Callable[[int], torch.Tensor], steps: int, lr: float,
+def train_continuous(module: nn.Module, step_loss: Callable[[int], float], steps: int, lr: float,
                      progress: str | None = None) -> float:
-    """Adam on ``module``'s continuous parameters (module docstring) for ``steps`` steps of
-    ``loss(step)``; the trained scales go into the stored ones at the end. ``progress``: a
-    progress bar's title (``None``: no bar). Returns the last loss."""
+    """Adam on ``module``'s continuous parameters (module docstring) for ``steps`` steps;
+    ``step_loss(step)`` computes the loss and its gradients (``backward``) and returns its value. The
+    trained scales go into the stored ones at the end. ``progress``: a progress bar's title
+    (``None``: no bar). Returns the last loss."""
     frozen = shared_heads(module)
     layers = [m for m in module.modules() if isinstance(m, RBELinear) and id(m) not in frozen]
     params = [m.bias for m in layers if m.bias is not None]
@@ -79,8 +83,7 @@ def train_continuous(module: nn.Module, loss: Callable[[int], torch.Tensor], ste
         masters = [p.detach().float().requires_grad_(True) for p in params]
         opt = torch.optim.Adam([*scales, *masters], lr=lr)
         for step in tqdm(range(steps), desc=progress, unit="step", disable=progress is None):
-            value = loss(step)
-            value.backward()
+            err = step_loss(step)
             for p, m in zip(params, masters):
                 m.grad = None if p.grad is None else p.grad.float()
                 p.grad = None
@@ -89,19 +92,73 @@ def train_continuous(module: nn.Module, loss: Callable[[int], torch.Tensor], ste
             with torch.no_grad():
                 for p, m in zip(params, masters):
                     p.copy_(m)
-            err = float(value.detach())
+            trim()  # the step's activations and decoded weights
     return err
 
 
 def finetune_block(block: nn.Module, calls: list[Call], targets: list[torch.Tensor], steps: int, lr: float) -> float:
     """Train the block so that, on its quantized-path inputs ``calls``, it reproduces the
     full-precision activations ``targets`` at its output. Returns the final relative error."""
-    def loss(step: int) -> torch.Tensor:
+    def step_loss(step: int) -> float:
         j = step % len(calls)
         out, tgt = run_block(block, calls[j]).float(), targets[j].float()
-        return (out - tgt).pow(2).mean() / tgt.pow(2).mean().clamp_min(1e-30)
+        loss = (out - tgt).pow(2).mean() / tgt.pow(2).mean().clamp_min(1e-30)
+        loss.backward()
+        return float(loss.detach())
 
-    return train_continuous(block, loss, steps, lr)
+    return train_continuous(block, step_loss, steps, lr)
+
+
+#: Tokens per chunk of the end-to-end loss: logits over a 49k-262k vocabulary are built for this many
+#: tokens at a time, never for the whole window.
+LOSS_CHUNK = 32
+
+
+class _Checkpointed(nn.Module):
+    """A block whose activations are recomputed in the backward pass instead of kept (the end-to-end
+    fine-tune holds each block's input, not its internals), with the heap trimmed at its boundaries
+    (``heap``)."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+
+    def __getattr__(self, name: str) -> Any:  # attributes the model's loop reads (``attention_type``)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["block"], name)
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        hidden_states = TrimBoundary.apply(hidden_states)
+        return checkpoint(self.block, hidden_states, *args, use_reentrant=False, **kwargs)
+
+
+@contextlib.contextmanager
+def _checkpointed(blocks: nn.ModuleList) -> Iterator[None]:
+    originals = list(blocks)
+    try:
+        for i, b in enumerate(originals):
+            blocks[i] = _Checkpointed(b)
+        yield
+    finally:
+        for i, b in enumerate(originals):
+            blocks[i] = b
+
+
+def _fp32(head: nn.Module, cache: dict[int, nn.Module]) -> nn.Module:
+    """A frozen head that multiplies in fp32: a coded one as it is, a float one in fp32 (itself when it
+    is already; else a copy made once and kept in ``cache``), so that no chunk casts the weight again."""
+    if isinstance(head, PackedLinear) or head.weight.dtype == torch.float32:
+        return head
+    if id(head) not in cache:
+        b = None if getattr(head, "bias", None) is None else head.bias.detach().float()
+        copy = nn.Linear(head.weight.shape[1], head.weight.shape[0], bias=b is not None, device="meta")
+        copy.weight = nn.Parameter(head.weight.detach().float(), requires_grad=False)
+        if b is not None:
+            copy.bias = nn.Parameter(b, requires_grad=False)
+        cache[id(head)] = copy
+    return cache[id(head)]
 
 
 def finetune_model(model: nn.Module, batches: list[torch.Tensor], teacher: list[torch.Tensor], steps: int,
@@ -110,22 +167,36 @@ def finetune_model(model: nn.Module, batches: list[torch.Tensor], teacher: list[
     ``capture.features`` (``teacher``, one per batch): for a language model the KL divergence of
     the next-token distributions (the student's through the model's head, the teacher's through
     ``teacher_head``, the full-precision head when the model's is coded; default: the model's),
-    otherwise the relative squared error. Returns the final loss."""
+    otherwise the relative squared error. Activations are recomputed block by block in the
+    backward pass and the KL is taken ``LOSS_CHUNK`` tokens at a time, so memory holds one block's
+    internals and one chunk's logits. Returns the final loss."""
     teacher_head = teacher_head if teacher_head is not None else output_head(model)
     frozen = shared_heads(model)
-    decoded: dict[int, nn.Linear] = {}  # a frozen coded head, decoded once instead of on every pass
+    decoded: dict[int, nn.Module] = {}  # frozen heads decoded or cast to fp32 once, not on every chunk
 
-    def loss(step: int) -> torch.Tensor:
+    def step_loss(step: int) -> float:
         j = step % len(batches)
-        out, tgt = features(model, batches[j]), teacher[j].float()
+        out, tgt = features(model, batches[j]), teacher[j].to(batches[j].device).float()
         head = output_head(model)
         if head is None:
-            return (out.float() - tgt).pow(2).mean() / tgt.pow(2).mean().clamp_min(1e-30)
+            loss = (out.float() - tgt).pow(2).mean() / tgt.pow(2).mean().clamp_min(1e-30)
+            loss.backward()
+            return float(loss.detach())
         if isinstance(head, PackedLinear) and id(head) in frozen:
             head = decoded.setdefault(id(head), head.to_linear().requires_grad_(False))
-        student = torch.log_softmax(logits(head, out), -1)
-        with torch.no_grad():
-            target = torch.log_softmax(logits(teacher_head, tgt), -1)
-        return F.kl_div(student, target, log_target=True, reduction="batchmean")
+        student_head, t_head = (_fp32(head, decoded), _fp32(teacher_head, decoded))
+        h = out.detach().flatten(0, -2).requires_grad_()
+        t = tgt.flatten(0, -2)
+        total = 0.0
+        for lo in range(0, h.shape[0], LOSS_CHUNK):
+            student = torch.log_softmax(logits(student_head, h[lo : lo + LOSS_CHUNK]), -1)
+            with torch.no_grad():
+                target = torch.log_softmax(logits(t_head, t[lo : lo + LOSS_CHUNK]), -1)
+            part = F.kl_div(student, target, log_target=True, reduction="sum") / h.shape[0]  # batchmean over all
+            part.backward()
+            total += float(part.detach())
+        out.backward(h.grad.reshape(out.shape))
+        return total
 
-    return train_continuous(model, loss, steps, lr, progress="RBE fine-tuning end to end")
+    with _checkpointed(find_blocks(model)[1]):
+        return train_continuous(model, step_loss, steps, lr, progress="RBE fine-tuning end to end")
