@@ -183,8 +183,10 @@ def finetune_model(model: nn.Module, batches: list[torch.Tensor], teacher: list[
             loss.backward()
             return float(loss.detach())
         if isinstance(head, PackedLinear) and id(head) in frozen:
-            head = decoded.setdefault(id(head), head.to_linear().requires_grad_(False))
-        student_head, t_head = (_fp32(head, decoded), _fp32(teacher_head, decoded))
+            if id(head) not in decoded:  # decoded on the first step only
+                decoded[id(head)] = head.to_linear().requires_grad_(False)
+            head = decoded[id(head)]
+        student_head, t_head = _fp32(head, decoded), _fp32(teacher_head, decoded)
         h = out.detach().flatten(0, -2).requires_grad_()
         t = tgt.flatten(0, -2)
         total = 0.0
