@@ -103,7 +103,7 @@ def smollm2(settings: list[str], calibrate: bool, n_tokens: int, context: int, s
         speed = decode_speed(model)
         label = f"{name} calibrated" if calibrate else name
         rows.append({"model": "SmolLM2-135M", "setting": label, **size, "load_and_quantize_seconds": secs,
-                     "quantize_peak_rss_mib": mem.peak_mib, "memory_phases": mem.as_dict()["phases"],
+                     "quantize_peak_rss_mib": mem.peak_mib, "rss_before_quantizing_mib": mem.base_mib, "memory_phases": mem.as_dict()["phases"],
                      "bytes_on_disk": disk, "reload": verdict, **ppl.as_dict(), "generation": text,
                      "decode_tokens_per_s": speed.tokens_per_second})
         print(f"{label}: {size['bits_per_weight']:.3f} bits/weight over {size['rbe_layers']} layers, "

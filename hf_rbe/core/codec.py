@@ -16,7 +16,7 @@ from .rotation import rotate_weight
 from .spec import check_finite, check_fp16_scales
 from .tables import LayerTables, StageTables, best_projection, directions
 
-_CHUNK_ELEMENTS = 1 << 24  # projections held at once (vectors x directions)
+_CHUNK_ELEMENTS = 1 << 20  # projections held at once (vectors x directions): a few MiB per temporary
 _SCALE_STEPS = 4  # Lloyd steps on each group scale
 _FP8_MAX = 448.0  # largest finite float8_e4m3fn
 _CLIP_RATIOS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)  # int residual: fractions of the group max tried as its range

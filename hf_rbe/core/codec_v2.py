@@ -22,7 +22,7 @@ from .format_v2 import (
 )
 from .spec import check_finite, check_fp16_scales
 
-_CHUNK = 4096  # vectors searched at once
+_CHUNK = 1024  # vectors searched at once: a few MiB per temporary (the full e8p search is 1024 x 512 x 8)
 _CANDIDATES = 8  # parity-mismatched entries whose exact distance is computed first (e8p)
 _SCALE_STEPS = 3  # Lloyd steps on each group scale
 _TINY = 1e-30

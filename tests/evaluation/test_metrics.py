@@ -29,7 +29,7 @@ def test_sliding_window_perplexity_of_a_uniform_model():
             super().__init__()
             self.p = torch.nn.Parameter(torch.zeros(1))
 
-        def forward(self, input_ids, attention_mask=None):
+        def forward(self, input_ids, attention_mask=None, use_cache=True):
             return type("Out", (), {"logits": torch.zeros(*input_ids.shape, 50)})()
 
     res = perplexity(Uniform(), torch.arange(100) % 50, context=16, stride=8, progress=False)

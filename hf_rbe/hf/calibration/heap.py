@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 #: Freed bytes the heap may keep before a trim hands them back.
-SLACK = 64 * 2**20
+SLACK = 16 * 2**20
 
 
 class _MallInfo2(ctypes.Structure):

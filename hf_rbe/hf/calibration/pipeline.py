@@ -274,7 +274,10 @@ def _hessians(model: nn.Module, plan: _Plan, i: int, calls: list[Call]) -> dict[
 
 def _swap_block(model: nn.Module, plan: _Plan, i: int, hessians: dict[str, torch.Tensor] | None = None,
                 encode: bool = True) -> None:
-    errors = [_swap(model, plan, name, None if hessians is None else hessians[name], encode) for name in plan.inner(i)]
+    errors = []
+    for name in plan.inner(i):
+        errors.append(_swap(model, plan, name, None if hessians is None else hessians[name], encode))
+        trim()  # this layer's encode transients, before the next layer's pile on top of them
     if hessians is not None and errors:
         logger.info("block %d: mean relative output error on the calibration inputs %.4f", i,
                     sum(errors) / len(errors))

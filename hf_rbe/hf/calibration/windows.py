@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ...core.errors import ConfigError
-from ...data import CORPORA, TRAIN_START, text_dataset
+from ...data import CORPORA, TRAIN_START, joined_ids, special_frame, text_dataset
 from ..config import RBEConfig
 
 
@@ -25,30 +25,6 @@ def _texts(dataset: Any) -> list[str]:
     if isinstance(dataset, str):
         return list(text_dataset(dataset, hub_split="train")["text"])
     return list(dataset["text"])
-
-
-def _frame(tokenizer: Any) -> tuple[list[int], list[int]]:
-    """The special tokens ``tokenizer`` puts before and after one input (BERT: ``[CLS]`` and
-    ``[SEP]``; most language models: nothing, or a BOS)."""
-    def ids(special: bool) -> list[int]:
-        out = tokenizer("a", add_special_tokens=special).input_ids
-        return [int(i) for i in torch.as_tensor(out).flatten()]
-
-    bare, full = ids(False), ids(True)
-    for i in range(len(full) - len(bare) + 1):
-        if full[i : i + len(bare)] == bare:
-            return full[:i], full[i + len(bare) :]
-    return [], []
-
-
-def _tokenize(tokenizer: Any, texts: list[str]) -> torch.Tensor:
-    """int64 ids of the texts joined by blank lines, tokenized one text at a time (each after the
-    first with its blank line in front): a tokenizer's working memory grows with the string it is
-    given, many times its size, and splitting where the join put a blank line gives the tokens the
-    joined text would (tested on the offline corpora's tokenizers)."""
-    parts = [torch.as_tensor(tokenizer(("\n\n" if i else "") + t, add_special_tokens=False,
-                                       return_tensors="pt").input_ids).reshape(-1) for i, t in enumerate(texts)]
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
 
 
 def calibration_ids(config: RBEConfig, tokenizer: Any, vocab_size: int | None) -> torch.Tensor:
@@ -61,12 +37,12 @@ def calibration_ids(config: RBEConfig, tokenizer: Any, vocab_size: int | None) -
     texts = _texts(dataset)
     if not any(t.strip() for t in texts):
         raise ConfigError("the calibration dataset holds no text")
-    head, tail = _frame(tokenizer)
+    head, tail = special_frame(tokenizer)
     body = seqlen - len(head) - len(tail)
     if body < 1:
         raise ConfigError(f"calibration_seqlen={seqlen} leaves no room for text between the tokenizer's "
                           f"{len(head) + len(tail)} special tokens")
-    ids = _tokenize(tokenizer, texts)
+    ids = joined_ids(tokenizer, texts)
     if named:  # the held-out start of an offline corpus is what the perplexity recipes score
         ids = ids[TRAIN_START:]
     if ids.numel() < body:

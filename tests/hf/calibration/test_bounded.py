@@ -1,6 +1,5 @@
 """Calibration in bounded memory: no phase holds more than one block's float weights, the streaming
-path writes what the in-memory path writes bit for bit, a stopped run resumes to the same result,
-and a checkpoint three times the memory allowed is quantized."""
+path writes what the in-memory path writes bit for bit, and a stopped run resumes to the same result."""
 
 import json
 from pathlib import Path
@@ -189,3 +188,5 @@ def test_unloaded_layers_say_so_if_called():
     assert layer.weight.shape == (4, 8) and layer.bias.shape == (4,) and not list(layer.parameters())
     with pytest.raises(RuntimeError, match="not loaded yet"):
         layer(torch.randn(1, 8))
+
+
