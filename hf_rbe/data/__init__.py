@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from .austen import austen_novels
 from .cache import DataNotFound, cache_dir
 from .models import minilm_path, smollm2_path
@@ -54,8 +56,6 @@ def text_dataset(corpus: str, hub_config: str | None = None, hub_split: str = "t
 def token_stream(tokenizer: Any, corpus: str) -> Any:
     """A corpus's texts joined by blank lines, as one token stream (int64 [T]) framed by the
     tokenizer's special tokens (``tokens``)."""
-    import torch
-
     head, tail = special_frame(tokenizer)
     body = joined_ids(tokenizer, list(text_dataset(corpus)["text"]))
     return torch.cat([torch.tensor(head, dtype=body.dtype), body, torch.tensor(tail, dtype=body.dtype)])
