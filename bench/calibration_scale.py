@@ -27,7 +27,8 @@ Three kinds of numbers, labelled in the table:
   the widest encoded width, layer by layer: the K x K part as K^3 in time and K^2 in memory, the
   per-row part as K.
 
-Whole models: per-block time times the model's blocks on these cores. The H100 column is a floor
+Whole models: per-block time times the model's blocks on these cores; peak memory adds the other
+blocks' codes and the layers outside the blocks (``model_memory_gib``). The H100 column is a floor
 from FLOP counts at 50% of its dense TF32 peak for the matmul phases, and for the encode the
 per-column LDLQ loop's kernel launches (K / 8 columns per stage, each a few dependent kernels) at
 ``LAUNCH_US`` each: a lower bound to compare orders of magnitude with, not a prediction.
@@ -50,6 +51,9 @@ from hf_rbe.evaluation.results import run_meta, write_results
 #: width -> (MLP width, attention heads, KV heads, blocks in the whole model, model it is shaped after)
 SHAPES = {576: (1536, 9, 3, 30, "SmolLM2-135M"), 2048: (8192, 32, 8, 16, "Llama-3.2-1B"),
           4096: (14336, 32, 8, 32, "Llama-3.1-8B"), 8192: (28672, 64, 8, 80, "Llama-3.1-70B")}
+#: width -> (vocabulary, whether the head is tied to the input embedding) of the model it is shaped after
+VOCAB = {576: (49152, True), 2048: (128256, True), 4096: (128256, False), 8192: (128256, False)}
+CODE_BITS = 3  # v2-3's bits per weight, the finished blocks' codes
 SAMPLES, SEQLEN = 64, 512
 PIPELINE_PHASES = ("hessians", "full-precision path", "encode", "block fine-tune", "propagate")
 H100_TF32, H100_EFFICIENCY, LAUNCH_US, KERNELS_PER_COLUMN = 494e12, 0.5, 5.0, 12
@@ -174,6 +178,24 @@ def h100_floor(width: int) -> float:
     return matmul_flops / (H100_TF32 * H100_EFFICIENCY) + launches * LAUNCH_US * 1e-6
 
 
+def model_params(width: int) -> int:
+    """Parameters of the whole model ``width`` is shaped after (blocks, embeddings, an untied head)."""
+    vocab, tied = VOCAB[width]
+    return SHAPES[width][3] * block_params(width) + vocab * width * (1 if tied else 2)
+
+
+def model_memory_gib(width: int, block_peak_mib: float, measured_blocks: int) -> float:
+    """GiB the whole model's calibration holds at its peak: a block's peak, plus every other block's codes
+    (finished blocks stay in memory until the checkpoint is saved) and, where the block peak was not
+    measured on a loaded model, the layers outside the blocks in fp32 (embeddings, an untied head:
+    transformers loads them whole). Without the end-to-end fine-tune (the main job measures it)."""
+    vocab, tied = VOCAB[width]
+    n_blocks = SHAPES[width][3]
+    outside = 0 if measured_blocks else vocab * width * (1 if tied else 2) * 4
+    codes = (n_blocks - max(measured_blocks, 1)) * block_params(width) * CODE_BITS / 8
+    return (block_peak_mib * 2**20 + outside + codes) / 2**30
+
+
 def memory_projection(width: int, layers: dict) -> float:
     """MiB one block's calibration holds at its peak, besides the process's base (module docstring)."""
     tokens = SAMPLES * SEQLEN
@@ -210,7 +232,10 @@ def rows_for(args: argparse.Namespace) -> list[dict]:
                        block_peak_mib=row["memory_projected_mib"] + (rows[0]["base_mib"] if rows else 0.0),
                        base_mib=rows[0]["base_mib"] if rows else float("nan"))
         row["model_hours"] = row["block_s"] * n_blocks / 3600
-        row["h100_model_hours_floor"] = row["h100_floor_s"] * n_blocks / 3600
+        row["h100_model_minutes_floor"] = row["h100_floor_s"] * n_blocks / 60
+        row["model_params"] = model_params(width)
+        row["model_peak_gib"] = model_memory_gib(width, row["block_peak_mib"],
+                                                 args.blocks if row["kind"] == "measured" else 0)
         rows.append(row)
         print(_line(row), flush=True)
     return rows
@@ -218,20 +243,20 @@ def rows_for(args: argparse.Namespace) -> list[dict]:
 
 def _line(r: dict) -> str:
     return (f"{r['width']:>5} ({r['shaped_after']}) {r['kind']}: {r['block_s']:.0f} s/block, peak "
-            f"{r['block_peak_mib']:.0f} MiB; model {r['model_hours']:.1f} h here, H100 floor "
-            f"{r['h100_model_hours_floor']:.2f} h")
+            f"{r['block_peak_mib']:.0f} MiB; model {r['model_hours']:.1f} h and {r['model_peak_gib']:.1f} GiB here, "
+            f"H100 floor {r['h100_model_minutes_floor']:.1f} min")
 
 
 def table(rows: list[dict], meta: dict) -> str:
     lines = [f"`{meta['command']}` on {meta['machine']}, {meta['date']} (load average {meta['load_average']}): "
              f"v2-3 calibration on {SAMPLES} x {SEQLEN} Wikipedia tokens, random Llama-shaped blocks.", "",
-             "| width | shaped after | kind | s / block | of which encode | peak RSS MiB | blocks | whole model here, h "
-             "| H100 floor, h |", "|---|---|---|---|---|---|---|---|---|"]
+             "| width | shaped after | kind | s / block | of which encode | block peak RSS MiB | blocks "
+             "| whole model here, h | whole model peak, GiB | H100 floor, min |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         enc = r["measured"]["seconds_per_block"]["encode"] if r["kind"] == "measured" else r["encode_projected_s"]
         lines.append(f"| {r['width']} | {r['shaped_after']} | {r['kind']} | {r['block_s']:.0f} | {enc:.0f} | "
                      f"{r['block_peak_mib']:.0f} | {r['blocks_in_model']} | {r['model_hours']:.1f} | "
-                     f"{r['h100_model_hours_floor']:.2f} |")
+                     f"{r['model_peak_gib']:.1f} | {r['h100_model_minutes_floor']:.2f} |")
     measured = [r for r in rows if r["kind"] == "measured"]
     if measured:
         lines += ["", "Measured phases, seconds per block (peak RSS MiB while the phase ran):", "",
