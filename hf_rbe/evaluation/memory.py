@@ -2,7 +2,10 @@
 
 Resident memory (RSS) is what the operating system charges the process, the number a machine's
 memory limit is checked against: tensors, the Python heap, libraries, and the pages of memory-mapped
-files (safetensors) the process has touched.
+files (safetensors) the process has touched. ``anonymous=True`` counts only the memory the process
+itself wrote (RSS less its file-backed pages): library code and mapped checkpoint pages are clean,
+and under a memory cap the kernel drops and rereads them instead of failing, so a job's need
+under a cap is its anonymous memory (Linux only).
 """
 
 from __future__ import annotations
@@ -26,11 +29,13 @@ class PhaseCost:
 
 @dataclass
 class MemoryProfile:
-    """``with MemoryProfile() as p:`` samples RSS every ``interval`` seconds; afterwards ``p.peak_mib``
-    (the whole block), ``p.base_mib`` (at its start) and ``p.phases`` (per calibration phase, in
-    the order they first ran; nested phases each get their own entry)."""
+    """``with MemoryProfile() as p:`` samples RSS (``anonymous``: its anonymous part, module
+    docstring) every ``interval`` seconds; afterwards ``p.peak_mib`` (the whole block),
+    ``p.base_mib`` (at its start) and ``p.phases`` (per calibration phase, in the order they first
+    ran; nested phases each get their own entry)."""
 
     interval: float = 0.01
+    anonymous: bool = False
     base_mib: float = 0.0
     peak_mib: float = 0.0
     phases: dict[str, PhaseCost] = field(default_factory=dict)
@@ -42,7 +47,12 @@ class MemoryProfile:
         self._listen = listen(self._on_phase)
 
     def _rss(self) -> float:
-        return self._proc.memory_info().rss / 2**20
+        info = self._proc.memory_info()
+        if not self.anonymous:
+            return info.rss / 2**20
+        if not hasattr(info, "shared"):
+            raise NotImplementedError("MemoryProfile(anonymous=True) needs Linux (file-backed resident pages)")
+        return (info.rss - info.shared) / 2**20
 
     def _on_phase(self, name: str, started: bool) -> None:
         cost = self.phases.setdefault(name, PhaseCost())
