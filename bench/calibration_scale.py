@@ -178,10 +178,15 @@ def h100_floor(width: int) -> float:
     return matmul_flops / (H100_TF32 * H100_EFFICIENCY) + launches * LAUNCH_US * 1e-6
 
 
-def model_params(width: int) -> int:
-    """Parameters of the whole model ``width`` is shaped after (blocks, embeddings, an untied head)."""
+def outside_params(width: int) -> int:
+    """Parameters outside the blocks of the model ``width`` is shaped after (embeddings, an untied head)."""
     vocab, tied = VOCAB[width]
-    return SHAPES[width][3] * block_params(width) + vocab * width * (1 if tied else 2)
+    return vocab * width * (1 if tied else 2)
+
+
+def model_params(width: int) -> int:
+    """Parameters of the whole model ``width`` is shaped after."""
+    return SHAPES[width][3] * block_params(width) + outside_params(width)
 
 
 def model_memory_gib(width: int, block_peak_mib: float, measured_blocks: int) -> float:
@@ -189,9 +194,8 @@ def model_memory_gib(width: int, block_peak_mib: float, measured_blocks: int) ->
     (finished blocks stay in memory until the checkpoint is saved) and, where the block peak was not
     measured on a loaded model, the layers outside the blocks in fp32 (embeddings, an untied head:
     transformers loads them whole). Without the end-to-end fine-tune (the main job measures it)."""
-    vocab, tied = VOCAB[width]
     n_blocks = SHAPES[width][3]
-    outside = 0 if measured_blocks else vocab * width * (1 if tied else 2) * 4
+    outside = 0 if measured_blocks else outside_params(width) * 4
     codes = (n_blocks - max(measured_blocks, 1)) * block_params(width) * CODE_BITS / 8
     return (block_peak_mib * 2**20 + outside + codes) / 2**30
 
@@ -244,7 +248,7 @@ def rows_for(args: argparse.Namespace) -> list[dict]:
 def _line(r: dict) -> str:
     return (f"{r['width']:>5} ({r['shaped_after']}) {r['kind']}: {r['block_s']:.0f} s/block, peak "
             f"{r['block_peak_mib']:.0f} MiB; model {r['model_hours']:.1f} h and {r['model_peak_gib']:.1f} GiB here, "
-            f"H100 floor {r['h100_model_minutes_floor']:.1f} min")
+            f"H100 floor {r['h100_model_minutes_floor']:.2f} min")
 
 
 def table(rows: list[dict], meta: dict) -> str:

@@ -48,7 +48,8 @@ def _save(path: Path, blocks: int) -> int:
 def test_a_checkpoint_three_times_the_cap_is_quantized_and_reloads(tmp_path):
     _save(tmp_path / "warm", 1)
     size = _save(tmp_path / "src", BLOCKS)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")])}
+    paths = [str(Path(__file__).parents[2]), *filter(None, [os.environ.get("PYTHONPATH")])]  # conftest's folder
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
     res = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path / "warm"), str(tmp_path / "src"),
                           str(tmp_path / "out"), json.dumps(SETTINGS)], capture_output=True, text=True, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
