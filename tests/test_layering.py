@@ -1,7 +1,7 @@
 """Data flows one way: no module imports a layer above its own, and core / kernels never need transformers.
 
-Layers, lowest first: core (0), kernels (1), data (2), hf (3), then training, hyperbolic and
-evaluation (4, which do not import each other), then the package entry points ``hf_rbe/__init__``
+Layers, lowest first: core (0), kernels (1), data (2), hf (3), then training, hyperbolic,
+evaluation and serving (4, which do not import each other), then the package entry points ``hf_rbe/__init__``
 and the CLI (5).
 Every import counts, including the lazy ones inside functions.
 """
@@ -15,7 +15,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "hf_rbe"
-LAYER = {"core": 0, "kernels": 1, "data": 2, "hf": 3, "training": 4, "hyperbolic": 4, "evaluation": 4, "cli": 5, "": 5}
+LAYER = {"core": 0, "kernels": 1, "data": 2, "hf": 3, "training": 4, "hyperbolic": 4, "evaluation": 4, "serving": 4,
+         "cli": 5, "": 5}
 NO_TRANSFORMERS = {"core", "kernels"}
 
 

@@ -34,9 +34,14 @@ class StoredLinear(nn.Linear):
     product itself (docs/results/cpu_speed.md)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        y = F.linear(x.to(w.dtype), w, None if self.bias is None else self.bias.to(w.dtype))
-        return y.to(x.dtype)
+        return stored_linear(x, self.weight, self.bias)
+
+
+def stored_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x W^T + b`` multiplied in the weight's storage dtype, returned in ``x``'s (``StoredLinear``;
+    a serving engine computes a stored head with it to give the same logits)."""
+    y = F.linear(x.to(weight.dtype), weight, None if bias is None else bias.to(weight.dtype))
+    return y.to(x.dtype)
 
 
 def store_embeddings(model: nn.Module, dtype: torch.dtype, compute_dtype: torch.dtype) -> int:

@@ -57,9 +57,15 @@ def _stored(layer: PackedLinear) -> dict[str, torch.Tensor]:
 
 
 def digest(layer: PackedLinear) -> str:
-    """SHA-256 over the layer's stored tensors in name order: name, dtype, shape, then the bytes."""
+    """SHA-256 over the layer's stored tensors (:func:`digest_tensors`)."""
+    return digest_tensors(_stored(layer))
+
+
+def digest_tensors(named: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over a layer's stored tensors in name order: name, dtype, shape, then the bytes
+    (what the record holds for each layer; a serving engine checks the tensors it loads with it)."""
     h = hashlib.sha256()
-    for name, t in sorted(_stored(layer).items()):
+    for name, t in sorted(named.items()):
         t = t.detach().cpu().contiguous()
         h.update(f"{name}|{_ST_DTYPES.get(t.dtype, str(t.dtype))}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
