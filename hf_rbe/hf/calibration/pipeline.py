@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 from tqdm.auto import tqdm
 
 from ...core.ldlq import proxy_error
@@ -94,7 +95,9 @@ class _Plan:
     device: torch.device  # where blocks are calibrated
     weights: BlockWeights
     work: WorkDir | None
-    kept: dict[int, torch.Tensor] = field(default_factory=dict)  # id(Hessian sum) -> the fp16 copy layers keep
+    # Hessian sum -> the fp16 copy layers keep, by identity; an entry goes when its sum is freed, so a later
+    # sum that reuses the freed one's id() never picks up another layer's copy
+    kept: WeakIdKeyDictionary = field(default_factory=WeakIdKeyDictionary)
     returns_tuple: bool = False  # whether a block returns a tuple (its hidden states first)
     errors: list[float] = field(default_factory=list)  # each calibrated layer's relative output error
 
@@ -321,9 +324,9 @@ def _swap(model: nn.Module, plan: _Plan, name: str, hessian: torch.Tensor | None
     if hessian is not None and plan.config.keep_calibration_statistics and isinstance(layer, RBELinear):
         # normalised by the mean diagonal: LDLQ does not see the scale, and sums over many tokens overflow fp16;
         # layers that read one input (q, k, v) share one sum and keep one copy
-        if id(hessian) not in plan.kept:
-            plan.kept[id(hessian)] = (hessian / hessian.diagonal().mean().clamp_min(1e-30)).half()
-        layer.calibration_hessian = plan.kept[id(hessian)]
+        if hessian not in plan.kept:
+            plan.kept[hessian] = (hessian / hessian.diagonal().mean().clamp_min(1e-30)).half()
+        layer.calibration_hessian = plan.kept[hessian]
     swap_layers(model, {name: layer})
     if hessian is None or not isinstance(layer, PackedLinear):
         return 0.0
