@@ -16,14 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from vllm_run import run  # bench/, on the path of a bench script
 
 import hf_rbe  # noqa: F401  (registers RBE with transformers)
 from hf_rbe.data import token_stream
@@ -31,28 +28,12 @@ from hf_rbe.data.fetch import ensure
 from hf_rbe.evaluation.measure import perplexity
 from hf_rbe.evaluation.results import run_meta, write_results
 
-RUNNER = Path(__file__).with_name("vllm_run.py")
 CONTEXT = 1024
 NEW_TOKENS = 32
 PROMPTS = ["The capital of France is", "In 1969, the first humans to walk on the Moon",
            "Photosynthesis is the process by which", "The best way to learn a new language is",
            "def fibonacci(n):", "Once upon a time, in a small village,",
            "The main causes of the First World War were", "Water boils at a temperature of"]
-
-
-def vllm(checkpoint: Path, request: dict) -> dict:
-    """What bench/vllm_run.py computes for ``request`` (a vLLM process of its own)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(request, f)
-    res = subprocess.run([sys.executable, str(RUNNER), str(checkpoint), f.name], capture_output=True, text=True,
-                         env=env)
-    os.unlink(f.name)
-    lines = [line for line in res.stdout.splitlines() if line.startswith("RESULT ")]
-    if res.returncode or not lines:
-        raise SystemExit(f"vLLM failed:\n{(res.stdout + res.stderr)[-6000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
 
 
 def main() -> None:
@@ -70,7 +51,7 @@ def main() -> None:
     ids = token_stream(tok, "wikipedia")[: args.tokens]
     windows = [ids[b:b + CONTEXT].tolist() for b in range(0, args.tokens, CONTEXT)]
 
-    served = vllm(args.checkpoint, {"prompts": prompts, "max_tokens": NEW_TOKENS, "score": windows,
+    served = run(args.checkpoint, {"prompts": prompts, "max_tokens": NEW_TOKENS, "score": windows,
                                     "max_model_len": CONTEXT + NEW_TOKENS})
     nll = -sum(sum(w) for w in served["score_logprobs"])
     n = sum(len(w) for w in served["score_logprobs"])

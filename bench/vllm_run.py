@@ -18,8 +18,27 @@ and the load time. Output: one line ``RESULT {json}``.
 """
 
 import json
+import os
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
+
+
+def run(model: Path, request: dict) -> dict:
+    """What this script computes for ``request`` on ``model``, from a vLLM process of its own (the
+    benches' one way to reach vLLM)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(request, f)
+    res = subprocess.run([sys.executable, __file__, str(model), f.name], capture_output=True, text=True, env=env)
+    os.unlink(f.name)
+    lines = [line for line in res.stdout.splitlines() if line.startswith("RESULT ")]
+    if res.returncode or not lines:
+        raise SystemExit(f"vLLM failed on {model}:\n{(res.stdout + res.stderr)[-6000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
 
 
 def _speed(llm, spec):
@@ -48,8 +67,6 @@ def _speed(llm, spec):
 
 
 if __name__ == "__main__":  # vLLM spawns workers that import this file
-    import os
-
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # weight_bytes goes to the workers pickled
     from vllm import LLM, SamplingParams
 

@@ -20,14 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import torch
 from torch.utils.benchmark import Timer
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from vllm_run import run  # bench/, on the path of a bench script
 
 import hf_rbe
 from hf_rbe import RBEConfig
@@ -35,21 +33,7 @@ from hf_rbe.data import smollm2_path
 from hf_rbe.evaluation.measure import decode_speed
 from hf_rbe.evaluation.results import run_meta, write_results
 
-RUNNER = Path(__file__).with_name("vllm_run.py")
 SEQ = 1024
-
-
-def vllm(model: Path, request: dict) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(request, f)
-    res = subprocess.run([sys.executable, str(RUNNER), str(model), f.name], capture_output=True, text=True, env=env)
-    os.unlink(f.name)
-    lines = [line for line in res.stdout.splitlines() if line.startswith("RESULT ")]
-    if res.returncode or not lines:
-        raise SystemExit(f"vLLM failed on {model}:\n{(res.stdout + res.stderr)[-6000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
 
 
 def rbe_checkpoint(preset: str, work: Path) -> Path:
@@ -100,7 +84,7 @@ def main() -> None:
                                                                     "new_tokens": 64}}
     rows = []
     for name, path in models:
-        got = vllm(path, request)
+        got = run(path, request)
         per_token = kv_bytes_per_token(path)
         kv_tokens = max(0, int((args.budget_gib * 2**30 - got["weight_bytes"]) // per_token))
         row = {"model": name, "weight_mib": got["weight_bytes"] / 2**20, "ttft_s": got["speed"]["ttft_s"],
