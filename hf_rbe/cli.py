@@ -75,11 +75,14 @@ def _is_encoder(path: str) -> bool:
 def cmd_quantize(args: argparse.Namespace) -> None:
     import torch
 
+    from .hf.atomic import resolve_target
     from .hf.checkpoint import quantize_checkpoint
     from .hf.integrity import Checkpoint
 
-    if Path(args.out).is_file():  # say so now, not after the whole quantization
-        raise SystemExit(f"{args.out} is a file; the output must be a directory")
+    try:  # say so now, not after the whole quantization
+        resolve_target(args.out)
+    except (ValueError, NotADirectoryError) as e:
+        raise SystemExit(f"hf-rbe quantize: the output: {e}") from None
     config = _config(args)
     path = _resolve(args.model)
     out = quantize_checkpoint(path, args.out, config, dtype=getattr(torch, args.dtype),

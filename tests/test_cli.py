@@ -74,6 +74,13 @@ def test_output_that_is_a_file_fails_before_quantizing(tiny_llama_dir, tmp_path,
         main(["quantize", tiny_llama_dir, str(tmp_path / "out")])
 
 
+def test_empty_output_is_refused_not_the_current_directory(tiny_llama_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="current directory"):
+        main(["quantize", tiny_llama_dir, ""])
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_bad_json_is_a_message_not_a_traceback(tmp_path):
     with pytest.raises(SystemExit, match="--config is not valid JSON"):
         main(["quantize", "m", str(tmp_path / "o"), "--config", "{idx: 9}"])

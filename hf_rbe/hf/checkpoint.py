@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import ConfigError
+from .atomic import resolve_target
 from .config import RBEConfig
 
 logger = logging.getLogger(__name__)
@@ -45,9 +46,8 @@ def quantize_checkpoint(src: str | Path, out: str | Path, config: RBEConfig, *, 
     arguments stopped; the work directory is removed at the end unless ``keep_work_dir``. ``dtype``
     and the other keyword arguments go to ``from_pretrained``; the tokenizer (``tokenizer``, else
     ``config.tokenizer``, else the source's, when it has one) calibrates and is saved beside the weights."""
+    resolve_target(out)  # refuses '' (the current directory) and a file
     out = Path(out)
-    if out.is_file():
-        raise NotADirectoryError(f"{out} is a file; the output must be a directory")
     if Path(src).exists() and out.resolve() == Path(src).resolve():
         raise ConfigError(f"the output {out} is the source checkpoint: choose another directory")
     config = config.copy()

@@ -11,6 +11,8 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from ..core.errors import ConfigError
+from ..core.packed import PackedLinear
 from .calibration import quantize_calibrated
 from .calibration.finetune import norms
 from .config import RBEConfig
@@ -63,6 +65,18 @@ def _all_or_nothing(model: nn.Module, skip: list[str]) -> Iterator[None]:
         raise
 
 
+def _refuse_quantized(model: nn.Module) -> None:
+    """A quantized model's float layers are gone: quantizing it again would only swap its config
+    (the saved checkpoint would then not load)."""
+    qc = getattr(getattr(model, "config", None), "quantization_config", None)
+    method = qc.get("quant_method", "?") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    coded = next((n for n, m in model.named_modules() if isinstance(m, PackedLinear)), None)
+    if method is not None or coded is not None:
+        what = f"its config says quant_method={method!r}" if method is not None else f"{coded} is an RBE layer"
+        raise ConfigError(f"quantize_model: the model is already quantized ({what}); quantize its full-precision "
+                          "original, or call model.dequantize() first")
+
+
 def quantize_model(model: nn.Module, config: RBEConfig | None = None, modules_to_not_convert: Iterable[str] = (),
                    tokenizer: object | None = None) -> nn.Module:
     """Quantize an already-loaded model in place (outside ``from_pretrained``), with progress bars.
@@ -74,6 +88,7 @@ def quantize_model(model: nn.Module, config: RBEConfig | None = None, modules_to
     text (``calibration``; ``tokenizer`` or ``config.tokenizer`` tokenizes it). ``config`` itself
     is never changed: the model gets a copy (with what calibration chose and recorded).
     """
+    _refuse_quantized(model)
     config = (config or RBEConfig()).copy()
     config.check_quantizable()
     skip = modules_to_skip(model, config, modules_to_not_convert)

@@ -36,3 +36,22 @@ def test_overrides_that_match_nothing_warn(tiny_llama_dir, caplog):
         AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=RBEConfig(
             overrides={"*.dense_4h_to_h": {"group_size": 64}}))
     assert "'*.dense_4h_to_h' matches none" in caplog.text
+
+
+@pytest.mark.parametrize("how", ["quantize_model", "from_pretrained"])
+def test_quantizing_a_quantized_model_again_is_refused_and_changes_nothing(tiny_llama_dir, tmp_path, how):
+    if how == "quantize_model":
+        m = hf_rbe.quantize_model(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), RBEConfig.from_preset("v2-3"))
+    else:
+        m = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=RBEConfig.from_preset("v2-3"))
+    ids = torch.tensor([[1, 5, 9, 33]])
+    with torch.no_grad():
+        ref = m(ids).logits
+    with pytest.raises(hf_rbe.ConfigError, match="already quantized"):
+        hf_rbe.quantize_model(m, RBEConfig.from_preset("v2-4"))
+    assert m.config.quantization_config.planes == RBEConfig.from_preset("v2-3").planes
+    m.save_pretrained(tmp_path)  # still saves and reloads as the v2-3 model it is
+    with torch.no_grad():
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path)(ids).logits, ref)
+    m.dequantize()  # the way to quantize it again
+    hf_rbe.quantize_model(m, RBEConfig.from_preset("v2-4"))
