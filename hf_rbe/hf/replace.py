@@ -251,11 +251,13 @@ def encode_into(layer: PackedLinear, module: nn.Module, name: str, hessian: torc
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:
-    """The dtype the model computes in: its config's (a saved config holds it as a name), else
-    its first floating parameter's."""
+    """The dtype the model computes in: its config's (a saved config holds it as a name), else its
+    packed layers' (a packed layer's first parameters are fp16 scales, and a coded head shared with
+    the input embedding can come first), else its first floating parameter's."""
     dtype = getattr(getattr(model, "config", None), "dtype", None)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)
     if isinstance(dtype, torch.dtype):
         return dtype
-    return next(p.dtype for p in model.parameters() if p.is_floating_point())
+    packed = next((m.compute_dtype for m in model.modules() if isinstance(m, PackedLinear)), None)
+    return packed or next(p.dtype for p in model.parameters() if p.is_floating_point())

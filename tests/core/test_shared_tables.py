@@ -69,3 +69,19 @@ def test_swap_layers_links_followers_to_the_layer_that_stores_the_tables():
         link_shared_tables(nn.Sequential(orphan))
     with pytest.raises(CheckpointError, match="cannot follow"):
         orphan.follow(_pair("v2-4")[0])
+
+
+def test_load_state_dict_refills_a_follower_that_loads_before_its_owner():
+    owner, follower = _pair()
+    model = _Both([follower, owner])  # the follower comes first in module order
+    for layer, n in ((owner, 16), (follower, 24)):
+        layer.load_packed(layer.encode(torch.randn(n, 64), tables={k: t * 1.5 for k, t in owner.tables().items()}))
+    link_shared_tables(model)  # as every conversion ends (hf.finish)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        expected = model(x)
+    state = model.state_dict()
+    empty = model.to("meta").to_empty(device="cpu")
+    empty.load_state_dict(state)
+    with torch.no_grad():
+        assert torch.equal(empty(x), expected)

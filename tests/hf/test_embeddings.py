@@ -149,3 +149,12 @@ def test_gpt2_ties_its_coded_head_and_lora_leaves_the_head_alone(tmp_path):
     adapted = [n for n, _ in lora.named_modules() if n.endswith("lora_A")]
     assert adapted and not any("lm_head" in n for n in adapted)
     lora(input_ids=IDS, labels=IDS).loss.backward()  # trains through the coded embedding and head
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_dequantized_model_with_a_tied_coded_head_saves_its_own_dtype(tmp_path, dtype):
+    # the shared head's fp16 scales are the model's first parameters: not the dtype it computes in
+    q = quantize_model(_model().to(dtype), _cfg())
+    q.dequantize()
+    q.save_pretrained(tmp_path)
+    assert AutoModelForCausalLM.from_pretrained(tmp_path).dtype == dtype

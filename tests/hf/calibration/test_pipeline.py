@@ -164,3 +164,27 @@ def test_a_reused_config_gives_the_second_model_what_a_fresh_one_would():
     assert second.config.quantization_config.to_dict() == fresh.config.quantization_config.to_dict()
     assert second.state_dict().keys() == fresh.state_dict().keys()
     assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in second.state_dict().items())
+
+
+def test_an_interrupt_in_the_end_to_end_finetune_leaves_the_model_as_it_was(monkeypatch):
+    import hf_rbe.hf.calibration.finetune as finetune
+
+    m = _structured_model()
+    before = {n: (p.requires_grad, p.detach().clone()) for n, p in m.named_parameters()}
+    kinds = {n: type(x) for n, x in m.named_modules()}
+    real, calls = finetune.logits, []
+
+    def interrupted(*a, **k):
+        calls.append(1)
+        if len(calls) > 3:
+            raise KeyboardInterrupt("stopped")
+        return real(*a, **k)
+
+    monkeypatch.setattr(finetune, "logits", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        quantize_model(m, _cfg(calibration_e2e_steps=8, calibration_e2e_lr=1e-3))
+    assert len(calls) > 3  # the fine-tune was running
+    assert {n: type(x) for n, x in m.named_modules()} == kinds
+    after = dict(m.named_parameters())
+    assert {n: p.requires_grad for n, p in after.items()} == {n: rg for n, (rg, _) in before.items()}
+    assert all(torch.equal(after[n], v) for n, (_, v) in before.items())
