@@ -120,8 +120,7 @@ class RBEConfig(QuantizationConfigMixin):
         for name, value in self._layer_settings(given).items():
             setattr(self, name, value)
         self.rotation_seed, self.table, self.table_seed = rotation_seed, table, table_seed
-        self.modules_to_not_convert = None if modules_to_not_convert is None else (
-            modules_to_not_convert if isinstance(modules_to_not_convert, str) else list(modules_to_not_convert))
+        self.modules_to_not_convert = _module_names(modules_to_not_convert)
         self.overrides = dict(overrides) if isinstance(overrides, Mapping) else overrides
         self.qat, self.qat_train_quantizer = qat, qat_train_quantizer
         self.embedding_dtype, self.quantize_embeddings = embedding_dtype, quantize_embeddings
@@ -297,3 +296,13 @@ def _format_version(format_version: int | None, codec: str, given: dict[str, Any
     if codec == "seed64" and format_version != 1:
         raise ConfigError("codec='seed64' stores its residual in format 1; use format_version=1")
     return format_version
+
+
+def _module_names(value: Any) -> str | list[str] | None:
+    """``modules_to_not_convert`` as given (a name or a list of names and patterns), checked: a
+    hand-edited config.json may hold anything."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise ConfigError(f"modules_to_not_convert must be a list of module names or patterns, got {value!r}")

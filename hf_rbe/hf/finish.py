@@ -6,16 +6,23 @@ order: a tied input embedding reads the coded head's codes (``replace.share_head
 embeddings are stored in half precision (``embedding_dtype``), every packed layer's derived
 buffers are rebuilt (rotation signs; a follower's tables from its owner, ``core.rbe_linear``) and
 its stored tensors frozen, the values are checked (``validate``), QAT twins replace the layers
-when the config asks for QAT, and the saving behaviour is bound (``saving.attach``).
+when the config asks for QAT, and the saving behaviour is bound (``saving.attach``), as is a
+``resize_token_embeddings`` that refuses a coded embedding or head before it changes anything
+(transformers would resize the input embedding, then fail on the coded head).
 """
 
 from __future__ import annotations
+
+import functools
+from typing import Any
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from ..core.packed import packed_layers
+from ..core.errors import ConfigError
+from ..core.packed import PackedLinear, packed_layers
+from ..core.rbe_embedding import RBEEmbedding
 from ..core.qat import prepare_qat
 from ..core.stored import STORAGE_DTYPES, store_embeddings
 from .config import RBEConfig
@@ -42,4 +49,16 @@ def finish_conversion(model: nn.Module, config: RBEConfig, tied: tuple[str, str]
         prepare_qat(model, train_quantizer=config.qat_train_quantizer)  # latents = the decoded codes
     if isinstance(model, PreTrainedModel):
         attach(model, compute)
+        # a partial, not a bound method: it pickles and deep-copies with the model
+        model.resize_token_embeddings = functools.partial(_resize_token_embeddings, model)  # type: ignore[method-assign]
     return compute
+
+
+def _resize_token_embeddings(model: PreTrainedModel, *args: Any, **kwargs: Any) -> Any:
+    coded = [what for what, m in (("input embedding", model.get_input_embeddings()),
+                                  ("output head", model.get_output_embeddings()))
+             if isinstance(m, (PackedLinear, RBEEmbedding))]
+    if coded:
+        raise ConfigError(f"resize_token_embeddings: the {' and '.join(coded)} {'are' if len(coded) > 1 else 'is'} "
+                          "RBE-coded and cannot grow or shrink; resize the full-precision model before quantizing, or call model.dequantize() first")
+    return type(model).resize_token_embeddings(model, *args, **kwargs)

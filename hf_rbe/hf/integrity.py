@@ -110,7 +110,7 @@ class Checkpoint:
                     part = parsed["layers"]
                     if parsed.get("version") != RECORD_VERSION or not isinstance(part, dict):
                         raise ValueError(f"record version {parsed.get('version')!r}")
-                except (ValueError, KeyError, TypeError) as err:
+                except (ValueError, KeyError, TypeError, RecursionError) as err:  # RecursionError: nested too deep
                     raise CheckpointError(f"{f}: unreadable hf-rbe record in the safetensors metadata ({err}); "
                                           "tampered checkpoint?") from err
                 layers = {**(layers or {}), **part}

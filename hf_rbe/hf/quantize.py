@@ -65,9 +65,9 @@ def _all_or_nothing(model: nn.Module, skip: list[str]) -> Iterator[None]:
         raise
 
 
-def _refuse_quantized(model: nn.Module) -> None:
+def _refuse_unquantizable(model: nn.Module) -> None:
     """A quantized model's float layers are gone: quantizing it again would only swap its config
-    (the saved checkpoint would then not load)."""
+    (the saved checkpoint would then not load). A model on the meta device has no weights."""
     qc = getattr(getattr(model, "config", None), "quantization_config", None)
     method = qc.get("quant_method", "?") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
     coded = next((n for n, m in model.named_modules() if isinstance(m, PackedLinear)), None)
@@ -75,6 +75,10 @@ def _refuse_quantized(model: nn.Module) -> None:
         what = f"its config says quant_method={method!r}" if method is not None else f"{coded} is an RBE layer"
         raise ConfigError(f"quantize_model: the model is already quantized ({what}); quantize its full-precision "
                           "original, or call model.dequantize() first")
+    meta = next((n for n, p in model.named_parameters() if p.device.type == "meta"), None)
+    if meta is not None:
+        raise ConfigError(f"quantize_model: {meta} is on the meta device (no weights to quantize): load the model "
+                          "with its weights, or quantize its checkpoint with hf_rbe.quantize_checkpoint")
 
 
 def quantize_model(model: nn.Module, config: RBEConfig | None = None, modules_to_not_convert: Iterable[str] = (),
@@ -88,7 +92,7 @@ def quantize_model(model: nn.Module, config: RBEConfig | None = None, modules_to
     text (``calibration``; ``tokenizer`` or ``config.tokenizer`` tokenizes it). ``config`` itself
     is never changed: the model gets a copy (with what calibration chose and recorded).
     """
-    _refuse_quantized(model)
+    _refuse_unquantizable(model)
     config = (config or RBEConfig()).copy()
     config.check_quantizable()
     skip = modules_to_skip(model, config, modules_to_not_convert)

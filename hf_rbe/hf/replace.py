@@ -237,9 +237,15 @@ def encode_weight(layer: PackedLinear, weight: torch.Tensor, name: str, hessian:
             return layer.encode(weight, initial_tables(layer))
         if not isinstance(layer, RBELinear):
             raise ConfigError("calibration encodes RBE layers; seed64 has no output-aware encoder")
+        if not torch.isfinite(hessian).all():
+            raise EncodingError("its calibration inputs hold NaN/Inf values (the model's activations before this "
+                                "layer are not finite): check the model's weights, or compute in fp32")
         return layer.encode(weight, initial_tables(layer), hessian=hessian, damp=damp)
     except FormatError as err:  # the same kind of error, naming the layer
         raise type(err)(f"{name}: {err}") from err
+    except torch.linalg.LinAlgError as err:
+        raise EncodingError(f"{name}: its calibration Hessian is not positive-definite even damped by "
+                            f"damp_percent={damp}: raise damp_percent ({err})") from err
 
 
 def encode_into(layer: PackedLinear, module: nn.Module, name: str, hessian: torch.Tensor | None = None,

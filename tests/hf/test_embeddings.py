@@ -158,3 +158,21 @@ def test_a_dequantized_model_with_a_tied_coded_head_saves_its_own_dtype(tmp_path
     q.dequantize()
     q.save_pretrained(tmp_path)
     assert AutoModelForCausalLM.from_pretrained(tmp_path).dtype == dtype
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_resizing_a_coded_vocabulary_is_refused_before_anything_changes(tied):
+    from hf_rbe import ConfigError
+
+    q = quantize_model(_model(tied=tied), _cfg())
+    shapes = {k: v.shape for k, v in q.state_dict().items()}
+    with torch.no_grad():
+        ref = q(IDS).logits
+    with pytest.raises(ConfigError, match="RBE-coded and cannot grow or shrink"):
+        q.resize_token_embeddings(136)
+    assert {k: v.shape for k, v in q.state_dict().items()} == shapes and q.config.vocab_size == 128
+    with torch.no_grad():
+        assert torch.equal(q(IDS).logits, ref)
+    plain = quantize_model(_model(tied=tied), RBEConfig.from_preset("v2-4"))  # a float head resizes as usual
+    plain.resize_token_embeddings(136)
+    assert plain.get_output_embeddings().weight.shape[0] == 136

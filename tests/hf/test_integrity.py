@@ -171,3 +171,35 @@ def test_fuzz_a_tampered_checkpoint_is_refused_or_identical(saved, tmp_path_fact
 
     run()
     assert outcomes["refused"] > 10 and outcomes["identical"] > 0, outcomes  # both branches exercised
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda q: q.update(modules_to_not_convert=5), "modules_to_not_convert must be a list"),
+    (lambda q: q.update(modules_to_not_convert=[["lm_head"]]), "modules_to_not_convert must be a list"),
+    (lambda q: q.update(overrides=["*.q_proj"]), "overrides must map glob patterns"),
+    (lambda q: q.update(overrides={"*.q_proj": 3}), "overrides must map glob patterns|override"),
+])
+def test_hand_edited_config_fields_of_the_wrong_type_are_named(saved, tmp_path, edit, match):
+    bad = _copy(saved["v2-3"][0], tmp_path / "bad", config=lambda c: edit(c["quantization_config"]))
+    with pytest.raises(ValueError, match=match):
+        AutoModelForCausalLM.from_pretrained(bad)
+
+
+def test_a_deeply_nested_record_is_refused_as_tampered(saved, tmp_path):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from hf_rbe.hf.integrity import METADATA_KEY
+
+    d = _copy(saved["v2-3"][0], tmp_path / "deep")
+    path = d / "model.safetensors"
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    record = json.loads(meta[METADATA_KEY])
+    record["layers"]["model.layers.0.self_attn.q_proj"]["extra"] = "X"
+    text = json.dumps(record).replace('"X"', "[" * 100_000 + "]" * 100_000)
+    save_file(load_file(path), path, metadata={**meta, METADATA_KEY: text})
+    with pytest.raises(FormatError, match="unreadable hf-rbe record"):
+        AutoModelForCausalLM.from_pretrained(d)

@@ -37,6 +37,7 @@ from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 from tqdm.auto import tqdm
 
+from ...core.errors import ConfigError
 from ...core.ldlq import proxy_error
 from ...core.packed import PackedLinear
 from ...core.rbe_linear import RBELinear, swap_layers
@@ -152,6 +153,10 @@ def quantize_calibrated(model: nn.Module, config: RBEConfig, skip: list[str], to
 def _plan(model: nn.Module, config: RBEConfig, skip: list[str], tokenizer: Any, weights: BlockWeights) -> _Plan:
     tok = resolve_tokenizer(model, config, tokenizer)
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)  # GPT-2: n_positions
+    if isinstance(positions, int) and config.calibration_seqlen > positions:
+        raise ConfigError(f"calibration_seqlen={config.calibration_seqlen} is longer than the model's "
+                          f"{positions} positions (max_position_embeddings): set calibration_seqlen <= {positions}")
     with phase("windows"):
         ids = calibration_ids(config, tok, vocab)
         trim()

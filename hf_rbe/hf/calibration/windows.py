@@ -9,7 +9,8 @@ so calibration never sees it.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -18,13 +19,31 @@ from ...core.errors import ConfigError
 from ...data import CORPORA, TRAIN_START, joined_ids, special_frame, text_dataset
 from ..config import RBEConfig
 
+T = TypeVar("T")
+
 
 def _texts(dataset: Any) -> list[str]:
     if isinstance(dataset, list):
-        return dataset
-    if isinstance(dataset, str):
-        return list(text_dataset(dataset, hub_split="train")["text"])
-    return list(dataset["text"])
+        texts = dataset
+    elif isinstance(dataset, str):
+        texts = list(text_dataset(dataset, hub_split="train")["text"])
+    else:
+        texts = list(dataset["text"])
+    bad = next(((i, t) for i, t in enumerate(texts) if not isinstance(t, str)), None)
+    if bad is not None:
+        raise ConfigError(f"calibration text {bad[0]} is {type(bad[1]).__name__}, not a string: drop or convert "
+                          "such rows (e.g. dataset.filter(lambda r: isinstance(r['text'], str)))")
+    return texts
+
+
+def _tokenized(step: Callable[..., T], tokenizer: Any, *args: Any) -> T:
+    """``step(tokenizer, *args)``, with a message for a tokenizer that is not called the way
+    transformers' are (``tok(text, add_special_tokens=..., return_tensors="pt").input_ids``)."""
+    try:
+        return step(tokenizer, *args)
+    except (TypeError, AttributeError, ValueError) as err:
+        raise ConfigError(f"the tokenizer ({type(tokenizer).__name__}) cannot be called as a transformers tokenizer "
+                          f"is, tok(text, add_special_tokens=False, return_tensors='pt').input_ids: {err}") from err
 
 
 def calibration_ids(config: RBEConfig, tokenizer: Any, vocab_size: int | None) -> torch.Tensor:
@@ -37,12 +56,12 @@ def calibration_ids(config: RBEConfig, tokenizer: Any, vocab_size: int | None) -
     texts = _texts(dataset)
     if not any(t.strip() for t in texts):
         raise ConfigError("the calibration dataset holds no text")
-    head, tail = special_frame(tokenizer)
+    head, tail = _tokenized(special_frame, tokenizer)
     body = seqlen - len(head) - len(tail)
     if body < 1:
         raise ConfigError(f"calibration_seqlen={seqlen} leaves no room for text between the tokenizer's "
                           f"{len(head) + len(tail)} special tokens")
-    ids = joined_ids(tokenizer, texts)
+    ids = _tokenized(joined_ids, tokenizer, texts)
     if named:  # the held-out start of an offline corpus is what the perplexity recipes score
         ids = ids[TRAIN_START:]
     if ids.numel() < body:

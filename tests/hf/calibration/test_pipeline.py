@@ -188,3 +188,53 @@ def test_an_interrupt_in_the_end_to_end_finetune_leaves_the_model_as_it_was(monk
     after = dict(m.named_parameters())
     assert {n: p.requires_grad for n, p in after.items()} == {n: rg for n, (rg, _) in before.items()}
     assert all(torch.equal(after[n], v) for n, (_, v) in before.items())
+
+
+def _gpt2(positions: int = 64):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=positions)).eval()
+
+
+def _nan_activations():
+    m = _structured_model()
+    with torch.no_grad():
+        m.model.layers[1].post_attention_layernorm.weight[3] = float("inf")  # finite weights to encode, inf after it
+    return m
+
+
+@pytest.mark.parametrize("model,settings,match", [
+    (_gpt2, dict(calibration_seqlen=128), "longer than the model's 64 positions"),
+    (_structured_model, dict(calibration_seqlen=128), "longer than the model's 64 positions"),
+    (_structured_model, dict(dataset={"text": ["some text " * 40, None]}), "calibration text 1 is NoneType"),
+    (_structured_model, dict(dataset={"text": [5, 7]}), "calibration text 0 is int"),
+    (_structured_model, dict(tokenizer=lambda text: [1, 2, 3]), "cannot be called as a transformers tokenizer"),
+    (lambda: _structured_model().to("meta"), {}, "on the meta device"),
+    (_nan_activations, {}, "layers.1.mlp.gate_proj: its calibration inputs hold NaN/Inf"),
+], ids=["gpt2-positions", "llama-positions", "none-text", "int-text", "other-callable", "meta", "nan-activations"])
+def test_calibration_input_that_broke_inside_is_refused_with_a_message(model, settings, match):
+    if isinstance(settings.get("dataset"), dict):
+        from datasets import Dataset
+
+        settings = {**settings, "dataset": Dataset.from_dict(settings["dataset"])}
+    m = model()
+    before = {k: v.clone() for k, v in m.state_dict().items()} if next(m.parameters()).device.type != "meta" else {}
+    with pytest.raises(ValueError, match=match):
+        quantize_model(m, _cfg(**settings))
+    after = m.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items() if v.isfinite().all())
+
+
+def test_a_hessian_that_damping_cannot_make_positive_definite_names_the_layer():
+    from hf_rbe import EncodingError
+    from hf_rbe.hf.replace import LayerFactory, encode_weight
+
+    m = _structured_model()
+    name = "model.layers.0.mlp.down_proj"
+    module = m.get_submodule(name)
+    layer = LayerFactory(_cfg(), {name: module}).build(name, module)
+    with pytest.raises(EncodingError, match=f"{name}: its calibration Hessian is not positive-definite"):
+        u = torch.nn.functional.normalize(torch.randn(module.in_features), dim=0)
+        indefinite = torch.eye(module.in_features) - 3 * torch.outer(u, u)  # positive diagonal, eigenvalue -2
+        encode_weight(layer, module.weight.detach(), name, indefinite, damp=0.01)
