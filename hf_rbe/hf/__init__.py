@@ -14,6 +14,7 @@ quantization method (``hf_rbe/__init__`` does so as soon as transformers is impo
     quantizer   RBEHfQuantizer: the loading lifecycle, nothing else
     integrity   the checkpoint record and the checks on load
     saving      what save_pretrained / push_to_hub do for an RBE model
+    atomic      a checkpoint directory replaced whole: staging, swap, writers in turn
     card        the model card's text (template: model_card.md)
     calibrate, allocate   old paths of calibration and allocation (warn once)
 """
