@@ -94,7 +94,10 @@ def _locked(directory: Path) -> Iterator[None]:
         return
     fd = os.open(directory, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as err:  # ENOLCK / EOPNOTSUPP: some network filesystems have no flock
+            logger.warning("%s: cannot lock (%s); concurrent saves here are not serialised", directory, err)
         yield
     finally:
         os.close(fd)  # releases the lock

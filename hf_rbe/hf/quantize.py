@@ -67,12 +67,14 @@ def _all_or_nothing(model: nn.Module, skip: list[str]) -> Iterator[None]:
 
 def _refuse_unquantizable(model: nn.Module) -> None:
     """A quantized model's float layers are gone: quantizing it again would only swap its config
-    (the saved checkpoint would then not load). A model on the meta device has no weights."""
+    (the saved checkpoint would then not load). Another method's config refuses too; an RBE config
+    without RBE layers does not (models built from one config object share it, so quantizing one
+    sets it on the others). A model on the meta device has no weights."""
+    coded = next((n for n, m in model.named_modules() if isinstance(m, PackedLinear)), None)
     qc = getattr(getattr(model, "config", None), "quantization_config", None)
     method = qc.get("quant_method", "?") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
-    coded = next((n for n, m in model.named_modules() if isinstance(m, PackedLinear)), None)
-    if method is not None or coded is not None:
-        what = f"its config says quant_method={method!r}" if method is not None else f"{coded} is an RBE layer"
+    if coded is not None or (method is not None and method != "rbe"):
+        what = f"{coded} is an RBE layer" if coded is not None else f"its config says quant_method={method!r}"
         raise ConfigError(f"quantize_model: the model is already quantized ({what}); quantize its full-precision "
                           "original, or call model.dequantize() first")
     meta = next((n for n, p in model.named_parameters() if p.device.type == "meta"), None)

@@ -55,3 +55,24 @@ def test_quantizing_a_quantized_model_again_is_refused_and_changes_nothing(tiny_
         assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path)(ids).logits, ref)
     m.dequantize()  # the way to quantize it again
     hf_rbe.quantize_model(m, RBEConfig.from_preset("v2-4"))
+
+
+def test_models_built_from_one_config_object_quantize_one_after_the_other():
+    # quantize_model sets quantization_config on the model's config, which LlamaForCausalLM(cfg) shares
+    from conftest import tiny_llama_config
+    from transformers import LlamaForCausalLM
+
+    cfg = tiny_llama_config()
+    for preset in ("v2-3", "v2-4"):
+        m = hf_rbe.quantize_model(LlamaForCausalLM(cfg), RBEConfig.from_preset(preset))
+        assert m.config.quantization_config.planes == RBEConfig.from_preset(preset).planes
+
+
+def test_a_model_quantized_by_another_method_is_refused():
+    from conftest import tiny_llama_config
+    from transformers import LlamaForCausalLM
+
+    m = LlamaForCausalLM(tiny_llama_config())
+    m.config.quantization_config = {"quant_method": "gptq", "bits": 4}
+    with pytest.raises(hf_rbe.ConfigError, match="already quantized.*gptq"):
+        hf_rbe.quantize_model(m, RBEConfig.from_preset("v2-3"))

@@ -2,6 +2,7 @@
 records, and bad calibration input refused with a clear message."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -146,7 +147,8 @@ def test_calibration_runs_the_end_to_end_finetune_and_records_it():
 
 @pytest.mark.parametrize("field,value", [("calibration_e2e_steps", -1), ("calibration_e2e_steps", True),
                                          ("calibration_e2e_steps", 2.0), ("calibration_e2e_lr", 0),
-                                         ("calibration_e2e_lr", float("nan")), ("calibration_finetune_lr", True)])
+                                         ("calibration_e2e_lr", float("nan")), ("calibration_e2e_lr", float("inf")),
+                                         ("calibration_finetune_lr", True)])
 def test_bad_finetune_settings_are_refused(field, value):
     with pytest.raises(ValueError, match=field):
         _cfg(**{field: value})
@@ -238,3 +240,30 @@ def test_a_hessian_that_damping_cannot_make_positive_definite_names_the_layer():
         u = torch.nn.functional.normalize(torch.randn(module.in_features), dim=0)
         indefinite = torch.eye(module.in_features) - 3 * torch.outer(u, u)  # positive diagonal, eigenvalue -2
         encode_weight(layer, module.weight.detach(), name, indefinite, damp=0.01)
+
+
+@pytest.mark.parametrize("settings", [dict(calibration_e2e_steps=4, calibration_e2e_lr=1e30),
+                                      dict(calibration_finetune_steps=4, calibration_finetune_lr=1e30)],
+                         ids=["end-to-end", "per-block"])
+def test_a_diverging_finetune_is_an_error_and_leaves_the_model_as_it_was(settings):
+    from hf_rbe import EncodingError
+
+    m = _structured_model()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(EncodingError, match="fine-tune diverged"):
+        quantize_model(m, _cfg(**settings))
+    assert all(torch.equal(m.state_dict()[k], v) for k, v in before.items())
+
+
+def test_a_checkpoint_is_never_quantized_onto_itself(tiny_llama_dir, tmp_path):
+    import shutil
+
+    from hf_rbe import quantize_checkpoint
+
+    src = shutil.copytree(tiny_llama_dir, tmp_path / "m")
+    link = tmp_path / "link"
+    link.symlink_to(src)
+    for out in (src, link):
+        with pytest.raises(ValueError, match="is the source checkpoint"):
+            quantize_checkpoint(src, out, RBEConfig.from_preset("v2-3"))
+    assert sorted(p.name for p in src.iterdir()) == sorted(p.name for p in Path(tiny_llama_dir).iterdir())
