@@ -86,3 +86,14 @@ def test_bad_json_is_a_message_not_a_traceback(tmp_path):
         main(["quantize", "m", str(tmp_path / "o"), "--config", "{idx: 9}"])
     with pytest.raises(SystemExit, match="--metrics is not valid JSON"):
         main(["card", str(tmp_path), "--base-model", "x", "--metrics", "{'a': 1}"])
+
+
+def test_a_format_1_field_with_a_v2_preset_is_refused_before_loading(tiny_llama_dir, tmp_path, monkeypatch):
+    import transformers
+
+    from hf_rbe import ConfigError
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: pytest.fail("loaded the model before checking the config"))
+    with pytest.raises(ConfigError, match=r"\['idx'\] is not a setting of format 2"):
+        main(["quantize", tiny_llama_dir, str(tmp_path / "out"), "--preset", "v2-3", "--config", '{"idx": 7}'])

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -83,6 +85,18 @@ def _refuse_unquantizable(model: nn.Module) -> None:
                           "with its weights, or quantize its checkpoint with hf_rbe.quantize_checkpoint")
 
 
+def _own_config(model: PreTrainedModel) -> None:
+    """Give ``model`` a config of its own before its quantization is recorded there: models built from
+    one config object share it, and a float sibling would otherwise save as an RBE checkpoint. Every
+    submodule that held the shared config (or one of its sub-configs) gets the copy."""
+    memo: dict[int, Any] = {}
+    model.config = copy.deepcopy(model.config, memo)
+    for m in model.modules():
+        held = m.__dict__.get("config")
+        if held is not None and id(held) in memo:
+            m.config = memo[id(held)]
+
+
 def quantize_model(model: nn.Module, config: RBEConfig | None = None, modules_to_not_convert: Iterable[str] = (),
                    tokenizer: object | None = None) -> nn.Module:
     """Quantize an already-loaded model in place (outside ``from_pretrained``), with progress bars.
@@ -92,7 +106,9 @@ def quantize_model(model: nn.Module, config: RBEConfig | None = None, modules_to
     convert (``replace.modules_to_skip``), plus ``modules_to_not_convert`` kept as they are.
     With ``config.dataset`` the codes minimise each layer's output error on that calibration
     text (``calibration``; ``tokenizer`` or ``config.tokenizer`` tokenizes it). ``config`` itself
-    is never changed: the model gets a copy (with what calibration chose and recorded).
+    is never changed: the model gets a copy (with what calibration chose and recorded), and the
+    model's own ``config`` is copied too before the quantization is recorded in it. Refused: a model
+    already quantized, or on the meta device.
     """
     _refuse_unquantizable(model)
     config = (config or RBEConfig()).copy()
@@ -110,6 +126,7 @@ def quantize_model(model: nn.Module, config: RBEConfig | None = None, modules_to
                 encode_into(model.get_submodule(name), originals[name], name)
         finish_conversion(model, config, tied)
     if isinstance(model, PreTrainedModel):  # as from_pretrained leaves it: saves, reloads, dequantizes
+        _own_config(model)
         model.hf_quantizer = RBEHfQuantizer(config, pre_quantized=True)
         model.config.quantization_config = model.hf_quantizer.quantization_config
     return model

@@ -76,3 +76,19 @@ def test_a_model_quantized_by_another_method_is_refused():
     m.config.quantization_config = {"quant_method": "gptq", "bits": 4}
     with pytest.raises(hf_rbe.ConfigError, match="already quantized.*gptq"):
         hf_rbe.quantize_model(m, RBEConfig.from_preset("v2-3"))
+
+
+def test_quantizing_one_model_leaves_a_sibling_built_from_the_same_config_float(tmp_path):
+    from conftest import tiny_llama_config
+    from transformers import LlamaForCausalLM
+
+    cfg = tiny_llama_config()
+    torch.manual_seed(0)
+    sibling = LlamaForCausalLM(cfg)
+    q = hf_rbe.quantize_model(LlamaForCausalLM(cfg), RBEConfig.from_preset("v2-3"))
+    assert getattr(cfg, "quantization_config", None) is None and sibling.config is cfg
+    assert all(m.config is q.config for m in q.modules() if "config" in m.__dict__)  # one config inside the model
+    sibling.save_pretrained(tmp_path)  # a float checkpoint, as it was
+    again = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert not any(isinstance(m, hf_rbe.RBELinear) for m in again.modules())
+    assert torch.equal(again.model.layers[0].mlp.down_proj.weight, sibling.model.layers[0].mlp.down_proj.weight)
