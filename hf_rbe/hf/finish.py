@@ -22,8 +22,8 @@ from transformers import PreTrainedModel
 
 from ..core.errors import ConfigError
 from ..core.packed import PackedLinear, packed_layers
-from ..core.rbe_embedding import RBEEmbedding
 from ..core.qat import prepare_qat
+from ..core.rbe_embedding import RBEEmbedding
 from ..core.stored import STORAGE_DTYPES, store_embeddings
 from .config import RBEConfig
 from .replace import model_dtype, share_head_codes
@@ -59,6 +59,7 @@ def _resize_token_embeddings(model: PreTrainedModel, *args: Any, **kwargs: Any) 
                                   ("output head", model.get_output_embeddings()))
              if isinstance(m, (PackedLinear, RBEEmbedding))]
     if coded:
-        raise ConfigError(f"resize_token_embeddings: the {' and '.join(coded)} {'are' if len(coded) > 1 else 'is'} "
-                          "RBE-coded and cannot grow or shrink; resize the full-precision model before quantizing, or call model.dequantize() first")
+        verb = "are" if len(coded) > 1 else "is"
+        raise ConfigError(f"resize_token_embeddings: the {' and '.join(coded)} {verb} RBE-coded and cannot grow or "
+                          "shrink; resize the full-precision model before quantizing, or call model.dequantize() first")
     return type(model).resize_token_embeddings(model, *args, **kwargs)
