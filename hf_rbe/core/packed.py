@@ -138,7 +138,7 @@ class PackedLinear(nn.Linear):
         ``prepare_model_for_kbit_training`` sets every fp16 parameter's ``.data`` to fp32) when
         it lost nothing; refuse a lossy one with a clear error."""
         for name, dtype in self._float_storage:
-            p = getattr(self, name)
+            p = self._parameters[name]
             if p.dtype != dtype:
                 back = p.data.to(dtype)
                 if not torch.equal(back.to(p.dtype), p.data):
@@ -149,8 +149,15 @@ class PackedLinear(nn.Linear):
     def op_args(self, overrides: dict[str, torch.Tensor] | None = None) -> tuple[list[torch.Tensor], list[int]]:
         """(tensors, layout) for ``hf_rbe::linear``; ``overrides`` replace stored tensors by name."""
         self.keep_storage_dtypes()
-        overrides = overrides or {}
-        return [overrides.get(n, getattr(self, n)) for n in self.op_tensor_names()], self.layout()
+        # straight from the module's dicts, the layout built once: every forward pays for this
+        params, buffers = self._parameters, self._buffers
+        tensors = [params[n] if n in params else buffers[n] for n in self.op_tensor_names()]
+        if overrides:
+            tensors = [overrides.get(n, t) for n, t in zip(self.op_tensor_names(), tensors)]
+        layout = self.__dict__.get("_op_layout")
+        if layout is None:
+            layout = self.__dict__["_op_layout"] = tuple(self.layout())
+        return tensors, list(layout)
 
     def dequantize(self, dtype: torch.dtype | None = None,
                    overrides: dict[str, torch.Tensor] | None = None) -> torch.Tensor:

@@ -8,7 +8,9 @@ multiply-add (``cpu_simd``); vq8 / vq4 codes read a signed 8-vector. At M = 1 an
 the stage after it run in one pass (one x load feeds both); for M > 1 each codeword is decoded
 once per block of four input rows.
 Larger M (prefill): every stage decodes into an fp32 buffer allocated for the call, and the
-product goes to BLAS (``torch.matmul``). ``linear`` picks by M.
+product goes to BLAS (``torch.matmul``): in fp32, or in bf16 when the activations are bf16 (the
+rotated input and the decoded weight rounded to bf16: a bf16 model's own precision). ``linear``
+picks by M.
 
 Compiled by numba on first use and cached on disk (``cache=True``): no compiler at install
 time. The PyTorch reference of the op (``hf_rbe.core.ops``) is the oracle of the tests.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 
 import numba as nb
 import numpy as np
@@ -27,7 +30,7 @@ from hf_rbe.core.format_v2 import FORMAT_ID, IDX_OFFSET, PLANES, SIGN_OFFSET, VE
 from hf_rbe.core.moved import renamed
 from hf_rbe.core.op_layout import SIGNS, op_tensor_names
 
-from .cpu_simd import vadd, vbroadcast, vfma, vload, vmul, vstore, vsum, vzero
+from .cpu_simd import hload, sload, vadd, vbroadcast, vfma, vload, vmul, vstore, vsum, vzero
 
 #: Largest M the code-walking GEMV serves; above it decode + BLAS is faster (the crossover
 #: ``NOTES.md`` records, on SmolLM2 and 4096x4096 shapes).
@@ -63,36 +66,33 @@ _rotate_few = nb.njit(cache=True, fastmath=True)(_rotate_rows)  # a thread launc
 
 
 @nb.njit(cache=True, inline="always")
-def _e8p_vector(codes: np.ndarray, n: int, v: int, table: np.ndarray, signs: np.ndarray):  # noqa: ANN202
-    c = np.int32(codes[n, v]) & 0xFFFF  # int16 storage: the code's 16 bits, unsigned
+def _e8p_vector(codes: np.ndarray, at: int, table: np.ndarray, signs: np.ndarray):  # noqa: ANN202
+    c = np.int32(sload(codes, at)) & 0xFFFF  # int16 storage: the code's 16 bits, unsigned
     return vmul(vload(table, ((c >> IDX_OFFSET) & _E8P_IDX) << 3), vload(signs, (c >> SIGN_OFFSET) << 3))
 
 
 @nb.njit(cache=True, inline="always")
-def _signed_vector(codes: np.ndarray, n: int, v: int, table: np.ndarray, nibbles: bool):  # noqa: ANN202
-    if nibbles:
-        i = (np.int32(codes[n, v >> 1]) >> ((v & 1) << 2)) & _NIBBLE
-    else:
-        i = np.int32(codes[n, v])
-    return vload(table, i << 3)
-
-
-@nb.njit(cache=True, inline="always")
-def _codeword(codes: np.ndarray, n: int, v: int, table: np.ndarray, signs: np.ndarray, plane: int):  # noqa: ANN202
+def _codeword(codes: np.ndarray, at: int, table: np.ndarray, signs: np.ndarray, plane: int):  # noqa: ANN202
+    """The codeword of vector ``at`` (row * vectors per row + vector) of a flat code plane."""
     if plane == 0:
-        return _e8p_vector(codes, n, v, table, signs)
-    return _signed_vector(codes, n, v, table, plane == 2)
+        return _e8p_vector(codes, at, table, signs)
+    if plane == 2:  # two codes a byte, low nibble first
+        return vload(table, ((np.int32(sload(codes, at >> 1)) >> ((at & 1) << 2)) & _NIBBLE) << 3)
+    return vload(table, np.int32(sload(codes, at)) << 3)
 
 
 @nb.njit(cache=True, parallel=True, fastmath=True)
 def _gemv(x: np.ndarray, k: int, codes: np.ndarray, scale: np.ndarray, table: np.ndarray, signs: np.ndarray,
           plane: int, out: np.ndarray) -> None:
     """out[m, n] += sum_g scale[n, g] * (x_m . the stage's codewords of row n in group g).
-    ``x`` is the flat [M * K] rotated input; ``plane``: 0 e8p, 1 vq8, 2 vq4."""
+    ``x`` is the flat [M * K] rotated input, ``codes`` and ``scale`` (fp16 bits) flat row-major;
+    ``plane``: 0 e8p, 1 vq8, 2 vq4."""
     m_rows, n_rows = out.shape
-    n_groups = scale.shape[1]
-    per_group = (k // 8) // n_groups
+    n_groups = scale.shape[0] // n_rows
+    cols = k // 8
+    per_group = cols // n_groups
     for n in nb.prange(n_rows):
+        row = n * cols
         for m in range(m_rows):
             base = m * k
             total = np.float32(0.0)
@@ -102,12 +102,12 @@ def _gemv(x: np.ndarray, k: int, codes: np.ndarray, scale: np.ndarray, table: np
                 v = g * per_group
                 end = v + per_group
                 while v + 1 < end:
-                    a0 = vfma(_codeword(codes, n, v, table, signs, plane), vload(x, base + (v << 3)), a0)
-                    a1 = vfma(_codeword(codes, n, v + 1, table, signs, plane), vload(x, base + ((v + 1) << 3)), a1)
+                    a0 = vfma(_codeword(codes, row + v, table, signs, plane), vload(x, base + (v << 3)), a0)
+                    a1 = vfma(_codeword(codes, row + v + 1, table, signs, plane), vload(x, base + ((v + 1) << 3)), a1)
                     v += 2
                 if v < end:
-                    a0 = vfma(_codeword(codes, n, v, table, signs, plane), vload(x, base + (v << 3)), a0)
-                total += np.float32(scale[n, g]) * vsum(vadd(a0, a1))
+                    a0 = vfma(_codeword(codes, row + v, table, signs, plane), vload(x, base + (v << 3)), a0)
+                total += hload(scale, n * n_groups + g) * vsum(vadd(a0, a1))
             out[m, n] += total
 
 
@@ -115,24 +115,25 @@ def _gemv(x: np.ndarray, k: int, codes: np.ndarray, scale: np.ndarray, table: np
 def _gemv2(x: np.ndarray, k: int, codes0: np.ndarray, scale0: np.ndarray, table0: np.ndarray,
            codes1: np.ndarray, scale1: np.ndarray, table1: np.ndarray, plane1: int, signs: np.ndarray,
            out: np.ndarray) -> None:
-    """``_gemv`` of an e8p stage and the next (same scale groups) in one pass: each x load feeds
-    both stages' accumulators (two FMA chains in flight), and the outputs are written once."""
-    m_rows, n_rows = out.shape
-    n_groups = scale0.shape[1]
-    per_group = (k // 8) // n_groups
+    """``_gemv`` of an e8p stage and the next (same scale groups) in one pass at M = 1: each x
+    load feeds both stages' accumulators (two FMA chains in flight), and the output is written once."""
+    n_rows = out.shape[1]
+    n_groups = scale0.shape[0] // n_rows
+    cols = k // 8
+    per_group = cols // n_groups
     for n in nb.prange(n_rows):
-        for m in range(m_rows):
-            base = m * k
-            total = np.float32(0.0)
-            for g in range(n_groups):
-                a0 = vzero()
-                a1 = vzero()
-                for v in range(g * per_group, (g + 1) * per_group):
-                    xv = vload(x, base + (v << 3))
-                    a0 = vfma(_e8p_vector(codes0, n, v, table0, signs), xv, a0)
-                    a1 = vfma(_codeword(codes1, n, v, table1, signs, plane1), xv, a1)
-                total += np.float32(scale0[n, g]) * vsum(a0) + np.float32(scale1[n, g]) * vsum(a1)
-            out[m, n] += total
+        row = n * cols
+        total = np.float32(0.0)
+        for g in range(n_groups):
+            a0 = vzero()
+            a1 = vzero()
+            for v in range(g * per_group, (g + 1) * per_group):
+                xv = vload(x, v << 3)
+                a0 = vfma(_e8p_vector(codes0, row + v, table0, signs), xv, a0)
+                a1 = vfma(_codeword(codes1, row + v, table1, signs, plane1), xv, a1)
+            at = n * n_groups + g
+            total += hload(scale0, at) * vsum(a0) + hload(scale1, at) * vsum(a1)
+        out[0, n] += total
 
 
 @nb.njit(cache=True, parallel=True, fastmath=True)
@@ -141,9 +142,11 @@ def _gemv4(x: np.ndarray, k: int, codes: np.ndarray, scale: np.ndarray, table: n
     """``_gemv`` for M > 1: input rows in blocks of four, so each codeword is decoded once per
     block and feeds four accumulators (a short block repeats its last row and drops it)."""
     m_rows, n_rows = out.shape
-    n_groups = scale.shape[1]
-    per_group = (k // 8) // n_groups
+    n_groups = scale.shape[0] // n_rows
+    cols = k // 8
+    per_group = cols // n_groups
     for n in nb.prange(n_rows):
+        row = n * cols
         for m0 in range(0, m_rows, 4):
             b0 = m0 * k
             b1 = min(m0 + 1, m_rows - 1) * k
@@ -156,13 +159,13 @@ def _gemv4(x: np.ndarray, k: int, codes: np.ndarray, scale: np.ndarray, table: n
                 a2 = vzero()
                 a3 = vzero()
                 for v in range(g * per_group, (g + 1) * per_group):
-                    w = _codeword(codes, n, v, table, signs, plane)
+                    w = _codeword(codes, row + v, table, signs, plane)
                     o = v << 3
                     a0 = vfma(w, vload(x, b0 + o), a0)
                     a1 = vfma(w, vload(x, b1 + o), a1)
                     a2 = vfma(w, vload(x, b2 + o), a2)
                     a3 = vfma(w, vload(x, b3 + o), a3)
-                s = np.float32(scale[n, g])
+                s = hload(scale, n * n_groups + g)
                 t0 += s * vsum(a0)
                 t1 += s * vsum(a1)
                 t2 += s * vsum(a2)
@@ -180,16 +183,16 @@ def _gemv4(x: np.ndarray, k: int, codes: np.ndarray, scale: np.ndarray, table: n
 def _decode(codes: np.ndarray, scale: np.ndarray, table: np.ndarray, signs: np.ndarray, plane: int,
             w: np.ndarray, k: int, accumulate: bool) -> None:
     """The flat [N * K] buffer ``w`` (+)= the stage's decoded, still rotated weight (fp32)."""
-    n_rows, n_groups = scale.shape
-    per_group = (k // 8) // n_groups
+    cols = k // 8
+    n_rows = w.shape[0] // k
+    n_groups = scale.shape[0] // n_rows
+    per_group = cols // n_groups
     for n in nb.prange(n_rows):
-        for v in range(k // 8):
-            s = vbroadcast(np.float32(scale[n, v // per_group]))
-            if plane == 0:
-                val = vmul(_e8p_vector(codes, n, v, table, signs), s)
-            else:
-                val = vmul(_signed_vector(codes, n, v, table, plane == 2), s)
-            at = n * k + (v << 3)
+        row = n * cols
+        for v in range(cols):
+            val = vmul(_codeword(codes, row + v, table, signs, plane),
+                       vbroadcast(hload(scale, n * n_groups + v // per_group)))
+            at = (row + v) << 3
             if accumulate:
                 val = vadd(val, vload(w, at))
             vstore(w, at, val)
@@ -220,8 +223,9 @@ def _parse(layout: tuple[int, ...]) -> tuple[LayerSpecV2, tuple[str, ...], tuple
 
 
 def _stages(stages: tuple, named: dict[str, torch.Tensor]) -> list[tuple]:
-    """Per stage: (codes, fp32 scales, flat fp32 table, plane id), every shape and dtype checked:
-    the kernels index without bounds checks, so nothing unchecked may reach them."""
+    """Per stage: (flat codes, flat fp16 scales as int16 bits, flat fp32 table, plane id), every
+    shape and dtype checked: the kernels index without bounds checks, so nothing unchecked may
+    reach them. Views where the tensors are contiguous: nothing is copied per call."""
     out = []
     for prefix, plane, want in stages:
         for name, shape, dtype in want:
@@ -229,50 +233,78 @@ def _stages(stages: tuple, named: dict[str, torch.Tensor]) -> list[tuple]:
             if t.shape != shape or t.dtype != dtype:
                 raise ValueError(f"hf_rbe::linear: {name} is {t.dtype}{list(t.shape)}, the layout needs "
                                  f"{dtype}{list(shape)}")
-        out.append((named[prefix + "weight"].numpy(force=True), named[prefix + "scale"].detach().float().numpy(),
-                    named[prefix + "table"].numpy(force=True).ravel(), plane))
+        out.append((named[prefix + "weight"].numpy(force=True).reshape(-1),
+                    named[prefix + "scale"].detach().view(torch.int16).numpy().reshape(-1),
+                    named[prefix + "table"].numpy(force=True).reshape(-1), plane))
     return out
 
 
-def _rotated(x2: torch.Tensor, spec: LayerSpecV2, named: dict[str, torch.Tensor], k: int) -> np.ndarray:
-    if not spec.rotation:
-        return x2.numpy()
-    signs = named[SIGNS]
-    if signs.shape != (k,):
-        raise ValueError(f"hf_rbe::linear: {SIGNS} has shape {list(signs.shape)}, the layout needs [{k}]")
-    rotate = _rotate_few if x2.shape[0] <= GEMV_MAX_M else _rotate_many
-    return rotate(x2.numpy(), signs.detach().float().numpy(), spec.hadamard_block(k))
+#: The checked arrays of each layer's last call, by the id of its first tensor (dropped when that
+#: tensor dies): the checks and conversions cost more than a small layer's product. A plan is
+#: reused while every tensor is the same object at the same address and version (shape, for
+#: inference tensors); it holds views only (a layer with a tensor that would need a copy gets no
+#: plan), so an in-place edit is seen.
+_PLANS: dict[int, tuple] = {}
+
+
+def _plan(key: tuple[int, ...], tensors: list[torch.Tensor]) -> tuple[tuple, np.ndarray | None, int]:
+    """(stages as ``_stages`` gives them, fp32 rotation signs or ``None``, Hadamard block) of a call."""
+    try:
+        stamp = tuple((id(t), t.data_ptr(), t._version) for t in tensors)
+    except RuntimeError:  # inference tensors keep no version counter: their shapes instead
+        stamp = tuple((id(t), t.data_ptr(), t.shape) for t in tensors)
+    hit = _PLANS.get(id(tensors[0]))
+    if hit is not None and hit[0] == key and hit[1] == stamp:
+        return hit[2]
+    spec, names, stage_specs = _parse(key)
+    k = key[2]
+    named = dict(zip(names, tensors))
+    plan = (tuple(_stages(stage_specs, named)), None, 0)
+    if spec.rotation:
+        signs = named[SIGNS]
+        if signs.shape != (k,):
+            raise ValueError(f"hf_rbe::linear: {SIGNS} has shape {list(signs.shape)}, the layout needs [{k}]")
+        plan = (plan[0], signs.detach().float().numpy(), spec.hadamard_block(k))
+    if all(t.is_contiguous() for t in tensors) and (plan[1] is None or named[SIGNS].dtype == torch.float32):
+        if id(tensors[0]) not in _PLANS:
+            weakref.finalize(tensors[0], _PLANS.pop, id(tensors[0]), None)
+        _PLANS[id(tensors[0])] = (key, stamp, plan)
+    return plan
 
 
 def linear(x: torch.Tensor, tensors: list[torch.Tensor], layout: list[int], bias: torch.Tensor | None) -> torch.Tensor:
     """``hf_rbe::linear`` of a v2 layer on CPU tensors: ``x`` [..., K] -> ``x W^T + b`` in x's dtype."""
-    spec, names, stage_specs = _parse(tuple(layout))
     n, k = layout[1], layout[2]
     if x.shape[-1] != k:
         raise ValueError(f"hf_rbe::linear: x has {x.shape[-1]} features, the layer takes {k}")
-    named = dict(zip(names, tensors))
+    stages, signs, block = _plan(tuple(layout), tensors)
     lead = x.shape[:-1]
     x2 = x.detach().reshape(-1, k).float().contiguous()
     m = x2.shape[0]
-    stages = _stages(stage_specs, named)
-    xr = _rotated(x2, spec, named, k)
+    xr = x2.numpy() if signs is None else (_rotate_few if m <= GEMV_MAX_M else _rotate_many)(x2.numpy(), signs, block)
     if m <= GEMV_MAX_M:
         out = np.zeros((m, n), dtype=np.float32)
         flat = xr.ravel()
-        while stages:
-            if m == 1 and len(stages) >= 2 and stages[0][3] == 0 and stages[0][1].shape == stages[1][1].shape:
-                (c0, s0, t0, _), (c1, s1, t1, p1) = stages[:2]
+        i = 0
+        while i < len(stages):
+            if m == 1 and i + 1 < len(stages) and stages[i][3] == 0 and stages[i][1].shape == stages[i + 1][1].shape:
+                (c0, s0, t0, _), (c1, s1, t1, p1) = stages[i:i + 2]
                 _gemv2(flat, k, c0, s0, t0, c1, s1, t1, p1, _SIGNS, out)
-                stages = stages[2:]
+                i += 2
             else:
-                codes, scale, table, plane = stages.pop(0)
+                codes, scale, table, plane = stages[i]
                 (_gemv if m == 1 else _gemv4)(flat, k, codes, scale, table, _SIGNS, plane, out)
+                i += 1
         y = torch.from_numpy(out)
     else:
         w = np.empty(n * k, dtype=np.float32)  # per call: a buffer kept per shape would live as long as the process
         for i, (codes, scale, table, plane) in enumerate(stages):
             _decode(codes, scale, table, _SIGNS, plane, w, k, i > 0)
-        y = torch.from_numpy(xr) @ torch.from_numpy(w).view(n, k).T
+        wt = torch.from_numpy(w).view(n, k)
+        if x.dtype == torch.bfloat16:  # bf16 activations: a bf16 GEMM (AMX where the CPU has it), several times fp32's
+            y = torch.from_numpy(xr).bfloat16() @ wt.bfloat16().T
+        else:
+            y = torch.from_numpy(xr) @ wt.T
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype).reshape(*lead, n)

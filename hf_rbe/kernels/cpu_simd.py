@@ -7,6 +7,11 @@ Stated as one 8-lane load per operand and one fused multiply-add per code it run
 faster (``NOTES.md``), and LLVM keeps the accumulators in registers. The operations are the few the kernels
 need; every one is plain LLVM IR, so numba compiles them for whatever CPU it runs on.
 
+Two scalar loads go with them: ``sload`` (an element of a flat array) and ``hload`` (an fp16
+element, read from its 16 bits, as fp32). Indexing a numba array costs a negative-index
+wraparound check per access (three instructions around every code load); these do not, and
+numba has no fp16 type of its own.
+
 Loads and stores do no bounds checks: a caller proves its offsets in range (the kernels mask
 every code index into its table and check every array shape before the first call).
 """
@@ -61,6 +66,33 @@ def vload(typingctx, arr, offset):
         return load
 
     return f32x8(arr, offset), codegen
+
+
+@intrinsic
+def sload(typingctx, arr, offset):
+    """``arr[offset]`` of a contiguous 1-D array, without numba's wraparound of negative offsets."""
+    if not (isinstance(arr, types.Array) and arr.ndim == 1 and isinstance(arr.dtype, (types.Integer, types.Float))):
+        return None
+
+    def codegen(context, builder, sig, args):
+        data = context.make_array(sig.args[0])(context, builder, args[0]).data
+        return builder.load(builder.gep(data, [args[1]]))
+
+    return arr.dtype(arr, offset), codegen
+
+
+@intrinsic
+def hload(typingctx, arr, offset):
+    """The fp16 value whose bits are ``arr[offset]`` (a 1-D int16/uint16 array), as a float32."""
+    if not (isinstance(arr, types.Array) and arr.ndim == 1 and arr.dtype in (types.int16, types.uint16)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        data = context.make_array(sig.args[0])(context, builder, args[0]).data
+        bits = builder.load(builder.gep(data, [args[1]]))
+        return builder.fpext(builder.bitcast(bits, ir.HalfType()), ir.FloatType())
+
+    return types.float32(arr, offset), codegen
 
 
 @intrinsic

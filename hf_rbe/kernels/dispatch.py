@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+from types import ModuleType
 from typing import Optional
 
 import torch
@@ -30,13 +31,18 @@ def available(library: str) -> bool:
     return importlib.util.find_spec(library) is not None
 
 
+@functools.lru_cache(maxsize=16)
+def _module(name: Optional[str], library: str) -> Optional[ModuleType]:
+    """The kernel module ``name``, or ``None`` when there is none or its library is missing (once per name)."""
+    if name is None or not available(library):
+        return None
+    return importlib.import_module(name)
+
+
 def _dispatch(kernels: dict[int, str], library: str, x: torch.Tensor, tensors: list[torch.Tensor],
               layout: list[int], bias: Optional[torch.Tensor]) -> torch.Tensor:
-    name = kernels.get(layout[0])
-    if name is None or not available(library):
-        return ops.reference_linear(x, tensors, layout, bias)
-    module = importlib.import_module(name)
-    if not module.supports(layout):
+    module = _module(kernels.get(layout[0]), library)
+    if module is None or not module.supports(layout):
         return ops.reference_linear(x, tensors, layout, bias)
     return module.linear(x, tensors, layout, bias)
 

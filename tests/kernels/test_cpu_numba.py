@@ -6,6 +6,7 @@ cap), M on both paths (code-walking GEMV and decode + BLAS). The kernels are com
 session (numba caches them on disk), a few seconds on a cold cache.
 """
 
+import copy
 import random
 import time
 
@@ -65,7 +66,7 @@ def test_every_residual_plane(plane, m):
     assert _error(layer, torch.randn(m, 512)) < TOL, f"seed {SEED}"
 
 
-@pytest.mark.parametrize("m", [1, 12])
+@pytest.mark.parametrize("m", [1, 12, C.GEMV_MAX_M + 25])  # the last: decode + a bf16 GEMM
 def test_bf16_activations_leading_dims_and_strides(m):
     layer = _layer(LayerSpecV2((StageV2("e8p"), StageV2("vq8"))), 256, 40)
     x = torch.randn(2, m, 512)[..., ::2].bfloat16()  # non-contiguous last dim
@@ -74,6 +75,35 @@ def test_bf16_activations_leading_dims_and_strides(m):
     ref = ops.reference_linear(x.float(), tensors, layout, layer.bias.float())
     assert y.dtype == torch.bfloat16 and y.shape == (2, m, 40)
     assert float((y.float() - ref).norm() / ref.norm()) < 1e-2, f"seed {SEED}"  # bf16 output rounding
+
+
+@pytest.mark.parametrize("how", ["load_state_dict", "data_copy", "data_swap", "inference"])
+def test_a_layer_changed_after_a_call_computes_with_its_new_values(how):
+    """The kernel keeps each layer's checked arrays between calls (``_plan``): whatever way the
+    codes and scales change (the rotation staying), the next call computes with the new values."""
+    spec = LayerSpecV2((StageV2("e8p"), StageV2("vq8")))
+    layer = _layer(spec, 256, 24)
+    torch.manual_seed(SEED + 1)
+    other = RBELinear.from_linear(torch.nn.Linear(256, 24), spec, universal_tables(spec), rotation_seed=SEED)
+    names = ("weight", "scale", "residual_weight", "residual_scale")
+    x = torch.randn(1, 256)
+    with torch.inference_mode(how == "inference"):
+        if how == "inference":
+            layer = copy.deepcopy(layer)  # inference tensors: no version counter
+        before = layer(x)
+        if how == "load_state_dict":
+            layer.load_state_dict(other.state_dict())
+        elif how == "data_swap":
+            for name in names:
+                getattr(layer, name).data = getattr(other, name).data.clone()
+        else:
+            with torch.no_grad():
+                for name in names:
+                    getattr(layer, name).data.copy_(getattr(other, name))
+        tensors, layout = other.op_args()
+        want = ops.reference_linear(x, tensors, layout, layer.bias)
+        assert not torch.allclose(before, want, rtol=1e-2), "the two layers must differ"
+        assert torch.allclose(layer(x), want, rtol=1e-4, atol=1e-5), how
 
 
 def test_the_op_runs_the_kernel_on_cpu(monkeypatch):

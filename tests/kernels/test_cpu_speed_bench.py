@@ -16,5 +16,11 @@ def test_cpu_speed_bench_smoke(tmp_path):
     names = [r["weights"] for r in res["models"]]
     assert names[:2] == ["fp32", "bf16"] and "v2-3" in names and "v2-3 + bf16 embeddings" in names
     assert all(r["decode_tokens_per_s"] > 0 and r["prefill_tokens_per_s"] > 0 for r in res["models"])
-    assert {"layer_geomean_speedup", "decode_ratio", "prefill_ratio"} <= set(res["verdicts"])
-    assert "| geometric mean |" in out.with_suffix(".md").read_text()
+    assert {"decode_vs_bf16", "prefill_vs_bf16", "decoder_8b_vs_bf16"} <= set(res["verdicts"])
+    bw = res["bandwidth"]
+    assert bw["gbs"] == max(bw["copy_gbs"], bw["triad_gbs"], bw["read_gbs"]) > 0
+    row = res["layers"][0]
+    assert row["v2-3_gbs"] / bw["gbs"] == row["v2-3_bandwidth_fraction"]
+    assert [r["weights"] for r in res["decoder_8b"]] == ["bf16", "v2-3"]
+    md = out.with_suffix(".md").read_text()
+    assert "Speedup over torch bf16" in md and "8B-shaped decoder" in md
