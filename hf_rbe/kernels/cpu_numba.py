@@ -7,10 +7,10 @@ walks its codes. An e8p code costs one 8-lane load from the 512-entry table, one
 multiply-add (``cpu_simd``); vq8 / vq4 codes read a signed 8-vector. At M = 1 an e8p stage and
 the stage after it run in one pass (one x load feeds both); for M > 1 each codeword is decoded
 once per block of four input rows.
-Larger M (prefill): every stage decodes into an fp32 buffer allocated for the call, and the
-product goes to BLAS (``torch.matmul``): in fp32, or in bf16 when the activations are bf16 (the
-rotated input and the decoded weight rounded to bf16: a bf16 model's own precision). ``linear``
-picks by M.
+Larger M (prefill): the rotation is a matmul by the Hadamard block, every stage decodes into an
+fp32 buffer allocated for the call, and the product goes to BLAS (``torch.matmul``): in fp32, or
+in bf16 when the activations are bf16 (the rotated input and the decoded weight rounded to bf16:
+a bf16 model's own precision). ``linear`` picks by M.
 
 Compiled by numba on first use and cached on disk (``cache=True``): no compiler at install
 time. The PyTorch reference of the op (``hf_rbe.core.ops``) is the oracle of the tests.
@@ -29,6 +29,7 @@ import torch
 from hf_rbe.core.format_v2 import FORMAT_ID, IDX_OFFSET, PLANES, SIGN_OFFSET, VECTOR_DIM, LayerSpecV2, e8p_sign_table
 from hf_rbe.core.moved import renamed
 from hf_rbe.core.op_layout import SIGNS, op_tensor_names
+from hf_rbe.core.rotation import rotate
 
 from .cpu_simd import hload, sload, vadd, vbroadcast, vfma, vload, vmul, vstore, vsum, vzero
 
@@ -40,7 +41,7 @@ _NIBBLE = PLANES["vq4"].table_size - 1
 
 
 def _rotate_rows(x: np.ndarray, signs: np.ndarray, block: int) -> np.ndarray:
-    """``x S H`` per block of ``block`` columns for x [M, K] (fp32), by in-place butterflies."""
+    """``x S H`` per block of ``block`` columns for x [M, K] (fp32, few rows), by in-place butterflies."""
     m, k = x.shape
     out = np.empty_like(x)
     norm = np.float32(1.0 / math.sqrt(block))
@@ -61,7 +62,6 @@ def _rotate_rows(x: np.ndarray, signs: np.ndarray, block: int) -> np.ndarray:
     return out
 
 
-_rotate_many = nb.njit(cache=True, parallel=True, fastmath=True)(_rotate_rows)
 _rotate_few = nb.njit(cache=True, fastmath=True)(_rotate_rows)  # a thread launch costs more than a few rows
 
 
@@ -281,7 +281,12 @@ def linear(x: torch.Tensor, tensors: list[torch.Tensor], layout: list[int], bias
     lead = x.shape[:-1]
     x2 = x.detach().reshape(-1, k).float().contiguous()
     m = x2.shape[0]
-    xr = x2.numpy() if signs is None else (_rotate_few if m <= GEMV_MAX_M else _rotate_many)(x2.numpy(), signs, block)
+    if signs is None:
+        xr = x2.numpy()
+    elif m <= GEMV_MAX_M:
+        xr = _rotate_few(x2.numpy(), signs, block)
+    else:  # many rows: blocks times the Hadamard matrix (BLAS) beat the butterflies' strided scalar passes
+        xr = rotate(x2, torch.from_numpy(signs), block).numpy()
     if m <= GEMV_MAX_M:
         out = np.zeros((m, n), dtype=np.float32)
         flat = xr.ravel()

@@ -1,0 +1,266 @@
+"""Why the CPU GEMV looks the way it does: the product kernels next to the forms they replaced or beat.
+
+    python bench/cpu_kernel_variants.py            # results/cpu_kernel_variants.{json,md} (a few minutes)
+    python bench/cpu_kernel_variants.py --smoke    # tiny shapes: checks the script only
+
+At M = 1, for an e8p stage alone (v2-2) and e8p fused with a vq8 stage (v2-3), with random codes
+(a kernel's cost does not depend on their values), weights streamed from memory (copies filling
+``STREAM_BYTES``), all candidates timed round-robin in this process:
+
+- ``product``: ``hf_rbe.kernels.cpu_numba`` (flat codes read by ``sload``, fp16 scales by ``hload``);
+- ``indexed``: the same loops indexing 2-D numba arrays (numba's negative-index wraparound on every
+  code load) with the scales converted to fp32 per call: the kernel before issue #28;
+- ``two rows``: two output rows per iteration sharing each x load;
+- ``16 offsets``: the fields of 16 codes extracted first into a scratch array (vectorizable),
+  then the table loads and FMAs.
+Every variant's output is checked against the product kernel's before timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import time
+
+import numba as nb
+import numpy as np
+
+from hf_rbe.evaluation.results import run_meta, write_results
+from hf_rbe.kernels import cpu_numba as cn
+from hf_rbe.kernels.cpu_simd import hload, sload, vadd, vfma, vload, vmul, vsum, vzero
+
+SHAPES = [(576, 1536), (4096, 14336)]  # (in_features, out_features)
+STREAM_BYTES = 512 * 2**20
+_SCRATCH = 16
+
+
+@nb.njit(inline="always")
+def _e8p_2d(codes, n, v, table, signs):  # noqa: ANN001, ANN202
+    c = np.int32(codes[n, v]) & 0xFFFF
+    return vmul(vload(table, (c & 511) << 3), vload(signs, (c >> 9) << 3))
+
+
+@nb.njit(parallel=True, fastmath=True)
+def indexed_1(x, k, codes, scale, table, signs, out):  # noqa: ANN001
+    n_rows = out.shape[1]
+    for n in nb.prange(n_rows):
+        a0 = vzero()
+        a1 = vzero()
+        v = 0
+        while v + 1 < k // 8:
+            a0 = vfma(_e8p_2d(codes, n, v, table, signs), vload(x, v << 3), a0)
+            a1 = vfma(_e8p_2d(codes, n, v + 1, table, signs), vload(x, (v + 1) << 3), a1)
+            v += 2
+        out[0, n] += scale[n, 0] * vsum(vadd(a0, a1))
+
+
+@nb.njit(parallel=True, fastmath=True)
+def indexed_2(x, k, codes0, scale0, table0, codes1, scale1, table1, signs, out):  # noqa: ANN001
+    n_rows = out.shape[1]
+    for n in nb.prange(n_rows):
+        a0 = vzero()
+        a1 = vzero()
+        for v in range(k // 8):
+            xv = vload(x, v << 3)
+            a0 = vfma(_e8p_2d(codes0, n, v, table0, signs), xv, a0)
+            a1 = vfma(vload(table1, np.int32(codes1[n, v]) << 3), xv, a1)
+        out[0, n] += scale0[n, 0] * vsum(a0) + scale1[n, 0] * vsum(a1)
+
+
+@nb.njit(inline="always")
+def _e8p(codes, at, table, signs):  # noqa: ANN001, ANN202
+    c = np.int32(sload(codes, at)) & 0xFFFF
+    return vmul(vload(table, (c & 511) << 3), vload(signs, (c >> 9) << 3))
+
+
+@nb.njit(parallel=True, fastmath=True)
+def two_rows_1(x, k, codes, scale, table, signs, out):  # noqa: ANN001
+    n_rows, cols = out.shape[1], k // 8
+    for p in nb.prange((n_rows + 1) // 2):
+        n0 = 2 * p
+        n1 = min(n0 + 1, n_rows - 1)
+        a = vzero()
+        b = vzero()
+        for v in range(cols):
+            xv = vload(x, v << 3)
+            a = vfma(_e8p(codes, n0 * cols + v, table, signs), xv, a)
+            b = vfma(_e8p(codes, n1 * cols + v, table, signs), xv, b)
+        out[0, n0] += hload(scale, n0) * vsum(a)
+        if n1 != n0:
+            out[0, n1] += hload(scale, n1) * vsum(b)
+
+
+@nb.njit(parallel=True, fastmath=True)
+def two_rows_2(x, k, codes0, scale0, table0, codes1, scale1, table1, signs, out):  # noqa: ANN001
+    n_rows, cols = out.shape[1], k // 8
+    for p in nb.prange((n_rows + 1) // 2):
+        n0 = 2 * p
+        n1 = min(n0 + 1, n_rows - 1)
+        a0 = vzero()
+        a1 = vzero()
+        b0 = vzero()
+        b1 = vzero()
+        for v in range(cols):
+            xv = vload(x, v << 3)
+            a0 = vfma(_e8p(codes0, n0 * cols + v, table0, signs), xv, a0)
+            a1 = vfma(vload(table1, np.int32(sload(codes1, n0 * cols + v)) << 3), xv, a1)
+            b0 = vfma(_e8p(codes0, n1 * cols + v, table0, signs), xv, b0)
+            b1 = vfma(vload(table1, np.int32(sload(codes1, n1 * cols + v)) << 3), xv, b1)
+        out[0, n0] += hload(scale0, n0) * vsum(a0) + hload(scale1, n0) * vsum(a1)
+        if n1 != n0:
+            out[0, n1] += hload(scale0, n1) * vsum(b0) + hload(scale1, n1) * vsum(b1)
+
+
+@nb.njit(parallel=True, fastmath=True)
+def offsets_1(x, k, codes, scale, table, signs, out, chunks):  # noqa: ANN001
+    n_rows, cols = out.shape[1], k // 8
+    per_chunk = (n_rows + chunks - 1) // chunks
+    for ch in nb.prange(chunks):
+        io = np.empty(_SCRATCH, np.int32)
+        so = np.empty(_SCRATCH, np.int32)
+        for n in range(ch * per_chunk, min(n_rows, (ch + 1) * per_chunk)):
+            a = vzero()
+            for v0 in range(0, cols, _SCRATCH):
+                m = min(_SCRATCH, cols - v0)
+                for j in range(m):
+                    c = np.int32(sload(codes, n * cols + v0 + j)) & 0xFFFF
+                    io[j] = (c & 511) << 3
+                    so[j] = (c >> 9) << 3
+                for j in range(m):
+                    a = vfma(vmul(vload(table, io[j]), vload(signs, so[j])), vload(x, (v0 + j) << 3), a)
+            out[0, n] += hload(scale, n) * vsum(a)
+
+
+@nb.njit(parallel=True, fastmath=True)
+def offsets_2(x, k, codes0, scale0, table0, codes1, scale1, table1, signs, out, chunks):  # noqa: ANN001
+    n_rows, cols = out.shape[1], k // 8
+    per_chunk = (n_rows + chunks - 1) // chunks
+    for ch in nb.prange(chunks):
+        io = np.empty(_SCRATCH, np.int32)
+        so = np.empty(_SCRATCH, np.int32)
+        jo = np.empty(_SCRATCH, np.int32)
+        for n in range(ch * per_chunk, min(n_rows, (ch + 1) * per_chunk)):
+            a0 = vzero()
+            a1 = vzero()
+            for v0 in range(0, cols, _SCRATCH):
+                m = min(_SCRATCH, cols - v0)
+                for j in range(m):
+                    c = np.int32(sload(codes0, n * cols + v0 + j)) & 0xFFFF
+                    io[j] = (c & 511) << 3
+                    so[j] = (c >> 9) << 3
+                    jo[j] = np.int32(sload(codes1, n * cols + v0 + j)) << 3
+                for j in range(m):
+                    xv = vload(x, (v0 + j) << 3)
+                    a0 = vfma(vmul(vload(table0, io[j]), vload(signs, so[j])), xv, a0)
+                    a1 = vfma(vload(table1, jo[j]), xv, a1)
+            out[0, n] += hload(scale0, n) * vsum(a0) + hload(scale1, n) * vsum(a1)
+
+
+def _layer(n: int, k: int, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"x": rng.standard_normal(k).astype(np.float32),
+            "c0": rng.integers(-32768, 32768, (n, k // 8)).astype(np.int16),
+            "c1": rng.integers(0, 256, (n, k // 8)).astype(np.uint8),
+            "s0": (0.005 + 0.005 * rng.random((n, 1))).astype(np.float16),
+            "s1": (0.005 + 0.005 * rng.random((n, 1))).astype(np.float16),
+            "t0": rng.standard_normal(512 * 8).astype(np.float32),
+            "t1": rng.standard_normal(256 * 8).astype(np.float32)}
+
+
+def _call(variant: str, stages: int, L: dict, k: int, out: np.ndarray) -> None:
+    S = cn._SIGNS
+    flat = {c: L[c].reshape(-1) for c in ("c0", "c1")}
+    bits = {s: L[s].view(np.int16).reshape(-1) for s in ("s0", "s1")}
+    if variant == "product":
+        if stages == 1:
+            cn._gemv(L["x"], k, flat["c0"], bits["s0"], L["t0"], S, 0, out)
+        else:
+            cn._gemv2(L["x"], k, flat["c0"], bits["s0"], L["t0"], flat["c1"], bits["s1"], L["t1"], 1, S, out)
+    elif variant == "indexed":
+        f32 = {s: L[s].astype(np.float32) for s in ("s0", "s1")}  # the per-call conversion it made
+        if stages == 1:
+            indexed_1(L["x"], k, L["c0"], f32["s0"], L["t0"], S, out)
+        else:
+            indexed_2(L["x"], k, L["c0"], f32["s0"], L["t0"], L["c1"], f32["s1"], L["t1"], S, out)
+    elif variant == "two rows":
+        if stages == 1:
+            two_rows_1(L["x"], k, flat["c0"], bits["s0"], L["t0"], S, out)
+        else:
+            two_rows_2(L["x"], k, flat["c0"], bits["s0"], L["t0"], flat["c1"], bits["s1"], L["t1"], S, out)
+    else:
+        chunks = 4 * nb.get_num_threads()
+        if stages == 1:
+            offsets_1(L["x"], k, flat["c0"], bits["s0"], L["t0"], S, out, chunks)
+        else:
+            offsets_2(L["x"], k, flat["c0"], bits["s0"], L["t0"], flat["c1"], bits["s1"], L["t1"], S, out, chunks)
+
+
+VARIANTS = ["product", "indexed", "two rows", "16 offsets"]
+
+
+def rows(shapes: list[tuple[int, int]], rounds: int, stream_bytes: int) -> list[dict]:
+    out = []
+    for k, n in shapes:
+        for stages, preset in ((1, "v2-2"), (2, "v2-3")):
+            nbytes = n * k * (2 if stages == 1 else 3) // 8
+            layers = [_layer(n, k, s) for s in range(max(2, -(-stream_bytes // nbytes)))]
+            ref = np.zeros((1, n), np.float32)
+            _call("product", stages, layers[0], k, ref)
+            for v in VARIANTS[1:]:
+                got = np.zeros((1, n), np.float32)
+                _call(v, stages, layers[0], k, got)
+                err = float(np.abs(got - ref).max() / np.abs(ref).max())
+                if err > 1e-5:
+                    raise AssertionError(f"{v} differs from the product kernel by {err:.2e} ({preset}, {k}x{n})")
+            times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+            for r in range(rounds + 1):  # the first round warms up (JIT)
+                for v in VARIANTS:
+                    t0 = time.perf_counter()
+                    for L in layers:
+                        _call(v, stages, L, k, np.zeros((1, n), np.float32))
+                    if r:
+                        times[v].append((time.perf_counter() - t0) / len(layers))
+            us = {v: statistics.median(t) * 1e6 for v, t in times.items()}
+            row = {"in": k, "out": n, "preset": preset, "copies": len(layers),
+                   **{f"{v}_us": us[v] for v in VARIANTS},
+                   **{f"{v}_vs_product": us[v] / us["product"] for v in VARIANTS}}
+            logging.info("%s", row)
+            out.append(row)
+    return out
+
+
+def table(res: dict) -> str:
+    m = res["meta"]
+    lines = [f"`{m['command']}` on {m['machine']}, numba {m['numba_threads']} threads, load average before "
+             f"{m['load_before']}, after {m['load_after']}, {m['date']}", "",
+             "GEMV at M = 1, weights streamed: microseconds per call (time relative to the product kernel):", "",
+             "| in x out | preset | " + " | ".join(VARIANTS) + " |", "|---|---|" + "---|" * len(VARIANTS)]
+    for r in res["rows"]:
+        lines.append(f"| {r['in']}x{r['out']} | {r['preset']} | " + " | ".join(
+            f"{r[f'{v}_us']:.0f} ({r[f'{v}_vs_product']:.2f})" for v in VARIANTS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes: checks the script only")
+    ap.add_argument("--out", default=None, help="default: results/cpu_kernel_variants (runs/... with --smoke)")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    nb.set_num_threads(args.threads)
+    load_before = "%.2f %.2f %.2f" % os.getloadavg()
+    data = rows([(64, 24)], 1, 2**16) if args.smoke else rows(SHAPES, args.rounds, STREAM_BYTES)
+    meta = {**run_meta(), "numba_threads": nb.get_num_threads(), "load_before": load_before,
+            "load_after": "%.2f %.2f %.2f" % os.getloadavg()}
+    res = {"meta": meta, "rows": data}
+    out = args.out or ("runs/cpu_kernel_variants_smoke" if args.smoke else "results/cpu_kernel_variants")
+    write_results(out, meta, data, table(res))
+    print(table(res))
+
+
+if __name__ == "__main__":
+    main()
