@@ -169,10 +169,16 @@ def _layer(n: int, k: int, seed: int) -> dict[str, np.ndarray]:
             "t1": rng.standard_normal(256 * 8).astype(np.float32)}
 
 
+def _views(L: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``L`` plus the flat codes and the scales' fp16 bits the flat kernels take (made once, not per call)."""
+    return {**L, **{f"{c}f": L[c].reshape(-1) for c in ("c0", "c1")},
+            **{f"{s}b": L[s].view(np.int16).reshape(-1) for s in ("s0", "s1")}}
+
+
 def _call(variant: str, stages: int, L: dict, k: int, out: np.ndarray) -> None:
     S = cn._SIGNS
-    flat = {c: L[c].reshape(-1) for c in ("c0", "c1")}
-    bits = {s: L[s].view(np.int16).reshape(-1) for s in ("s0", "s1")}
+    flat = {c: L[f"{c}f"] for c in ("c0", "c1")}
+    bits = {s: L[f"{s}b"] for s in ("s0", "s1")}
     if variant == "product":
         if stages == 1:
             cn._gemv(L["x"], k, flat["c0"], bits["s0"], L["t0"], S, 0, out)
@@ -205,7 +211,7 @@ def rows(shapes: list[tuple[int, int]], rounds: int, stream_bytes: int) -> list[
     for k, n in shapes:
         for stages, preset in ((1, "v2-2"), (2, "v2-3")):
             nbytes = n * k * (2 if stages == 1 else 3) // 8
-            layers = [_layer(n, k, s) for s in range(max(2, -(-stream_bytes // nbytes)))]
+            layers = [_views(_layer(n, k, s)) for s in range(max(2, -(-stream_bytes // nbytes)))]
             ref = np.zeros((1, n), np.float32)
             _call("product", stages, layers[0], k, ref)
             for v in VARIANTS[1:]:

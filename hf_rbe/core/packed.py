@@ -150,10 +150,10 @@ class PackedLinear(nn.Linear):
         """(tensors, layout) for ``hf_rbe::linear``; ``overrides`` replace stored tensors by name."""
         self.keep_storage_dtypes()
         # straight from the module's dicts, the layout built once: every forward pays for this
-        params, buffers = self._parameters, self._buffers
-        tensors = [params[n] if n in params else buffers[n] for n in self.op_tensor_names()]
+        params, buffers, names = self._parameters, self._buffers, self.op_tensor_names()
+        tensors = [params[n] if n in params else buffers[n] for n in names]
         if overrides:
-            tensors = [overrides.get(n, t) for n, t in zip(self.op_tensor_names(), tensors)]
+            tensors = [overrides.get(n, t) for n, t in zip(names, tensors)]
         layout = self.__dict__.get("_op_layout")
         if layout is None:
             layout = self.__dict__["_op_layout"] = tuple(self.layout())
