@@ -7,10 +7,12 @@ At M = 1, for an e8p stage alone (v2-2) and e8p fused with a vq8 stage (v2-3), w
 (a kernel's cost does not depend on their values), weights streamed from memory (copies filling
 ``STREAM_BYTES``), all candidates timed round-robin in this process:
 
-- ``product``: ``hf_rbe.kernels.cpu_numba`` (flat codes read by ``sload``, fp16 scales by ``hload``);
+- ``product``: ``hf_rbe.kernels.cpu_numba`` (flat codes read by ``sload``, fp16 scales by ``hload``,
+  two output rows per iteration sharing each x load, one loop compiled per residual plane);
+- ``one row``: one output row per iteration (the product kernel of the second pass of issue #28);
+- ``four chains``: one row, four accumulators per stage (four fused multiply-add chains in flight);
 - ``indexed``: the same loops indexing 2-D numba arrays (numba's negative-index wraparound on every
   code load) with the scales converted to fp32 per call: the kernel before issue #28;
-- ``two rows``: two output rows per iteration sharing each x load;
 - ``16 offsets``: the fields of 16 codes extracted first into a scratch array (vectorizable),
   then the table loads and FMAs.
 Every variant's output is checked against the product kernel's before timing.
@@ -76,41 +78,73 @@ def _e8p(codes, at, table, signs):  # noqa: ANN001, ANN202
 
 
 @nb.njit(parallel=True, fastmath=True)
-def two_rows_1(x, k, codes, scale, table, signs, out):  # noqa: ANN001
+def one_row_1(x, k, codes, scale, table, signs, out):  # noqa: ANN001
     n_rows, cols = out.shape[1], k // 8
-    for p in nb.prange((n_rows + 1) // 2):
-        n0 = 2 * p
-        n1 = min(n0 + 1, n_rows - 1)
+    for n in nb.prange(n_rows):
         a = vzero()
-        b = vzero()
         for v in range(cols):
-            xv = vload(x, v << 3)
-            a = vfma(_e8p(codes, n0 * cols + v, table, signs), xv, a)
-            b = vfma(_e8p(codes, n1 * cols + v, table, signs), xv, b)
-        out[0, n0] += hload(scale, n0) * vsum(a)
-        if n1 != n0:
-            out[0, n1] += hload(scale, n1) * vsum(b)
+            a = vfma(_e8p(codes, n * cols + v, table, signs), vload(x, v << 3), a)
+        out[0, n] += hload(scale, n) * vsum(a)
 
 
 @nb.njit(parallel=True, fastmath=True)
-def two_rows_2(x, k, codes0, scale0, table0, codes1, scale1, table1, signs, out):  # noqa: ANN001
+def one_row_2(x, k, codes0, scale0, table0, codes1, scale1, table1, signs, out):  # noqa: ANN001
     n_rows, cols = out.shape[1], k // 8
-    for p in nb.prange((n_rows + 1) // 2):
-        n0 = 2 * p
-        n1 = min(n0 + 1, n_rows - 1)
+    for n in nb.prange(n_rows):
         a0 = vzero()
         a1 = vzero()
-        b0 = vzero()
-        b1 = vzero()
         for v in range(cols):
             xv = vload(x, v << 3)
-            a0 = vfma(_e8p(codes0, n0 * cols + v, table0, signs), xv, a0)
-            a1 = vfma(vload(table1, np.int32(sload(codes1, n0 * cols + v)) << 3), xv, a1)
-            b0 = vfma(_e8p(codes0, n1 * cols + v, table0, signs), xv, b0)
-            b1 = vfma(vload(table1, np.int32(sload(codes1, n1 * cols + v)) << 3), xv, b1)
-        out[0, n0] += hload(scale0, n0) * vsum(a0) + hload(scale1, n0) * vsum(a1)
-        if n1 != n0:
-            out[0, n1] += hload(scale0, n1) * vsum(b0) + hload(scale1, n1) * vsum(b1)
+            a0 = vfma(_e8p(codes0, n * cols + v, table0, signs), xv, a0)
+            a1 = vfma(vload(table1, np.int32(sload(codes1, n * cols + v)) << 3), xv, a1)
+        out[0, n] += hload(scale0, n) * vsum(a0) + hload(scale1, n) * vsum(a1)
+
+
+@nb.njit(parallel=True, fastmath=True)
+def four_chains_1(x, k, codes, scale, table, signs, out):  # noqa: ANN001
+    n_rows, cols = out.shape[1], k // 8
+    for n in nb.prange(n_rows):
+        r = n * cols
+        a0 = vzero()
+        a1 = vzero()
+        a2 = vzero()
+        a3 = vzero()
+        for v in range(0, cols, 4):  # the bench's shapes have a multiple of four codes per row
+            a0 = vfma(_e8p(codes, r + v, table, signs), vload(x, v << 3), a0)
+            a1 = vfma(_e8p(codes, r + v + 1, table, signs), vload(x, (v + 1) << 3), a1)
+            a2 = vfma(_e8p(codes, r + v + 2, table, signs), vload(x, (v + 2) << 3), a2)
+            a3 = vfma(_e8p(codes, r + v + 3, table, signs), vload(x, (v + 3) << 3), a3)
+        out[0, n] += hload(scale, n) * vsum(vadd(vadd(a0, a1), vadd(a2, a3)))
+
+
+@nb.njit(parallel=True, fastmath=True)
+def four_chains_2(x, k, codes0, scale0, table0, codes1, scale1, table1, signs, out):  # noqa: ANN001
+    n_rows, cols = out.shape[1], k // 8
+    for n in nb.prange(n_rows):
+        r = n * cols
+        a0 = vzero()
+        a1 = vzero()
+        a2 = vzero()
+        a3 = vzero()
+        b0 = vzero()
+        b1 = vzero()
+        b2 = vzero()
+        b3 = vzero()
+        for v in range(0, cols, 4):
+            x0 = vload(x, v << 3)
+            x1 = vload(x, (v + 1) << 3)
+            x2 = vload(x, (v + 2) << 3)
+            x3 = vload(x, (v + 3) << 3)
+            a0 = vfma(_e8p(codes0, r + v, table0, signs), x0, a0)
+            a1 = vfma(_e8p(codes0, r + v + 1, table0, signs), x1, a1)
+            a2 = vfma(_e8p(codes0, r + v + 2, table0, signs), x2, a2)
+            a3 = vfma(_e8p(codes0, r + v + 3, table0, signs), x3, a3)
+            b0 = vfma(vload(table1, np.int32(sload(codes1, r + v)) << 3), x0, b0)
+            b1 = vfma(vload(table1, np.int32(sload(codes1, r + v + 1)) << 3), x1, b1)
+            b2 = vfma(vload(table1, np.int32(sload(codes1, r + v + 2)) << 3), x2, b2)
+            b3 = vfma(vload(table1, np.int32(sload(codes1, r + v + 3)) << 3), x3, b3)
+        out[0, n] += (hload(scale0, n) * vsum(vadd(vadd(a0, a1), vadd(a2, a3)))
+                      + hload(scale1, n) * vsum(vadd(vadd(b0, b1), vadd(b2, b3))))
 
 
 @nb.njit(parallel=True, fastmath=True)
@@ -181,20 +215,25 @@ def _call(variant: str, stages: int, L: dict, k: int, out: np.ndarray) -> None:
     bits = {s: L[f"{s}b"] for s in ("s0", "s1")}
     if variant == "product":
         if stages == 1:
-            cn._gemv(L["x"], k, flat["c0"], bits["s0"], L["t0"], S, 0, out)
+            cn._GEMV[0](L["x"], k, flat["c0"], bits["s0"], L["t0"], S, out)
         else:
-            cn._gemv2(L["x"], k, flat["c0"], bits["s0"], L["t0"], flat["c1"], bits["s1"], L["t1"], 1, S, out)
+            cn._GEMV2[1](L["x"], k, flat["c0"], bits["s0"], L["t0"], flat["c1"], bits["s1"], L["t1"], S, out)
     elif variant == "indexed":
         f32 = {s: L[s].astype(np.float32) for s in ("s0", "s1")}  # the per-call conversion it made
         if stages == 1:
             indexed_1(L["x"], k, L["c0"], f32["s0"], L["t0"], S, out)
         else:
             indexed_2(L["x"], k, L["c0"], f32["s0"], L["t0"], L["c1"], f32["s1"], L["t1"], S, out)
-    elif variant == "two rows":
+    elif variant == "one row":
         if stages == 1:
-            two_rows_1(L["x"], k, flat["c0"], bits["s0"], L["t0"], S, out)
+            one_row_1(L["x"], k, flat["c0"], bits["s0"], L["t0"], S, out)
         else:
-            two_rows_2(L["x"], k, flat["c0"], bits["s0"], L["t0"], flat["c1"], bits["s1"], L["t1"], S, out)
+            one_row_2(L["x"], k, flat["c0"], bits["s0"], L["t0"], flat["c1"], bits["s1"], L["t1"], S, out)
+    elif variant == "four chains":
+        if stages == 1:
+            four_chains_1(L["x"], k, flat["c0"], bits["s0"], L["t0"], S, out)
+        else:
+            four_chains_2(L["x"], k, flat["c0"], bits["s0"], L["t0"], flat["c1"], bits["s1"], L["t1"], S, out)
     else:
         chunks = 4 * nb.get_num_threads()
         if stages == 1:
@@ -203,7 +242,7 @@ def _call(variant: str, stages: int, L: dict, k: int, out: np.ndarray) -> None:
             offsets_2(L["x"], k, flat["c0"], bits["s0"], L["t0"], flat["c1"], bits["s1"], L["t1"], S, out, chunks)
 
 
-VARIANTS = ["product", "indexed", "two rows", "16 offsets"]
+VARIANTS = ["product", "one row", "four chains", "indexed", "16 offsets"]
 
 
 def rows(shapes: list[tuple[int, int]], rounds: int, stream_bytes: int) -> list[dict]:

@@ -5,8 +5,8 @@ Walsh-Hadamard transform (``K log B`` adds), then every output row (in parallel,
 walks its codes. An e8p code costs one 8-lane load from the 512-entry table, one from the
 128-entry +-1 sign table (16 KiB + 4 KiB: both stay in L1), one of x and a multiply and a fused
 multiply-add (``cpu_simd``); vq8 / vq4 codes read a signed 8-vector. At M = 1 an e8p stage and
-the stage after it run in one pass (one x load feeds both); for M > 1 each codeword is decoded
-once per block of four input rows.
+the stage after it run in one pass, two output rows at a time (one x load feeds four
+accumulators); for M > 1 each codeword is decoded once per block of four input rows.
 Larger M (prefill): the rotation is a matmul by the Hadamard block, every stage decodes into an
 fp32 buffer allocated for the call, and the product goes to BLAS (``torch.matmul``): in fp32, or
 in bf16 when the activations are bf16 (the rotated input and the decoded weight rounded to bf16:
@@ -81,129 +81,162 @@ def _codeword(codes: np.ndarray, at: int, table: np.ndarray, signs: np.ndarray, 
     return vload(table, np.int32(sload(codes, at)) << 3)
 
 
-@nb.njit(cache=True, parallel=True, fastmath=True)
-def _gemv(x: np.ndarray, k: int, codes: np.ndarray, scale: np.ndarray, table: np.ndarray, signs: np.ndarray,
-          plane: int, out: np.ndarray) -> None:
-    """out[m, n] += sum_g scale[n, g] * (x_m . the stage's codewords of row n in group g).
-    ``x`` is the flat [M * K] rotated input, ``codes`` and ``scale`` (fp16 bits) flat row-major;
-    ``plane``: 0 e8p, 1 vq8, 2 vq4."""
-    m_rows, n_rows = out.shape
-    n_groups = scale.shape[0] // n_rows
-    cols = k // 8
-    per_group = cols // n_groups
-    for n in nb.prange(n_rows):
-        row = n * cols
-        for m in range(m_rows):
-            base = m * k
-            total = np.float32(0.0)
+# Each kernel is made once per plane of the stage it walks (the plane a constant of its closure,
+# so numba compiles one loop per plane and caches each): a plane passed as an argument is a branch
+# per code that LLVM does not take out of the unrolled loop. Planes: 0 e8p, 1 vq8, 2 vq4.
+
+
+def _gemv_for(plane: int):  # noqa: ANN202
+    @nb.njit(cache=True, parallel=True, fastmath=True)
+    def gemv(x: np.ndarray, k: int, codes: np.ndarray, scale: np.ndarray, table: np.ndarray, signs: np.ndarray,
+             out: np.ndarray) -> None:
+        """out[0, n] += sum_g scale[n, g] * (x . the stage's codewords of row n in group g), at M = 1.
+        ``x`` is the flat [K] rotated input, ``codes`` and ``scale`` (fp16 bits) flat row-major.
+        Two output rows per iteration share each x load (an odd last row is computed twice and
+        written once)."""
+        n_rows = out.shape[1]
+        n_groups = scale.shape[0] // n_rows
+        cols = k // 8
+        per_group = cols // n_groups
+        for p in nb.prange((n_rows + 1) // 2):
+            n0 = 2 * p
+            n1 = min(n0 + 1, n_rows - 1)
+            r0 = n0 * cols
+            r1 = n1 * cols
+            t0 = np.float32(0.0)
+            t1 = np.float32(0.0)
             for g in range(n_groups):
-                a0 = vzero()
-                a1 = vzero()  # two accumulators: two FMA chains in flight
-                v = g * per_group
-                end = v + per_group
-                while v + 1 < end:
-                    a0 = vfma(_codeword(codes, row + v, table, signs, plane), vload(x, base + (v << 3)), a0)
-                    a1 = vfma(_codeword(codes, row + v + 1, table, signs, plane), vload(x, base + ((v + 1) << 3)), a1)
-                    v += 2
-                if v < end:
-                    a0 = vfma(_codeword(codes, row + v, table, signs, plane), vload(x, base + (v << 3)), a0)
-                total += hload(scale, n * n_groups + g) * vsum(vadd(a0, a1))
-            out[m, n] += total
+                a = vzero()
+                b = vzero()
+                for v in range(g * per_group, (g + 1) * per_group):
+                    xv = vload(x, v << 3)
+                    a = vfma(_codeword(codes, r0 + v, table, signs, plane), xv, a)
+                    b = vfma(_codeword(codes, r1 + v, table, signs, plane), xv, b)
+                t0 += hload(scale, n0 * n_groups + g) * vsum(a)
+                t1 += hload(scale, n1 * n_groups + g) * vsum(b)
+            out[0, n0] += t0
+            if n1 != n0:
+                out[0, n1] += t1
+
+    return gemv
 
 
-@nb.njit(cache=True, parallel=True, fastmath=True)
-def _gemv2(x: np.ndarray, k: int, codes0: np.ndarray, scale0: np.ndarray, table0: np.ndarray,
-           codes1: np.ndarray, scale1: np.ndarray, table1: np.ndarray, plane1: int, signs: np.ndarray,
-           out: np.ndarray) -> None:
-    """``_gemv`` of an e8p stage and the next (same scale groups) in one pass at M = 1: each x
-    load feeds both stages' accumulators (two FMA chains in flight), and the output is written once."""
-    n_rows = out.shape[1]
-    n_groups = scale0.shape[0] // n_rows
-    cols = k // 8
-    per_group = cols // n_groups
-    for n in nb.prange(n_rows):
-        row = n * cols
-        total = np.float32(0.0)
-        for g in range(n_groups):
-            a0 = vzero()
-            a1 = vzero()
-            for v in range(g * per_group, (g + 1) * per_group):
-                xv = vload(x, v << 3)
-                a0 = vfma(_e8p_vector(codes0, row + v, table0, signs), xv, a0)
-                a1 = vfma(_codeword(codes1, row + v, table1, signs, plane1), xv, a1)
-            at = n * n_groups + g
-            total += hload(scale0, at) * vsum(a0) + hload(scale1, at) * vsum(a1)
-        out[0, n] += total
-
-
-@nb.njit(cache=True, parallel=True, fastmath=True)
-def _gemv4(x: np.ndarray, k: int, codes: np.ndarray, scale: np.ndarray, table: np.ndarray, signs: np.ndarray,
-           plane: int, out: np.ndarray) -> None:
-    """``_gemv`` for M > 1: input rows in blocks of four, so each codeword is decoded once per
-    block and feeds four accumulators (a short block repeats its last row and drops it)."""
-    m_rows, n_rows = out.shape
-    n_groups = scale.shape[0] // n_rows
-    cols = k // 8
-    per_group = cols // n_groups
-    for n in nb.prange(n_rows):
-        row = n * cols
-        for m0 in range(0, m_rows, 4):
-            b0 = m0 * k
-            b1 = min(m0 + 1, m_rows - 1) * k
-            b2 = min(m0 + 2, m_rows - 1) * k
-            b3 = min(m0 + 3, m_rows - 1) * k
-            t0 = t1 = t2 = t3 = np.float32(0.0)
+def _gemv2_for(plane1: int):  # noqa: ANN202
+    @nb.njit(cache=True, parallel=True, fastmath=True)
+    def gemv2(x: np.ndarray, k: int, codes0: np.ndarray, scale0: np.ndarray, table0: np.ndarray,
+              codes1: np.ndarray, scale1: np.ndarray, table1: np.ndarray, signs: np.ndarray, out: np.ndarray) -> None:
+        """The GEMV of an e8p stage and the next (plane ``plane1``, same scale groups) in one pass
+        at M = 1: each x load feeds both stages' accumulators of two output rows, and the output
+        is written once."""
+        n_rows = out.shape[1]
+        n_groups = scale0.shape[0] // n_rows
+        cols = k // 8
+        per_group = cols // n_groups
+        for p in nb.prange((n_rows + 1) // 2):
+            n0 = 2 * p
+            n1 = min(n0 + 1, n_rows - 1)
+            r0 = n0 * cols
+            r1 = n1 * cols
+            t0 = np.float32(0.0)
+            t1 = np.float32(0.0)
             for g in range(n_groups):
                 a0 = vzero()
                 a1 = vzero()
-                a2 = vzero()
-                a3 = vzero()
+                b0 = vzero()
+                b1 = vzero()
                 for v in range(g * per_group, (g + 1) * per_group):
-                    w = _codeword(codes, row + v, table, signs, plane)
-                    o = v << 3
-                    a0 = vfma(w, vload(x, b0 + o), a0)
-                    a1 = vfma(w, vload(x, b1 + o), a1)
-                    a2 = vfma(w, vload(x, b2 + o), a2)
-                    a3 = vfma(w, vload(x, b3 + o), a3)
-                s = hload(scale, n * n_groups + g)
-                t0 += s * vsum(a0)
-                t1 += s * vsum(a1)
-                t2 += s * vsum(a2)
-                t3 += s * vsum(a3)
-            out[m0, n] += t0
-            if m0 + 1 < m_rows:
-                out[m0 + 1, n] += t1
-            if m0 + 2 < m_rows:
-                out[m0 + 2, n] += t2
-            if m0 + 3 < m_rows:
-                out[m0 + 3, n] += t3
+                    xv = vload(x, v << 3)
+                    a0 = vfma(_e8p_vector(codes0, r0 + v, table0, signs), xv, a0)
+                    a1 = vfma(_codeword(codes1, r0 + v, table1, signs, plane1), xv, a1)
+                    b0 = vfma(_e8p_vector(codes0, r1 + v, table0, signs), xv, b0)
+                    b1 = vfma(_codeword(codes1, r1 + v, table1, signs, plane1), xv, b1)
+                at0 = n0 * n_groups + g
+                at1 = n1 * n_groups + g
+                t0 += hload(scale0, at0) * vsum(a0) + hload(scale1, at0) * vsum(a1)
+                t1 += hload(scale0, at1) * vsum(b0) + hload(scale1, at1) * vsum(b1)
+            out[0, n0] += t0
+            if n1 != n0:
+                out[0, n1] += t1
+
+    return gemv2
 
 
-@nb.njit(cache=True, parallel=True, fastmath=True)
-def _decode(codes: np.ndarray, scale: np.ndarray, table: np.ndarray, signs: np.ndarray, plane: int,
-            w: np.ndarray, k: int, accumulate: bool) -> None:
-    """The flat [N * K] buffer ``w`` (+)= the stage's decoded, still rotated weight (fp32)."""
-    cols = k // 8
-    n_rows = w.shape[0] // k
-    n_groups = scale.shape[0] // n_rows
-    per_group = cols // n_groups
-    for n in nb.prange(n_rows):
-        row = n * cols
-        for v in range(cols):
-            val = vmul(_codeword(codes, row + v, table, signs, plane),
-                       vbroadcast(hload(scale, n * n_groups + v // per_group)))
-            at = (row + v) << 3
-            if accumulate:
-                val = vadd(val, vload(w, at))
-            vstore(w, at, val)
+def _gemv4_for(plane: int):  # noqa: ANN202
+    @nb.njit(cache=True, parallel=True, fastmath=True)
+    def gemv4(x: np.ndarray, k: int, codes: np.ndarray, scale: np.ndarray, table: np.ndarray, signs: np.ndarray,
+              out: np.ndarray) -> None:
+        """The GEMV for M > 1: input rows in blocks of four, so each codeword is decoded once per
+        block and feeds four accumulators (a short block repeats its last row and drops it)."""
+        m_rows, n_rows = out.shape
+        n_groups = scale.shape[0] // n_rows
+        cols = k // 8
+        per_group = cols // n_groups
+        for n in nb.prange(n_rows):
+            row = n * cols
+            for m0 in range(0, m_rows, 4):
+                b0 = m0 * k
+                b1 = min(m0 + 1, m_rows - 1) * k
+                b2 = min(m0 + 2, m_rows - 1) * k
+                b3 = min(m0 + 3, m_rows - 1) * k
+                t0 = t1 = t2 = t3 = np.float32(0.0)
+                for g in range(n_groups):
+                    a0 = vzero()
+                    a1 = vzero()
+                    a2 = vzero()
+                    a3 = vzero()
+                    for v in range(g * per_group, (g + 1) * per_group):
+                        w = _codeword(codes, row + v, table, signs, plane)
+                        o = v << 3
+                        a0 = vfma(w, vload(x, b0 + o), a0)
+                        a1 = vfma(w, vload(x, b1 + o), a1)
+                        a2 = vfma(w, vload(x, b2 + o), a2)
+                        a3 = vfma(w, vload(x, b3 + o), a3)
+                    s = hload(scale, n * n_groups + g)
+                    t0 += s * vsum(a0)
+                    t1 += s * vsum(a1)
+                    t2 += s * vsum(a2)
+                    t3 += s * vsum(a3)
+                out[m0, n] += t0
+                if m0 + 1 < m_rows:
+                    out[m0 + 1, n] += t1
+                if m0 + 2 < m_rows:
+                    out[m0 + 2, n] += t2
+                if m0 + 3 < m_rows:
+                    out[m0 + 3, n] += t3
+
+    return gemv4
 
 
-_SIGNS = e8p_sign_table().numpy().ravel().copy()
+def _decode_for(plane: int):  # noqa: ANN202
+    @nb.njit(cache=True, parallel=True, fastmath=True)
+    def decode(codes: np.ndarray, scale: np.ndarray, table: np.ndarray, signs: np.ndarray, w: np.ndarray, k: int,
+               accumulate: bool) -> None:
+        """The flat [N * K] buffer ``w`` (+)= the stage's decoded, still rotated weight (fp32)."""
+        cols = k // 8
+        n_rows = w.shape[0] // k
+        n_groups = scale.shape[0] // n_rows
+        per_group = cols // n_groups
+        for n in nb.prange(n_rows):
+            row = n * cols
+            for v in range(cols):
+                val = vmul(_codeword(codes, row + v, table, signs, plane),
+                           vbroadcast(hload(scale, n * n_groups + v // per_group)))
+                at = (row + v) << 3
+                if accumulate:
+                    val = vadd(val, vload(w, at))
+                vstore(w, at, val)
+
+    return decode
+
+
+_PLANE_IDS = {"e8p": 0, "vq8": 1, "vq4": 2}
+_GEMV = tuple(_gemv_for(p) for p in range(3))
+_GEMV2 = tuple(_gemv2_for(p) for p in range(3))
+_GEMV4 = tuple(_gemv4_for(p) for p in range(3))
+_DECODE = tuple(_decode_for(p) for p in range(3))
+_SIGNS = e8p_sign_table().reshape(-1).clone().numpy()  # torch allocates 64-byte aligned: no row splits a line
 __getattr__ = renamed("hf_rbe.kernels.cpu_numba", {
     "sign_table": ("hf_rbe.core.format_v2.e8p_sign_table", lambda: e8p_sign_table().numpy().copy())})
-_PLANE_IDS = {"e8p": 0, "vq8": 1, "vq4": 2}
-
-
 def supports(layout: list[int]) -> bool:
     return layout[0] == FORMAT_ID
 
@@ -294,17 +327,17 @@ def linear(x: torch.Tensor, tensors: list[torch.Tensor], layout: list[int], bias
         while i < len(stages):
             if m == 1 and i + 1 < len(stages) and stages[i][3] == 0 and stages[i][1].shape == stages[i + 1][1].shape:
                 (c0, s0, t0, _), (c1, s1, t1, p1) = stages[i:i + 2]
-                _gemv2(flat, k, c0, s0, t0, c1, s1, t1, p1, _SIGNS, out)
+                _GEMV2[p1](flat, k, c0, s0, t0, c1, s1, t1, _SIGNS, out)
                 i += 2
             else:
                 codes, scale, table, plane = stages[i]
-                (_gemv if m == 1 else _gemv4)(flat, k, codes, scale, table, _SIGNS, plane, out)
+                (_GEMV if m == 1 else _GEMV4)[plane](flat, k, codes, scale, table, _SIGNS, out)
                 i += 1
         y = torch.from_numpy(out)
     else:
         w = np.empty(n * k, dtype=np.float32)  # per call: a buffer kept per shape would live as long as the process
         for i, (codes, scale, table, plane) in enumerate(stages):
-            _decode(codes, scale, table, _SIGNS, plane, w, k, i > 0)
+            _DECODE[plane](codes, scale, table, _SIGNS, w, k, i > 0)
         wt = torch.from_numpy(w).view(n, k)
         if x.dtype == torch.bfloat16:  # bf16 activations: a bf16 GEMM (AMX where the CPU has it), several times fp32's
             y = torch.from_numpy(xr).bfloat16() @ wt.bfloat16().T

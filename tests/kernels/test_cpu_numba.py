@@ -66,6 +66,15 @@ def test_every_residual_plane(plane, m):
     assert _error(layer, torch.randn(m, 512)) < TOL, f"seed {SEED}"
 
 
+@pytest.mark.parametrize("k, group", [(40, None), (72, 24), (104, 8)])
+@pytest.mark.parametrize("m", [1, 3])
+def test_codes_per_group_not_a_multiple_of_the_unroll(k, group, m):
+    """The GEMV walks four codes at a time: a row or group with 1-3 codes left over takes the tail loop."""
+    spec = LayerSpecV2((StageV2("e8p", group), StageV2("vq8", group)), rotation=False)
+    layer = _layer(spec, k, 19)
+    assert _error(layer, torch.randn(m, k)) < TOL, f"seed {SEED}"
+
+
 @pytest.mark.parametrize("m", [1, 12, C.GEMV_MAX_M + 25])  # the last: decode + a bf16 GEMM
 def test_bf16_activations_leading_dims_and_strides(m):
     layer = _layer(LayerSpecV2((StageV2("e8p"), StageV2("vq8"))), 256, 40)
