@@ -68,8 +68,8 @@ def test_every_residual_plane(plane, m):
 
 @pytest.mark.parametrize("k, group", [(40, None), (72, 24), (104, 8)])
 @pytest.mark.parametrize("m", [1, 3])
-def test_codes_per_group_not_a_multiple_of_the_unroll(k, group, m):
-    """The GEMV walks four codes at a time: a row or group with 1-3 codes left over takes the tail loop."""
+def test_odd_row_counts_and_short_groups(k, group, m):
+    """The M = 1 GEMV walks two output rows at a time (19 rows: the last alone), over groups of one to five codes."""
     spec = LayerSpecV2((StageV2("e8p", group), StageV2("vq8", group)), rotation=False)
     layer = _layer(spec, k, 19)
     assert _error(layer, torch.randn(m, k)) < TOL, f"seed {SEED}"
