@@ -135,7 +135,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
         render(args.out)
     else:
         ensure(*args.models, "wikipedia", "austen", "movie_reviews")
-        run(args.models, args.families, args.tokens, args.context, args.stride, args.out, args.merge)
+        run(args.models, args.families, args.tokens, args.context, args.stride, args.out, args.merge, args.methods)
     print(Path(args.out).with_suffix(".md").read_text())
     print(f"-> {args.out}.json, .md, .png")
 
@@ -208,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--models", nargs="+", default=["smollm2", "minilm"], choices=["smollm2", "minilm"])
     c.add_argument("--families", nargs="+", choices=FAMILIES,
                    help="only these method families (default: all; seed64 runs on SmolLM2 only if named)")
+    c.add_argument("--methods", nargs="+", metavar="NAME",
+                   help="only the rows of these names, e.g. 'AutoRound W3 g64' (a long row alone, or one at a time "
+                        "with --merge so each is kept as soon as it is measured)")
     c.add_argument("--merge", action="store_true",
                    help="keep OUT.json's rows of the methods this run does not measure (the report says which run "
                         "measured what)")

@@ -109,3 +109,12 @@ def test_merge_replaces_remeasured_rows_and_the_report_says_which_run_measured_w
     assert "- RBE, RBE v2 calibrated rows: `hf-rbe compare --families RBE --merge` on test box, 2026-11-24" in md
     assert "| RBE v2-3 calibrated | 3.050 | 24.00 |" in md
     assert "RBE v2-3 calibrated (3.05 bpw) ahead of HQQ 3-bit g64: 24 vs 25: **met**" in md
+
+
+def test_methods_by_name_keep_exactly_those_rows_and_refuse_unknown_names():
+    from hf_rbe.evaluation.compare.methods import methods
+
+    assert [m.name for m in methods(names=["AutoRound W3 g64", "GPTQ W3 g64"])] == ["GPTQ W3 g64", "AutoRound W3 g64"]
+    assert [m.name for m in methods(["GPTQ"], names=["AutoRound W3 g64"])] == []  # within the families asked for
+    with pytest.raises(ValueError, match=r"no compare row is named \['GPTQ W3 g128'\]"):
+        methods(names=["GPTQ W3 g128"])

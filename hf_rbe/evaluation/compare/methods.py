@@ -4,7 +4,8 @@ RBE rows: format v1 (the paper's codes), format v2 calibration-free, and format 
 (``RBEConfig``'s calibration defaults; the load time then includes calibration).
 
 HQQ runs through the ``hqq`` library's own ``HQQLinear`` (transformers 5.23 has no HQQ
-loader); optimum-quanto and bitsandbytes through their transformers configs.
+loader); optimum-quanto and bitsandbytes through their transformers configs; the calibrated peers
+GPTQ and AutoRound through their libraries on the calibrated RBE rows' windows (``peers``).
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ import torch
 from torch import nn
 
 from ...hf.config import PRESETS, RBEConfig
+from .peers import GROUP, autoround, gptq
 
 SMOLLM2, MINILM = "SmolLM2-135M", "all-MiniLM-L6-v2"
 PROBE_TRAIN, PROBE_TEST = 2000, 1000  # movie-review snippets for the sentiment probe
 BASELINES = ("HQQ", "quanto", "bitsandbytes")
-FAMILIES = ("fp32", "RBE", "RBE v2", "RBE v2 calibrated", "seed64", *BASELINES)  # table and plot order
+CALIBRATED_PEERS = ("GPTQ", "AutoRound")
+FAMILIES = ("fp32", "RBE", "RBE v2", "RBE v2 calibrated", "seed64", *BASELINES, *CALIBRATED_PEERS)  # table order
 RBE_SETTINGS = ("rbe-1.5", "rbe-2", "rbe-2.5", "rbe-3", "rbe-4", "rbe-4.5")
 RBE_V2_SETTINGS = ("v2-2", "v2-3", "v2-4")
 # Calibrated on the Wikipedia text after its first 32,768 tokens: disjoint from the scored start. About
@@ -37,7 +40,10 @@ class Method:
 
     name: str
     family: str  # one line in the plot, one of FAMILIES
-    load: Callable[[str, type], nn.Module]  # (checkpoint path, Auto class) -> quantized model
+    #: (checkpoint path, Auto class) -> quantized model. A model that computes with dequantized
+    #: weights (a peer's fake-quantized model) carries ``stored_as``: what its packed checkpoint
+    #: stores (``peers.stored_size``), counted instead of its in-memory tensors.
+    load: Callable[[str, type], nn.Module]
 
 
 def _fp32(path: str, auto: type) -> nn.Module:
@@ -65,8 +71,9 @@ def _hqq(nbits: int, group: int) -> Callable[[str, type], nn.Module]:
     return load
 
 
-def methods(families: list[str] | None = None) -> list[Method]:
-    """Every row, in table order; ``families`` keeps only those families."""
+def methods(families: list[str] | None = None, names: list[str] | None = None) -> list[Method]:
+    """Every row, in table order; ``families`` keeps only those families, ``names`` only those rows
+    (an unknown name is an error, not an empty run)."""
     from transformers import BitsAndBytesConfig, QuantoConfig
 
     rows = [Method("fp32 (unquantized)", "fp32", _fp32)]
@@ -81,4 +88,9 @@ def methods(families: list[str] | None = None) -> list[Method]:
     rows += [Method("bitsandbytes NF4", "bitsandbytes",
                     _with_config(BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"))),
              Method("bitsandbytes int8", "bitsandbytes", _with_config(BitsAndBytesConfig(load_in_8bit=True)))]
-    return [m for m in rows if families is None or m.family in families]
+    rows += [Method(f"GPTQ W{b} g{GROUP}", "GPTQ", gptq(b)) for b in (2, 3, 4)]
+    rows += [Method(f"AutoRound W{b} g{GROUP}", "AutoRound", autoround(b)) for b in (2, 3, 4)]
+    unknown = sorted(set(names or ()) - {m.name for m in rows})
+    if unknown:
+        raise ValueError(f"no compare row is named {unknown}; the rows: {[m.name for m in rows]}")
+    return [m for m in rows if (families is None or m.family in families) and (names is None or m.name in names)]

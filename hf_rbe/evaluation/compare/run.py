@@ -54,14 +54,17 @@ def _load(method: Method, path: str, auto: type) -> tuple[nn.Module, dict[str, A
         t0 = time.perf_counter()
         model = method.load(path, auto).eval()
         secs = time.perf_counter() - t0
+    stored = getattr(model, "stored_as", None)
     if method.family == "fp32":
         weights, bpw = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear)), 32.0
+    elif stored is not None:  # a fake-quantized peer: what its packed checkpoint stores
+        weights, bpw = stored["quantized_weights"], stored["bits"] / stored["quantized_weights"]
     else:
         weights, bits = quantized_size(model)
         bpw = bits / weights
     return model, {"method": method.name, "family": method.family, "bits_per_weight": bpw,
                    "quantized_weights": weights, "load_seconds": secs, "peak_load_mib": rss.added_mib,
-                   "bytes_on_disk": _disk_bytes(model)}
+                   "bytes_on_disk": stored["bytes_on_disk"] if stored is not None else _disk_bytes(model)}
 
 
 # ----------------------------------------------------------------------------- the two models
@@ -144,20 +147,21 @@ def _short(row: dict) -> str:
 
 
 def run(models: list[str], families: list[str] | None, tokens: int, context: int, stride: int,
-        out: str, merge: bool = False) -> dict[str, Any]:
+        out: str, merge: bool = False, names: list[str] | None = None) -> dict[str, Any]:
     """Measure, then write ``out``.json/.md/.png; returns the JSON content. ``merge``: keep the rows
-    of an existing ``out``.json that this run does not measure again (its meta goes to ``earlier``)."""
-    ms = methods(families)
+    of an existing ``out``.json that this run does not measure again (its meta goes to ``earlier``);
+    ``names``: only the rows of these names (within ``families``)."""
+    ms = methods(families, names)
     t0 = time.perf_counter()
     rows: list[dict] = []
     if "smollm2" in models:
         # seed64's tile search takes ~2 min for MiniLM's 10.8M weights, ~25 min for SmolLM2's 106M:
         # its SmolLM2 row runs only when asked for by name (--families seed64)
-        lm = [m for m in ms if m.family != "seed64" or (families and "seed64" in families)]
+        lm = [m for m in ms if m.family != "seed64" or (families and "seed64" in families) or names]
         rows += compare_smollm2(lm, tokens, context, stride)
     if "minilm" in models:
         rows += compare_minilm(ms)
-    meta = {**run_meta(), "wall_seconds": round(time.perf_counter() - t0), "families": families}
+    meta = {**run_meta(), "wall_seconds": round(time.perf_counter() - t0), "families": families or names}
     path = Path(out)
     if merge and path.with_suffix(".json").exists():
         rows, meta = merged(json.loads(path.with_suffix(".json").read_text()), rows, meta)
