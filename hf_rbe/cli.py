@@ -5,7 +5,7 @@
     hf-rbe quantize path/to/model out/ --config '{"idx": 9, "overrides": {"*.down_proj": {"idx": 10}}}'
     hf-rbe eval out/smollm2-rbe --tokens 8192          # Wikipedia perplexity (context/stride printed)
     hf-rbe eval minilm                                 # embedding cosine to fp32 on movie reviews
-    hf-rbe compare                                     # RBE vs HQQ/quanto/bitsandbytes: results/compare.*
+    hf-rbe compare                                     # RBE vs HQQ/quanto/bitsandbytes/peers: results/compare.*
     hf-rbe card out/smollm2-rbe --base-model smollm2 --metrics '{"wikipedia ppl": 125.0}'
 
 MODEL is a local directory, a Hub name (where a hub is reachable), or one of the offline
@@ -200,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--reference", help="fp32 model to compare embeddings with (default: minilm)")
     e.set_defaults(func=cmd_eval)
 
-    c = sub.add_parser("compare", help="RBE next to HQQ, optimum-quanto and bitsandbytes: table, JSON and plot",
+    c = sub.add_parser("compare", help="RBE next to HQQ, optimum-quanto, bitsandbytes, GPTQ and AutoRound: table, "
+                                       "JSON and plot",
                        description="Quantize SmolLM2-135M and all-MiniLM-L6-v2 with every method and measure "
                                    "perplexity (Wikipedia, Austen), embedding cosine, probe accuracy, bits per "
                                    "weight, disk, memory and time. About 55 minutes on 2 CPU cores (the calibrated "
