@@ -125,8 +125,8 @@ def gptq(bits: int) -> Callable[[str, type], nn.Module]:
         state = model.state_dict()
         plain.load_state_dict({k: state[k].detach().clone() for k in plain.state_dict()})
         probe = ids[:1, : min(64, ids.shape[1])]
-        with torch.no_grad():
-            want, got = model(probe).logits, plain(probe).logits
+        with torch.no_grad():  # the first output: logits of a causal LM, hidden states of an encoder
+            want, got = model(probe)[0], plain(probe)[0]
         if not torch.allclose(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max())):
             raise RuntimeError("llm-compressor's quantized model and its weights in a plain model disagree: "
                                f"{float((got - want).abs().max()):.3g}")
