@@ -45,7 +45,8 @@ COMPARE = Path(__file__).resolve().parents[1] / "results" / "compare.json"
 def _calibration(args: argparse.Namespace) -> dict:
     return {"dataset": "wikipedia", "calibration_samples": args.samples, "calibration_seqlen": args.seqlen,
             "calibration_batch_size": args.batch_size, "calibration_finetune_steps": args.finetune_steps,
-            "calibration_finetune_lr": args.finetune_lr, "calibration_e2e_steps": args.e2e_steps,
+            "calibration_finetune_lr": args.finetune_lr, "calibration_code_steps": args.code_steps,
+            "calibration_e2e_steps": args.e2e_steps,
             "calibration_e2e_lr": args.e2e_lr,
             "embedding_dtype": "bfloat16"}
 
@@ -122,6 +123,7 @@ def table(rows: list[dict], meta: dict, args: argparse.Namespace) -> str:
              "Calibration: windows of Wikipedia after its first 32,768 tokens (never scored); per model, "
              f"batches of {args.batch_size} windows, fine-tuning steps per block, then end-to-end steps of one window:",
              *(f"- {m}: {c['samples']} windows of {c['seqlen']} tokens, {c['finetune_steps']} block steps, "
+               f"{c.get('code_steps', 0)} code steps, "
                f"{c.get('e2e_steps', 0)} end-to-end steps, {'Fisher-weighted' if c.get('fisher') else 'plain'} "
                "Hessians" for m, c in how.items()), "",
              f"SmolLM2 perplexity over the first {args.tokens} tokens of each corpus (context 1024, stride 1024), "
@@ -179,6 +181,7 @@ def main() -> None:
     ap.add_argument("--finetune-steps", type=int, help="fine-tuning steps per block (default: RBEConfig's, "
                     "32 for a language model, 0 for an encoder)")
     ap.add_argument("--finetune-lr", type=float, default=1e-3)
+    ap.add_argument("--code-steps", type=int, default=0, help="code steps per block, between its fine-tuning steps")
     ap.add_argument("--e2e-steps", type=int, help="end-to-end fine-tuning steps of one window (default as above)")
     ap.add_argument("--e2e-lr", type=float, default=3e-4)
     ap.add_argument("--tokens", type=int, default=8192, help="scored tokens of each corpus")

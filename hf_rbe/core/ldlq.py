@@ -100,7 +100,8 @@ def ldlq_factored(w: torch.Tensor, u_factor: torch.Tensor, q: StageQuantizer,
     dim = q.dim
     if scale is None:
         scale = q.initial_scale(w).half()
-    s_cols = _expand(scale.float().clamp_min(_TINY), k)
+    s = scale.float()
+    s_cols = _expand(torch.where(s.abs() < _TINY, _TINY, s), k)  # refit scales can be negative: keep the sign
     work = w.float().clone()
     codes = torch.empty(n, k // dim, dtype=torch.int64, device=w.device)
     values = torch.empty(n, k, dtype=torch.float32, device=w.device)
@@ -154,6 +155,26 @@ def encode_stages(w_rot: torch.Tensor, h_rot: torch.Tensor, stages: list[StageQu
         out[q.prefix + "weight"], out[q.prefix + "scale"] = q.pack(codes), scale16
         r = r - values * _expand(scale16.float(), r.shape[1])
     return out
+
+
+def reencode_stages(target: torch.Tensor, u_factor: torch.Tensor, stages: list[StageQuantizer],
+                    units: list[torch.Tensor], scales: list[torch.Tensor]
+                    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Each stage's codes chosen again for a rotated ``target`` [N, K], one stage at a time with the
+    others' unit-scale codewords (``units``, fp32 [N, K] per stage, updated as it goes) and every
+    stage's ``scales`` [N, groups] fixed: LDLQ against ``u_factor`` on what the other stages leave.
+    A ``target`` that the current codes decode to exactly gives them back. Returns (int64 codes
+    [N, K / dim], fp32 unit-scale codewords [N, K]) per stage."""
+    k = target.shape[1]
+    units = list(units)
+    placed = [u * _expand(s.float(), k) for u, s in zip(units, scales)]
+    codes = []
+    for t, q in enumerate(stages):
+        rest = target.float() - sum(p for u, p in enumerate(placed) if u != t)
+        c, units[t] = ldlq_factored(rest, u_factor, q, scales[t])
+        placed[t] = units[t] * _expand(scales[t].float(), k)
+        codes.append(c)
+    return codes, units
 
 
 def proxy_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:

@@ -42,11 +42,14 @@ class RBELinear(PackedLinear):
     ``calibration_hessian`` (``None`` unless calibration kept it, ``keep_calibration_statistics``):
     the normalised fp16 Hessian of the layer's calibration inputs, which re-encoding (QAT, a LoRA
     merge) uses to stay output-aware. ``tuned_scales`` (``None`` outside
-    ``core.scale_tuning.tuned_scales``): trainable fp32 scales the forward pass computes with.
+    ``core.scale_tuning.tuned_scales``): trainable fp32 scales the forward pass computes with;
+    ``rotated_grad`` (``None`` unless that context was asked for gradients): the sum of the loss
+    gradients with respect to the rotated weight (:meth:`decode_rotated`), fp32 [out, in].
     """
 
     calibration_hessian: torch.Tensor | None
     tuned_scales: dict[str, nn.Parameter] | None
+    rotated_grad: torch.Tensor | None
 
     def __init__(self, in_features: int, out_features: int, bias: bool, spec: Spec,
                  table_key: str | None = None, owns_table: bool = True, compute_dtype: torch.dtype = torch.float32,
@@ -59,6 +62,7 @@ class RBELinear(PackedLinear):
         self.__dict__["_table_owner"] = None  # a plain attribute: the owner is not a submodule
         self.calibration_hessian = None
         self.tuned_scales = None
+        self.rotated_grad = None
         # Shared tables start as the universal ones (never zeros): an owner until it is encoded or
         # loaded, a follower (a working copy) until it follows its owner.
         initial = None if torch.device(device or "cpu").type == "meta" else self.universal_tables()
@@ -141,15 +145,22 @@ class RBELinear(PackedLinear):
         if hessian is None:
             out = self.codec.encode(w_rot, self.spec, tables)
         else:
-            block = self.spec.hadamard_block(self.in_features)
-            h = rotate_hessian(hessian.to(w_rot.device).double(), seed if self.spec.rotation else None, block)
-            h = damped(h, damp, in_place=h is not hessian)  # in place when h is our own copy
+            h = self.rotated_hessian(hessian.to(w_rot.device), damp, seed)
             out = encode_stages(w_rot, h, self.codec.stage_quantizers(self.spec, tables))
         if self.spec.rotation:
             out["rotation_seed"] = torch.tensor([seed], dtype=torch.int64, device=weight.device)
         if self.owns_table:
             out.update({n: t.to(weight.device) for n, t in tables.items()})
         return out
+
+    def rotated_hessian(self, hessian: torch.Tensor, damp: float = DAMP,
+                        rotation_seed: int | None = None) -> torch.Tensor:
+        """float64 ``R^T H R`` of an input Hessian [in, in], damped (``core.ldlq.damped``): the
+        Hessian in the basis of :meth:`decode_rotated` (``rotation_seed``: by default the layer's)."""
+        seed = self.current_rotation_seed() if rotation_seed is None else rotation_seed
+        block = self.spec.hadamard_block(self.in_features)
+        h = rotate_hessian(hessian.double(), seed if self.spec.rotation else None, block)
+        return damped(h, damp, in_place=h is not hessian)  # in place when h is our own copy
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, spec: Spec, tables: dict[str, torch.Tensor] | None = None,

@@ -60,8 +60,10 @@ class TunedLinear(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[1]:
             grad_b = g2.sum(0)
         grads: list[torch.Tensor | None] = [None] * len(scales)
-        if any(ctx.needs_input_grad[4:]):
+        if any(ctx.needs_input_grad[4:]) or layer.rotated_grad is not None:
             grad_rot = g2.T @ layer.rotate_input(x.reshape(-1, x.shape[-1]).float())  # dL/dW_rot [out, in]
+            if layer.rotated_grad is not None:
+                layer.rotated_grad += grad_rot
             zeros = {n: torch.zeros_like(s) for n, s in overrides.items()}
             for i, (name, s) in enumerate(overrides.items()):
                 if ctx.needs_input_grad[4 + i]:
@@ -71,11 +73,14 @@ class TunedLinear(torch.autograd.Function):
 
 
 @contextlib.contextmanager
-def tuned_scales(module: nn.Module, frozen: frozenset[int] = frozenset()) -> Iterator[list[nn.Parameter]]:
+def tuned_scales(module: nn.Module, frozen: frozenset[int] = frozenset(),
+                 gradients: bool = False) -> Iterator[list[nn.Parameter]]:
     """Trainable fp32 scales for every RBE layer of ``module`` (by ``id``, ``frozen`` ones excepted),
     yielded as a list of parameters; the layers compute with them until the block ends, which
     rounds the trained values into the stored fp16 scales (an error inside leaves them as they
-    were; non-finite trained scales raise ``EncodingError`` and are not written)."""
+    were; non-finite trained scales raise ``EncodingError`` and are not written). ``gradients``:
+    each layer's backward passes also sum ``dL/dW_rot`` into its ``rotated_grad`` (zeros at the
+    start, ``None`` again at the end), whether or not the scales train."""
     from .rbe_linear import RBELinear
 
     layers = [m for m in module.modules() if isinstance(m, RBELinear) and id(m) not in frozen]
@@ -83,6 +88,9 @@ def tuned_scales(module: nn.Module, frozen: frozenset[int] = frozenset()) -> Ite
     for layer in layers:
         layer.tuned_scales = {n: nn.Parameter(getattr(layer, n).detach().float().clone()) for n in scale_names(layer)}
         params += layer.tuned_scales.values()
+        if gradients:
+            layer.rotated_grad = torch.zeros(layer.out_features, layer.in_features,
+                                            device=layer.tuned_scales[scale_names(layer)[0]].device)
     try:
         yield params
         with torch.no_grad():
@@ -95,4 +103,4 @@ def tuned_scales(module: nn.Module, frozen: frozenset[int] = frozenset()) -> Ite
                     getattr(layer, n).copy_(p)
     finally:
         for layer in layers:
-            layer.tuned_scales = None
+            layer.tuned_scales = layer.rotated_grad = None

@@ -64,7 +64,9 @@ class RBEConfig(QuantizationConfigMixin):
     ``calibration_samples`` windows of ``calibration_seqlen`` tokens, ``calibration_batch_size``
     per pass, chosen by ``calibration_seed``. ``damp_percent``: damping of the Hessians
     (``None``: 0.2 when Fisher-weighted, else 0.01). ``calibration_finetune_steps`` /
-    ``_lr``: per-block Adam steps on scales, biases and norms; ``calibration_e2e_steps`` / ``_lr``:
+    ``_lr``: per-block Adam steps on scales, biases and norms; ``calibration_code_steps``: steps that
+    move a block's codes along its loss gradient between them (format 2; ``calibration.codes``, the
+    fine-tune's steps split around them); ``calibration_e2e_steps`` / ``_lr``:
     steps of the whole model against the full-precision outputs (``None``: 32 each for a model with
     an output head, 0 for an encoder). ``calibration_fisher``: Fisher-weighted Hessians (``None``: on
     for encoders). ``target_bits``: allocate that many bits per weight over the layers (format 2),
@@ -93,8 +95,9 @@ class RBEConfig(QuantizationConfigMixin):
         dataset: str | list[str] | Any | None = None, tokenizer: str | Any | None = None,
         calibration_samples: int = 64, calibration_seqlen: int = 512, calibration_batch_size: int = 2,
         calibration_seed: int = 0, damp_percent: float | None = None, calibration_finetune_steps: int | None = None,
-        calibration_finetune_lr: float = 1e-3, calibration_e2e_steps: int | None = None,
-        calibration_e2e_lr: float = 3e-4, calibration_fisher: bool | None = None, target_bits: float | None = None,
+        calibration_finetune_lr: float = 1e-3, calibration_code_steps: int = 0,
+        calibration_e2e_steps: int | None = None, calibration_e2e_lr: float = 3e-4,
+        calibration_fisher: bool | None = None, target_bits: float | None = None,
         keep_calibration_statistics: bool = False, calibrated_with: dict[str, Any] | None = None,
         calibration_device: str | None = None, calibration_work_dir: str | None = None,
         # embeddings and head
@@ -130,6 +133,7 @@ class RBEConfig(QuantizationConfigMixin):
         self.damp_percent, self.keep_calibration_statistics = damp_percent, keep_calibration_statistics
         self.calibration_finetune_steps, self.calibration_finetune_lr = calibration_finetune_steps, \
             calibration_finetune_lr
+        self.calibration_code_steps = calibration_code_steps
         self.calibration_e2e_steps, self.calibration_e2e_lr = calibration_e2e_steps, calibration_e2e_lr
         self.calibration_fisher, self.target_bits = calibration_fisher, target_bits
         self.calibration_device, self.calibration_work_dir = calibration_device, calibration_work_dir

@@ -31,8 +31,8 @@ COMMON: dict[str, Any] = {"rotation_seed": 0, "table": "universal", "table_seed"
 CALIBRATION: dict[str, Any] = {
     "dataset": None, "tokenizer": None, "calibration_samples": 64, "calibration_seqlen": 512,
     "calibration_batch_size": 2, "calibration_seed": 0, "damp_percent": None, "calibration_finetune_steps": None,
-    "calibration_finetune_lr": 1e-3, "calibration_e2e_steps": None, "calibration_e2e_lr": 3e-4,
-    "calibration_fisher": None, "target_bits": None, "keep_calibration_statistics": False,
+    "calibration_finetune_lr": 1e-3, "calibration_code_steps": 0, "calibration_e2e_steps": None,
+    "calibration_e2e_lr": 3e-4, "calibration_fisher": None, "target_bits": None, "keep_calibration_statistics": False,
     "calibration_device": None, "calibration_work_dir": None}
 
 #: Every field that belongs to one codec or format (the rest are ``COMMON`` and ``CALIBRATION``).
@@ -125,6 +125,7 @@ def check_calibration(values: Mapping[str, Any]) -> None:
     for name in ("calibration_finetune_steps", "calibration_e2e_steps"):
         if values[name] is not None:
             _int(name, values[name], 0)
+    _int("calibration_code_steps", values["calibration_code_steps"], 0)
     for name in ("calibration_finetune_lr", "calibration_e2e_lr"):
         _positive_number(name, values[name])
     damp = values["damp_percent"]

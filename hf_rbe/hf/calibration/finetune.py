@@ -96,13 +96,18 @@ def train_continuous(module: nn.Module, step_loss: Callable[[int], float], steps
     return err
 
 
+def relative_error(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Squared error relative to the target's mean square: the per-block calibration loss."""
+    out, target = out.float(), target.float()
+    return (out - target).pow(2).mean() / target.pow(2).mean().clamp_min(1e-30)
+
+
 def finetune_block(block: nn.Module, calls: list[Call], targets: list[torch.Tensor], steps: int, lr: float) -> float:
     """Train the block so that, on its quantized-path inputs ``calls``, it reproduces the
     full-precision activations ``targets`` at its output. Returns the final relative error."""
     def step_loss(step: int) -> float:
         j = step % len(calls)
-        out, tgt = run_block(block, calls[j]).float(), targets[j].float()
-        loss = (out - tgt).pow(2).mean() / tgt.pow(2).mean().clamp_min(1e-30)
+        loss = relative_error(run_block(block, calls[j]), targets[j])
         loss.backward()
         return float(loss.detach())
 
@@ -135,7 +140,7 @@ class _Checkpointed(nn.Module):
 
 
 @contextlib.contextmanager
-def _checkpointed(blocks: nn.ModuleList) -> Iterator[None]:
+def checkpointed(blocks: nn.ModuleList) -> Iterator[None]:
     originals = list(blocks)
     try:
         for i, b in enumerate(originals):
@@ -161,33 +166,38 @@ def _fp32(head: nn.Module, cache: dict[int, nn.Module]) -> nn.Module:
     return cache[id(head)]
 
 
-def finetune_model(model: nn.Module, batches: list[torch.Tensor], teacher: list[torch.Tensor], steps: int,
-                   lr: float, teacher_head: nn.Module | None = None) -> float:
-    """End-to-end fine-tune of the quantized ``model`` against the full-precision model's
-    ``capture.features`` (``teacher``, one per batch): for a language model the KL divergence of
-    the next-token distributions (the student's through the model's head, the teacher's through
-    ``teacher_head``, the full-precision head when the model's is coded; default: the model's),
-    otherwise the relative squared error. Activations are recomputed block by block in the
-    backward pass and the KL is taken ``LOSS_CHUNK`` tokens at a time, so memory holds one block's
-    internals and one chunk's logits. Returns the final loss."""
-    teacher_head = teacher_head if teacher_head is not None else output_head(model)
-    frozen = shared_heads(model)
-    decoded: dict[int, nn.Module] = {}  # frozen heads decoded or cast to fp32 once, not on every chunk
+class EndToEndLoss:
+    """The end-to-end loss of one window against the full-precision model's ``capture.features``
+    (``teacher``): for a language model the KL divergence of the next-token distributions (the
+    student's through the model's head, the teacher's through ``teacher_head``, the
+    full-precision head when the model's is coded; default: the model's), otherwise the relative
+    squared error. The KL is taken ``LOSS_CHUNK`` tokens at a time, so memory holds one chunk's
+    logits; a call with ``backward`` also computes the gradients."""
 
-    def step_loss(step: int) -> float:
-        j = step % len(batches)
-        out, tgt = features(model, batches[j]), teacher[j].to(batches[j].device).float()
-        head = output_head(model)
+    def __init__(self, model: nn.Module, teacher_head: nn.Module | None = None) -> None:
+        self.model = model
+        self.teacher_head = teacher_head if teacher_head is not None else output_head(model)
+        self.frozen = shared_heads(model)
+        self.decoded: dict[int, nn.Module] = {}  # frozen heads decoded or cast to fp32 once, not on every chunk
+
+    def __call__(self, window: torch.Tensor, teacher: torch.Tensor, backward: bool = True) -> float:
+        with torch.enable_grad() if backward else torch.no_grad():
+            return self._loss(window, teacher, backward)
+
+    def _loss(self, window: torch.Tensor, teacher: torch.Tensor, backward: bool) -> float:
+        out, tgt = features(self.model, window), teacher.to(window.device).float()
+        head = output_head(self.model)
         if head is None:
             loss = (out.float() - tgt).pow(2).mean() / tgt.pow(2).mean().clamp_min(1e-30)
-            loss.backward()
+            if backward:
+                loss.backward()
             return float(loss.detach())
-        if isinstance(head, PackedLinear) and id(head) in frozen:
-            if id(head) not in decoded:  # decoded on the first step only
-                decoded[id(head)] = head.to_linear().requires_grad_(False)
-            head = decoded[id(head)]
-        student_head, t_head = _fp32(head, decoded), _fp32(teacher_head, decoded)
-        h = out.detach().flatten(0, -2).requires_grad_()
+        if isinstance(head, PackedLinear) and id(head) in self.frozen:
+            if id(head) not in self.decoded:  # decoded on the first call only
+                self.decoded[id(head)] = head.to_linear().requires_grad_(False)
+            head = self.decoded[id(head)]
+        student_head, t_head = _fp32(head, self.decoded), _fp32(self.teacher_head, self.decoded)
+        h = out.detach().flatten(0, -2).requires_grad_(backward)
         t = tgt.flatten(0, -2)
         total = 0.0
         for lo in range(0, h.shape[0], LOSS_CHUNK):
@@ -195,10 +205,21 @@ def finetune_model(model: nn.Module, batches: list[torch.Tensor], teacher: list[
             with torch.no_grad():
                 target = torch.log_softmax(logits(t_head, t[lo : lo + LOSS_CHUNK]), -1)
             part = F.kl_div(student, target, log_target=True, reduction="sum") / h.shape[0]  # batchmean over all
-            part.backward()
+            if backward:
+                part.backward()
             total += float(part.detach())
-        out.backward(h.grad.reshape(out.shape))
+        if backward:
+            out.backward(h.grad.reshape(out.shape))
         return total
 
-    with _checkpointed(find_blocks(model)[1]):
-        return train_continuous(model, step_loss, steps, lr, progress="RBE fine-tuning end to end")
+
+def finetune_model(model: nn.Module, batches: list[torch.Tensor], teacher: list[torch.Tensor], steps: int,
+                   lr: float, teacher_head: nn.Module | None = None) -> float:
+    """End-to-end fine-tune of the quantized ``model`` against the full-precision model's
+    ``capture.features`` (``teacher``, one per batch), on :class:`EndToEndLoss`. Activations are
+    recomputed block by block in the backward pass, so memory holds one block's internals and
+    one chunk's logits. Returns the final loss."""
+    loss = EndToEndLoss(model, teacher_head)
+    with checkpointed(find_blocks(model)[1]):
+        return train_continuous(model, lambda step: loss(batches[step % len(batches)], teacher[step % len(batches)]),
+                                steps, lr, progress="RBE fine-tuning end to end")

@@ -56,6 +56,7 @@ from .capture import (
     run_block,
     with_hidden,
 )
+from .codes import block_code_step
 from .finetune import finetune_block, finetune_model, finetune_steps
 from .fisher import Fisher, fisher
 from .heap import trim
@@ -88,6 +89,7 @@ class _Plan:
     factory: LayerFactory
     tied: tuple[str, str] | None  # (head, input embedding) sharing the head's codes
     ft_steps: int
+    code_steps: int
     e2e_steps: int
     weighted: bool  # Fisher-weighted Hessians
     damp: float
@@ -183,8 +185,8 @@ def _plan(model: nn.Module, config: RBEConfig, skip: list[str], tokenizer: Any, 
         work = WorkDir(config.calibration_work_dir, fingerprint(config.to_dict(), _record(config, None), mcfg,
                                                                  shapes, sorted(skip), ids))
     return _Plan(config, batches, prefix, blocks, list(targets), LayerFactory(config, targets),
-                 tied_embedding(model, config), ft_steps, e2e_steps, weighted, damp, measured, allocated, device,
-                 weights, work)
+                 tied_embedding(model, config), ft_steps, config.calibration_code_steps, e2e_steps, weighted, damp,
+                 measured, allocated, device, weights, work)
 
 
 def _record(config: RBEConfig, plan: _Plan | None) -> dict[str, Any]:
@@ -194,6 +196,8 @@ def _record(config: RBEConfig, plan: _Plan | None) -> dict[str, Any]:
         f"datasets.Dataset ({getattr(d, 'num_rows', '?')} rows)"
     out = {"dataset": name, "samples": config.calibration_samples, "seqlen": config.calibration_seqlen,
            "seed": config.calibration_seed, "target_bits": config.target_bits}
+    if config.calibration_code_steps:  # absent at 0: records of runs before code steps existed stay the same
+        out["code_steps"] = config.calibration_code_steps
     if plan is not None:
         out.update(damp_percent=plan.damp, finetune_steps=plan.ft_steps, e2e_steps=plan.e2e_steps,
                    fisher=plan.weighted)
@@ -204,7 +208,7 @@ def _start(model: nn.Module, plan: _Plan) -> tuple[int, list[Call], list[torch.T
     """(first block to calibrate, its calls, the full-precision path's hidden states): from the
     embeddings, or where a previous run of the same calibration stopped."""
     calls = first_block_inputs(model, plan.blocks[0], plan.batches)
-    fp = [hidden(c) for c in calls] if plan.ft_steps or plan.e2e_steps else None
+    fp = [hidden(c) for c in calls] if plan.ft_steps or plan.code_steps or plan.e2e_steps else None
     done = plan.work.finished() if plan.work else 0
     if not done:
         return 0, calls, fp
@@ -239,12 +243,10 @@ def _quantize_blocks(model: nn.Module, plan: _Plan) -> tuple[list[torch.Tensor],
         trim()
         with phase("encode"):
             _swap_block(model, plan, i, hessians=hessians)
+        if fp is not None and (plan.ft_steps or plan.code_steps):
+            _tune_block(model, plan, i, on_device, [h.to(device) for h in fp], hessians)
         del hessians
         trim()
-        if fp is not None and plan.ft_steps:
-            with phase("block fine-tune"):
-                finetune_block(block, on_device, [h.to(device) for h in fp], plan.ft_steps,
-                               plan.config.calibration_finetune_lr)
         with phase("propagate"):
             for j, d in _drain(on_device):
                 calls[j] = with_hidden(calls[j], _run(block, d, hidden(d), plan).to(storage))
@@ -254,6 +256,23 @@ def _quantize_blocks(model: nn.Module, plan: _Plan) -> tuple[list[torch.Tensor],
         if plan.work:
             plan.work.save(i, block, [hidden(c) for c in calls], fp)
     return [hidden(c) for c in calls], fp
+
+
+def _tune_block(model: nn.Module, plan: _Plan, i: int, calls: list[Call], targets: list[torch.Tensor],
+                hessians: dict[str, torch.Tensor]) -> None:
+    """The block's fine-tune, its steps split evenly around its code steps (``codes``)."""
+    block, parts = plan.blocks[i], plan.code_steps + 1
+    layers = {n: m for n in plan.inner(i) if isinstance(m := model.get_submodule(n), RBELinear)}
+    for k in range(parts):
+        steps = plan.ft_steps // parts + (k < plan.ft_steps % parts)
+        if steps:
+            with phase("block fine-tune"):
+                finetune_block(block, calls, targets, steps, plan.config.calibration_finetune_lr)
+        if k < plan.code_steps and layers:
+            with phase("code steps"):
+                step = block_code_step(block, layers, hessians, calls, targets, plan.damp)
+            logger.info("block %d code step %d: loss %.4g -> %.4g (kappa %s, %.2f%% of the codes moved)", i, k,
+                        step.before, step.after, step.kappa, 100 * step.changed)
 
 
 def _drain(items: list[Call]) -> Iterator[tuple[int, Call]]:

@@ -148,7 +148,8 @@ def test_calibration_runs_the_end_to_end_finetune_and_records_it():
 @pytest.mark.parametrize("field,value", [("calibration_e2e_steps", -1), ("calibration_e2e_steps", True),
                                          ("calibration_e2e_steps", 2.0), ("calibration_e2e_lr", 0),
                                          ("calibration_e2e_lr", float("nan")), ("calibration_e2e_lr", float("inf")),
-                                         ("calibration_finetune_lr", True)])
+                                         ("calibration_finetune_lr", True), ("calibration_code_steps", -1),
+                                         ("calibration_code_steps", None), ("calibration_code_steps", 1.0)])
 def test_bad_finetune_settings_are_refused(field, value):
     with pytest.raises(ValueError, match=field):
         _cfg(**{field: value})
