@@ -243,10 +243,12 @@ def _quantize_blocks(model: nn.Module, plan: _Plan) -> tuple[list[torch.Tensor],
         trim()
         with phase("encode"):
             _swap_block(model, plan, i, hessians=hessians)
-        if fp is not None and (plan.ft_steps or plan.code_steps):
-            _tune_block(model, plan, i, on_device, [h.to(device) for h in fp], hessians)
+        kept = hessians if plan.code_steps else {}  # only code steps read them after the encode
         del hessians
         trim()
+        if fp is not None and (plan.ft_steps or plan.code_steps):
+            _tune_block(model, plan, i, on_device, [h.to(device) for h in fp], kept)
+        del kept
         with phase("propagate"):
             for j, d in _drain(on_device):
                 calls[j] = with_hidden(calls[j], _run(block, d, hidden(d), plan).to(storage))
