@@ -192,10 +192,13 @@ def targets(rows: list[dict]) -> list[str]:
         reach = [r for r in enc if r["cos_mean"] >= MINILM_COSINE]
         best = max(within, key=lambda r: r["cos_mean"]) if within else None
         fewest = min(reach, key=lambda r: r["bits_per_weight"]) if reach else None
-        shown = [f"best at <= {MINILM_BITS:g} bpw {r['setting']} ({r['bits_per_weight']:.2f} bpw) {r['cos_mean']:.4f}"
-                 for r in [best] if r]
-        shown += [f"fewest bits reaching it {r['setting']} ({r['bits_per_weight']:.2f} bpw) {r['cos_mean']:.4f}"
-                  for r in [fewest] if r]
+        shown = []
+        if best:
+            shown.append(f"best at <= {MINILM_BITS:g} bpw {best['setting']} ({best['bits_per_weight']:.2f} bpw) "
+                         f"{best['cos_mean']:.4f}")
+        if fewest:
+            shown.append(f"fewest bits reaching it {fewest['setting']} ({fewest['bits_per_weight']:.2f} bpw) "
+                         f"{fewest['cos_mean']:.4f}")
         ok = best is not None and best["cos_mean"] >= MINILM_COSINE
         out.append(f"- MiniLM cosine >= {MINILM_COSINE:g} at <= {MINILM_BITS:g} bpw: {'; '.join(shown) or 'no row'}: "
                    f"**{_verdict(ok)}**")
