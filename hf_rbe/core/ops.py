@@ -18,7 +18,9 @@ What the arguments mean (tensor order, layout ints) is ``core.op_layout``'s.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
 from typing import Optional
 
 import torch
@@ -57,6 +59,26 @@ def reference_linear(x: torch.Tensor, tensors: list[torch.Tensor], layout: list[
 #: device type -> the kernel registered for ``hf_rbe::linear`` there (``register_kernel``).
 _KERNELS: dict[str, Callable[..., torch.Tensor]] = {}
 
+_REFERENCE_ONLY = contextvars.ContextVar("hf_rbe_reference_only", default=False)
+
+
+@contextlib.contextmanager
+def reference_only() -> Iterator[None]:
+    """Inside, every ``hf_rbe::linear`` computes with the PyTorch reference, whatever kernel is
+    registered for the device. Calibration runs in it: its discrete choices (LDLQ, code steps) flip
+    under last-bit differences of the activations they see, so with a kernel in the loop every
+    kernel change, and every machine without one, would calibrate to different codes."""
+    token = _REFERENCE_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _REFERENCE_ONLY.reset(token)
+
+
+def kernels_allowed() -> bool:
+    """False inside :func:`reference_only`: registered kernels must hand the call to the reference."""
+    return not _REFERENCE_ONLY.get()
+
 
 def register_kernel(device_type: str, kernel: Callable[..., torch.Tensor]) -> None:
     """Make ``kernel(x, tensors, layout, bias)`` the implementation of ``hf_rbe::linear`` on ``device_type``."""
@@ -69,7 +91,7 @@ def call_linear(x: torch.Tensor, tensors: list[torch.Tensor], layout: list[int],
     """``hf_rbe::linear``, or straight the kernel the dispatcher would pick when nothing needs
     the dispatcher: a plain tensor, no gradient to record, no graph being traced. The
     dispatcher's Python hops cost ~12 us a call, a fifth of a SmolLM2 layer's CPU time."""
-    kernel = _KERNELS.get(x.device.type)
+    kernel = _KERNELS.get(x.device.type) if kernels_allowed() else None
     if (kernel is None or type(x) is not torch.Tensor or torch.compiler.is_compiling()
             or (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))):
         return linear(x, tensors, layout, bias)

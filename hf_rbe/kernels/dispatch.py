@@ -1,7 +1,8 @@
 """Registers the kernels as device implementations of ``hf_rbe::linear`` (defined in ``core.ops``).
 
 CUDA tensors go to the Triton kernel of their format, CPU tensors to the numba kernel of theirs;
-a format without one (or a machine without Triton / numba) falls back to the PyTorch reference.
+a format without one (or a machine without Triton / numba), and every call inside
+``ops.reference_only()``, falls back to the PyTorch reference.
 Both libraries are imported on first use, never at import time.
 """
 
@@ -41,7 +42,7 @@ def _module(name: Optional[str], library: str) -> Optional[ModuleType]:
 
 def _dispatch(kernels: dict[int, str], library: str, x: torch.Tensor, tensors: list[torch.Tensor],
               layout: list[int], bias: Optional[torch.Tensor]) -> torch.Tensor:
-    module = _module(kernels.get(layout[0]), library)
+    module = _module(kernels.get(layout[0]), library) if ops.kernels_allowed() else None
     if module is None or not module.supports(layout):
         return ops.reference_linear(x, tensors, layout, bias)
     return module.linear(x, tensors, layout, bias)

@@ -127,6 +127,25 @@ def test_the_op_runs_the_kernel_on_cpu(monkeypatch):
     assert torch.allclose(y, ops.reference_linear(x, tensors, layout, layer.bias), rtol=1e-4, atol=1e-5)
 
 
+def test_reference_only_keeps_every_call_off_the_kernel_until_it_ends(monkeypatch):
+    layer = _layer(LayerSpecV2(), 256, 16)
+    calls = []
+    real = C.linear
+    monkeypatch.setattr(C, "linear", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(3, 256, requires_grad=True)
+    with pytest.raises(RuntimeError, match="inside"), ops.reference_only():
+        with torch.no_grad():
+            y = layer(x)
+        layer(x).sum().backward()  # through the dispatcher and autograd
+        raise RuntimeError("inside")
+    assert not calls
+    tensors, layout = layer.op_args()
+    assert torch.equal(y, ops.reference_linear(x.detach(), tensors, layout, layer.bias))
+    with torch.no_grad():
+        layer(x)
+    assert calls, "the kernel must run again once reference_only has ended"
+
+
 def test_formats_without_a_cpu_kernel_fall_back_to_the_reference(monkeypatch):
     from hf_rbe import RBEConfig
 

@@ -20,7 +20,8 @@
 5. **End to end** (optional): the whole model's scales, biases and norms against the
    full-precision model's final hidden states (the full-precision path's, through the final norm).
 
-The model is changed in place; :func:`quantize_calibrated` returns what the caller records in a
+Every RBE product in these steps is the PyTorch reference's (``core.ops.reference_only``), never a
+device kernel's. The model is changed in place; :func:`quantize_calibrated` returns what the caller records in a
 copy of its config (the chosen overrides and ``calibrated_with``). The result is an ordinary RBE
 model: loading it needs no calibration.
 """
@@ -39,6 +40,7 @@ from tqdm.auto import tqdm
 
 from ...core.errors import ConfigError
 from ...core.ldlq import proxy_error
+from ...core.ops import reference_only
 from ...core.packed import PackedLinear
 from ...core.rbe_linear import RBELinear, swap_layers
 from ..config import RBEConfig
@@ -121,6 +123,7 @@ def calibration_device(config: RBEConfig) -> torch.device:
 
 
 @torch.no_grad()
+@reference_only()  # calibrated codes the same with any kernel, or none (ops.reference_only)
 def quantize_calibrated(model: nn.Module, config: RBEConfig, skip: list[str], tokenizer: Any = None,
                         weights: BlockWeights | None = None) -> Calibration:
     """Quantize ``model`` in place with calibration (module docstring); ``skip``: module names or

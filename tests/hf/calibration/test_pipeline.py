@@ -268,3 +268,23 @@ def test_a_checkpoint_is_never_quantized_onto_itself(tiny_llama_dir, tmp_path):
         with pytest.raises(ValueError, match="is the source checkpoint"):
             quantize_checkpoint(src, out, RBEConfig.from_preset("v2-3"))
     assert sorted(p.name for p in src.iterdir()) == sorted(p.name for p in Path(tiny_llama_dir).iterdir())
+
+
+def test_calibration_computes_with_the_reference_op_so_any_kernel_gives_the_same_codes(monkeypatch):
+    """Kernels differ from the reference in the last bits and LDLQ's choices flip under such
+    differences: calibration must not call them, or its codes would depend on the machine's kernels."""
+    from hf_rbe.kernels import cpu_numba, dispatch
+
+    calls = []
+    real = cpu_numba.linear
+    monkeypatch.setattr(cpu_numba, "linear", lambda *a: calls.append(1) or real(*a))
+    with_kernel = quantize_model(_structured_model(), _cfg(calibration_finetune_steps=2, calibration_e2e_steps=2))
+    assert not calls, "calibration called the CPU kernel"
+    with torch.no_grad():
+        with_kernel(torch.tensor([[1, 5, 9]]))
+    assert calls, "outside calibration the model must compute with the CPU kernel"
+    monkeypatch.setattr(dispatch, "CPU_KERNELS", {})
+    without = quantize_model(_structured_model(), _cfg(calibration_finetune_steps=2, calibration_e2e_steps=2))
+    a, b = with_kernel.state_dict(), without.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
