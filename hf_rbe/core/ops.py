@@ -6,7 +6,8 @@ id, then what the format's ``to_layout`` writes). Registering it as a custom op 
 
 - the dispatcher picks the implementation by device: this module registers the PyTorch
   reference (``core.reference``; any device, the oracle every kernel is tested against), and
-  ``hf_rbe.kernels`` registers faster ones for CUDA (Triton) and the CPU over it;
+  ``hf_rbe.kernels`` registers faster ones for CUDA (Triton) and the CPU over it
+  (``reference_only`` keeps the calls inside it on the reference);
 - ``torch.compile`` sees one opaque node with a fake (shape-only) implementation, so a model
   compiles with ``fullgraph=True`` and CUDA graphs can capture it;
 - autograd: the gradient reaches ``x`` (adapters before the layer train) and the bias; the
@@ -91,9 +92,11 @@ def call_linear(x: torch.Tensor, tensors: list[torch.Tensor], layout: list[int],
     """``hf_rbe::linear``, or straight the kernel the dispatcher would pick when nothing needs
     the dispatcher: a plain tensor, no gradient to record, no graph being traced. The
     dispatcher's Python hops cost ~12 us a call, a fifth of a SmolLM2 layer's CPU time."""
-    kernel = _KERNELS.get(x.device.type) if kernels_allowed() else None
-    if (kernel is None or type(x) is not torch.Tensor or torch.compiler.is_compiling()
+    if (type(x) is not torch.Tensor or torch.compiler.is_compiling()
             or (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))):
+        return linear(x, tensors, layout, bias)
+    kernel = _KERNELS.get(x.device.type) if kernels_allowed() else None  # not traced: dynamo cannot read a ContextVar
+    if kernel is None:
         return linear(x, tensors, layout, bias)
     return kernel(x, tensors, layout, bias)
 

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ...core.ldlq import reencode_stages, upper_inverse_cholesky
+from ...core.ops import reference_only
 from ...core.rbe_linear import RBELinear
 from ...core.scale_tuning import tuned_scales
 from .capture import Call, find_blocks, hidden, run_block, with_hidden
@@ -115,6 +116,7 @@ class CodeStep:
     changed: float
 
 
+@reference_only()  # kept or not by losses a few bits apart: no kernel may decide (ops.reference_only)
 def code_step(module: nn.Module, layers: dict[str, RBELinear], hessians: dict[str, torch.Tensor],
               measure: Callable[[], float], accumulate: Callable[[], None], damp: float,
               frozen: frozenset[int] = frozenset()) -> CodeStep:

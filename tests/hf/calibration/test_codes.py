@@ -69,6 +69,20 @@ def test_a_code_step_never_raises_the_loss_it_measures(planes):
         assert step.changed > 0 and step.after < step.before
 
 
+def test_a_code_step_measures_with_the_reference_op_not_a_kernel(monkeypatch):
+    from hf_rbe.kernels import cpu_numba
+
+    block, layers, hessians, calls, targets = _block_setup(["e8p", "vq4"])
+    seen = []
+    real = cpu_numba.linear
+    monkeypatch.setattr(cpu_numba, "linear", lambda *a: seen.append(1) or real(*a))
+    block_loss(block, calls, targets)
+    assert seen, "outside a code step the block computes with the CPU kernel"
+    seen.clear()
+    block_code_step(block, layers, hessians, calls, targets, 0.01)
+    assert not seen, "a code step's losses must come from the reference op"
+
+
 def test_a_code_step_that_finds_nothing_better_changes_nothing(monkeypatch):
     monkeypatch.setattr(codes, "STEP_SIZES", (400.0,))  # a move this far can only be worse
     block, layers, hessians, calls, targets = _block_setup(["e8p", "vq4"])
