@@ -203,9 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="RBE next to HQQ, optimum-quanto, bitsandbytes, GPTQ and AutoRound: table, "
                                        "JSON and plot",
                        description="Quantize SmolLM2-135M and all-MiniLM-L6-v2 with every method and measure "
-                                   "perplexity (Wikipedia, Austen), embedding cosine, probe accuracy, bits per "
-                                   "weight, disk, memory and time. About 55 minutes on 2 CPU cores (the calibrated "
-                                   "SmolLM2 row takes 11).")
+                                   "perplexity (Wikipedia, Austen, held-out movie reviews), embedding cosine, "
+                                   "probe accuracy, bits per weight, disk, memory and time. The calibrated rows take "
+                                   "longest (results/compare.md gives each row's time).")
     c.add_argument("--models", nargs="+", default=["smollm2", "minilm"], choices=["smollm2", "minilm"])
     c.add_argument("--families", nargs="+", choices=FAMILIES,
                    help="only these method families (default: all; seed64 runs on SmolLM2 only if named)")

@@ -36,7 +36,8 @@ def _rows() -> list[dict]:
     return [
         {**lm, "method": "fp32 (unquantized)", "family": "fp32", "bits_per_weight": 32.0, "wikipedia_ppl": 20.0, "austen_ppl": 30.0},
         {**lm, "method": "RBE rbe-2", "family": "RBE", "bits_per_weight": 2.02, "wikipedia_ppl": 900.0, "austen_ppl": 800.0},
-        {**lm, "method": "RBE rbe-3", "family": "RBE", "bits_per_weight": 3.02, "wikipedia_ppl": 22.0, "austen_ppl": 33.0},
+        {**lm, "method": "RBE rbe-3", "family": "RBE", "bits_per_weight": 3.02, "wikipedia_ppl": 22.0, "austen_ppl": 33.0,
+         "movie_reviews_ppl": 55.5},
         {**lm, "method": "HQQ 2-bit g64", "family": "HQQ", "bits_per_weight": 2.5, "wikipedia_ppl": 500.0, "austen_ppl": 400.0},
         {**lm, "method": "HQQ 3-bit g64", "family": "HQQ", "bits_per_weight": 3.7, "wikipedia_ppl": 25.0, "austen_ppl": 35.0},
         {"model": SMOLLM2, "method": "bitsandbytes NF4", "family": "bitsandbytes", "error": "RuntimeError: no GPU"},
@@ -69,7 +70,9 @@ def test_compare_render_writes_table_and_plot(tmp_path):
     main(["compare", "--render-only", "--out", str(out)])
     md = out.with_suffix(".md").read_text()
     assert "`hf-rbe compare` on test box, 2026-11-23 (2 minutes)" in md
-    assert "| RBE rbe-3 | 3.020 | 22.00 | 33.00 |" in md
+    assert "| Wikipedia ppl | Austen ppl | reviews ppl (held out) |" in md
+    assert "| RBE rbe-3 | 3.020 | 22.00 | 33.00 | 55.50 |" in md
+    assert "| RBE rbe-2 | 2.020 | 900.00 | 800.00 | - |" in md  # a row measured before the held-out corpus
     assert "| bitsandbytes NF4 | did not run here: RuntimeError: no GPU |" in md
     assert "context 1024, stride 1024" in md
     png = out.with_suffix(".png").read_bytes()
@@ -84,7 +87,7 @@ def test_merge_replaces_remeasured_rows_and_the_report_says_which_run_measured_w
     from hf_rbe.evaluation.compare.run import merged
 
     calibrated = {m.name: m for m in methods(["RBE v2 calibrated"])}
-    assert list(calibrated) == ["RBE v2-3 calibrated"]
+    assert list(calibrated) == ["RBE v2-2 calibrated", "RBE v2-3 calibrated", "RBE v2-4 calibrated"]
     old_meta = {"machine": "test box", "date": "2026-11-23", "command": "hf-rbe compare", "wall_seconds": 120,
                 "families": None}
     new_meta = {"machine": "test box", "date": "2026-11-24", "command": "hf-rbe compare --families RBE --merge",

@@ -3,8 +3,10 @@
 For each method the model is loaded and quantized from the same fp32 checkpoint, then
 measured with the local ``evaluate`` metrics (``hf_rbe.evaluation.metrics``):
 
-- SmolLM2-135M: perplexity on the first ``tokens`` tokens of the Wikipedia articles and of
-  Jane Austen's novels (sliding window; context and stride in the output);
+- SmolLM2-135M: perplexity on the first ``tokens`` tokens of the Wikipedia articles, of Jane
+  Austen's novels and of the movie-review snippets (``HELD_OUT``: text no calibrated row, RBE's or
+  a peer's, calibrates on, and no recipe tunes or picks a default on); sliding window, context
+  and stride in the output;
 - all-MiniLM-L6-v2: embedding cosine to fp32 and the accuracy of a logistic-regression probe
   (sentiment of the movie-review snippets, fixed shuffled split: 2,000 train, 1,000 test);
 - compression: bits per weight over the layers each method quantizes (every stored tensor
@@ -34,7 +36,7 @@ from ..memory import MemoryProfile
 from ..results import run_meta
 from ..sizes import quantized_size
 from .methods import MINILM, PROBE_TEST, PROBE_TRAIN, SMOLLM2, Method, methods
-from .report import render, targets
+from .report import HELD_OUT, render, targets
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +84,7 @@ def compare_smollm2(ms: list[Method], tokens: int, context: int, stride: int) ->
 
     path = smollm2_path()
     tok = AutoTokenizer.from_pretrained(path)
-    streams = {c: _token_stream(tok, c, tokens) for c in ("wikipedia", "austen")}
+    streams = {c: _token_stream(tok, c, tokens) for c in ("wikipedia", "austen", HELD_OUT)}
     rows = []
     for m in ms:
         logger.info("SmolLM2-135M: %s", m.name)
@@ -141,7 +143,8 @@ def compare_minilm(ms: list[Method]) -> list[dict]:
 
 
 def _short(row: dict) -> str:
-    keys = ("bits_per_weight", "wikipedia_ppl", "austen_ppl", "cos_mean", "accuracy", "load_seconds", "error")
+    keys = ("bits_per_weight", "wikipedia_ppl", "austen_ppl", f"{HELD_OUT}_ppl", "cos_mean", "accuracy", "load_seconds",
+            "error")
     return f"{row['method']}: " + ", ".join(f"{k}={row[k]:.4g}" if isinstance(row[k], float) else f"{k}={row[k]}"
                                            for k in keys if k in row)
 
