@@ -191,14 +191,16 @@ def layer_rows(shapes: list[tuple[int, int]], presets: list[str], rounds: int, s
     return rows
 
 
-def _models(smoke: bool, presets: list[str]) -> dict[str, torch.nn.Module]:
+def smollm2_loader(smoke: bool) -> Callable[[RBEConfig | None, torch.dtype], torch.nn.Module]:
+    """``load(config, dtype)``: SmolLM2-135M (offline) quantized by ``config`` or left as is; with
+    ``smoke``, a tiny random Llama instead (the same random weights every call)."""
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     if smoke:
         cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                           num_key_value_heads=2, vocab_size=256)
 
-        def load(qc: RBEConfig | None, dtype: torch.dtype) -> torch.nn.Module:
+        def tiny(qc: RBEConfig | None, dtype: torch.dtype) -> torch.nn.Module:
             torch.manual_seed(0)
             model = LlamaForCausalLM(cfg).to(dtype)
             if qc is not None:
@@ -206,14 +208,16 @@ def _models(smoke: bool, presets: list[str]) -> dict[str, torch.nn.Module]:
 
                 quantize_model(model, qc)
             return model
-    else:
-        from hf_rbe.data import smollm2_path
 
-        path = smollm2_path()
+        return tiny
+    from hf_rbe.data import smollm2_path
 
-        def load(qc: RBEConfig | None, dtype: torch.dtype) -> torch.nn.Module:
-            return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, quantization_config=qc)
+    path = smollm2_path()
+    return lambda qc, dtype: AutoModelForCausalLM.from_pretrained(path, dtype=dtype, quantization_config=qc)
 
+
+def _models(smoke: bool, presets: list[str]) -> dict[str, torch.nn.Module]:
+    load = smollm2_loader(smoke)
     models = {"fp32": load(None, torch.float32), "bf16": load(None, torch.bfloat16)}
     for name in presets:
         models[name] = load(RBEConfig.from_preset(name), torch.float32)
