@@ -53,9 +53,6 @@ def _models(smoke: bool) -> dict[str, torch.nn.Module]:
 
 
 def _compiled(model: torch.nn.Module) -> torch.nn.Module:
-    # every model's forward is one code object to dynamo, and each model compiles its own graphs
-    # (prompt and step) under it: the default limit of 8 per code object is too few for the rows
-    torch._dynamo.config.recompile_limit = 64
     out = copy.deepcopy(model)
     out.forward = torch.compile(out.forward, fullgraph=True)
     return out
@@ -82,6 +79,9 @@ def rows(smoke: bool, new_tokens: int, repeats: int) -> list[dict]:
     vocab = next(iter(models.values())).config.vocab_size
     prompt = torch.randint(0, vocab, (1, PROMPT), generator=torch.Generator().manual_seed(0))
     runs, compile_s, tokens = {}, {}, {}
+    # every model's forward is one code object to dynamo, and each model compiles its own graphs
+    # (prompt and step) under it: the default limit of 8 per code object is too few for the rows
+    torch._dynamo.config.recompile_limit = 64
     for name, model in models.items():
         for mode, m in (("eager", model), ("compiled", _compiled(model))):
             f = _generator(m, prompt, new_tokens)
