@@ -1,7 +1,7 @@
 """CPU speed of RBE layers and models against torch fp32 and bf16, as a fraction of this machine's
 memory bandwidth.
 
-    python bench/cpu_speed.py                  # results/cpu_speed.{json,md} (about 30 minutes on 2 cores)
+    python bench/cpu_speed.py                  # results/cpu_speed.{json,md} (20-30 minutes on 2 cores)
     python bench/cpu_speed.py --smoke          # tiny shapes and models: checks the script only
 
 Bandwidth: a STREAM-like figure measured first, in the same process (the bench's threads,
@@ -30,7 +30,12 @@ prefill tokens/s = 512 / one forward over 512 tokens. Medians of ``--repeats``.
 shared); in the RBE models every decoder Linear is a v2 layer with random codes computing in
 bf16. A decoding step (one token on a KV cache, after a 4-token prompt) is timed directly, the
 median of 12 round-robin steps; its time is ``fixed + layers * per_layer``: the two depths give
-both terms, and tokens/s at 32 layers is extrapolated from them. Format-v1 presets have no CPU kernel yet (the
+both terms, and tokens/s at 32 layers is extrapolated from them.
+
+llama.cpp (``bench/llama_cpp_rows.py``): where ``llama-cpp-python`` and ``gguf`` are installed, the
+SmolLM2 and 8B-shaped decoder rows get llama.cpp's Q4_K_M, Q3_K_M and IQ3_S files beside them, in
+the same round-robin (``--llama-cpp off`` leaves them out; the GGUF files are made once, before
+any timing, and kept in ``--gguf-dir``). Format-v1 presets have no CPU kernel yet (the
 PyTorch reference decodes every weight on every call); ``--v1`` adds them to the layer rows.
 """
 
@@ -43,7 +48,9 @@ import os
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
+import llama_cpp_rows
 import numba
 import numpy as np
 import torch
@@ -70,6 +77,7 @@ DECODER_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads
                   vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0)
 DEPTHS_8B = (2, 4)
 LAYERS_8B = 32
+LLAMA_REFERENCE = "llama.cpp Q4_K_M"  # the row issue #28's 8B-shaped decoder must beat
 TARGETS = {"bandwidth_fraction": 0.7, "layer_vs_bf16": 3.0, "decode_vs_bf16": 1.3, "prefill_vs_bf16": 0.8,
            "decoder_8b_vs_bf16": 3.0}
 
@@ -232,11 +240,13 @@ def _models(smoke: bool, presets: list[str]) -> dict[str, torch.nn.Module]:
 
 
 def _timings(models: dict[str, torch.nn.Module], new_tokens: int, prefill: int | None,
-             repeats: int) -> dict[str, float]:
-    """Median seconds of ``generate`` 1 and N tokens (and a ``prefill``-token forward) per model."""
+             repeats: int, llama: dict[str, llama_cpp_rows.Session] | None = None) -> dict[str, float]:
+    """Median seconds of ``generate`` 1 and N tokens (and a ``prefill``-token forward) per model
+    (and per llama.cpp session, on the same tokens), round-robin."""
     vocab = next(iter(models.values())).config.vocab_size
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, vocab, (1, 16), generator=g)
+    long = torch.randint(0, vocab, (1, prefill or 1), generator=g)
 
     def gen(model: torch.nn.Module, n: int) -> Callable[[], object]:
         return lambda: model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
@@ -247,15 +257,20 @@ def _timings(models: dict[str, torch.nn.Module], new_tokens: int, prefill: int |
         cands[f"{name}/gen1"] = gen(m, 1)
         cands[f"{name}/genN"] = gen(m, new_tokens)
         if prefill:
-            long = torch.randint(0, vocab, (1, prefill), generator=g)
-            cands[f"{name}/prefill"] = lambda m=m, long=long: m(long)
+            cands[f"{name}/prefill"] = lambda m=m: m(long)
+    if llama:
+        cands.update(llama_cpp_rows.model_candidates(llama, prompt[0].tolist(), new_tokens, long[0].tolist()))
     return median_rounds(cands, repeats)
 
 
 @torch.inference_mode()
-def model_rows(smoke: bool, presets: list[str], new_tokens: int, prefill: int, repeats: int) -> list[dict]:
+def model_rows(smoke: bool, presets: list[str], new_tokens: int, prefill: int, repeats: int,
+               llama: dict[str, Path] | None = None, threads: int = 2, repack: bool = False) -> list[dict]:
+    """SmolLM2's rows (and llama.cpp's, one per GGUF file in ``llama``)."""
     models = _models(smoke, presets)
-    secs = _timings(models, new_tokens, prefill, repeats)
+    sessions = {f"llama.cpp {t}": llama_cpp_rows.Session(p, threads, prefill + new_tokens + 32, repack)
+                for t, p in (llama or {}).items()}
+    secs = _timings(models, new_tokens, prefill, repeats, sessions)
     rows = []
     for name, m in models.items():
         size = packed_size(m)
@@ -264,6 +279,14 @@ def model_rows(smoke: bool, presets: list[str], new_tokens: int, prefill: int, r
                      "linear_bits_per_weight": size["bits_per_weight"] if size["rbe_layers"] else None,
                      "state_dict_mib": size["state_dict_bytes"] / 2**20})
         logging.info("%s", rows[-1])
+    for name, s in sessions.items():
+        path = llama[name.removeprefix("llama.cpp ")]
+        rows.append({"weights": name, "decode_tokens_per_s": (new_tokens - 1) / (secs[f"{name}/genN"] - secs[f"{name}/gen1"]),
+                     "prefill_tokens_per_s": prefill / secs[f"{name}/prefill"],
+                     "linear_bits_per_weight": llama_cpp_rows.linear_bits_per_weight(path),
+                     "state_dict_mib": path.stat().st_size / 2**20, "repack": repack})
+        logging.info("%s", rows[-1])
+        s.close()
     return rows
 
 
@@ -294,10 +317,11 @@ def _decoders(shape: dict, depths: tuple[int, ...], presets: list[str]) -> dict[
     return out
 
 
-def _decode_steps(models: dict[str, torch.nn.Module], prompt_tokens: int, rounds: int) -> dict[str, float]:
+def _decode_steps(models: dict[str, torch.nn.Module], prompt_tokens: int, rounds: int,
+                  llama: dict[str, llama_cpp_rows.Session] | None = None) -> dict[str, float]:
     """Median seconds of one decoding step (a one-token forward on the model's growing KV cache) per
-    model, round-robin. The prompt stays at a few tokens, so every Linear runs at batch 1 (the
-    GEMV path) and no prefill enters the timing."""
+    model (and llama.cpp session), round-robin. The prompt stays at a few tokens, so every Linear
+    runs at batch 1 (the GEMV path) and no prefill enters the timing."""
     from transformers import DynamicCache
 
     state: dict[str, list] = {}
@@ -312,18 +336,28 @@ def _decode_steps(models: dict[str, torch.nn.Module], prompt_tokens: int, rounds
             state[name][0] = models[name](tok, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
         return run
 
-    return median_rounds({name: step(name) for name in models}, rounds)
+    cands = {name: step(name) for name in models}
+    if llama:
+        cands.update(llama_cpp_rows.step_candidates(llama, prompt_tokens))
+    return median_rounds(cands, rounds)
 
 
 @torch.inference_mode()
-def decoder_rows(shape: dict, depths: tuple[int, ...], layers: int, presets: list[str], rounds: int) -> list[dict]:
+def decoder_rows(shape: dict, depths: tuple[int, ...], layers: int, presets: list[str], rounds: int,
+                 llama: dict[tuple[str, int], Path] | None = None, threads: int = 2,
+                 repack: bool = False) -> list[dict]:
     """Per-token time ``fixed + depth * per_layer`` of each model family, from two depths, and
-    tokens/s extrapolated to ``layers`` decoder layers."""
+    tokens/s extrapolated to ``layers`` decoder layers (llama.cpp's families from its GGUF files)."""
     models = _decoders(shape, depths, presets)
-    secs = _decode_steps({f"{n}@{d}": m for (n, d), m in models.items()}, 4, rounds)
+    sessions = {f"llama.cpp {t}@{d}": llama_cpp_rows.Session(p, threads, 4 + rounds + 8, repack)
+                for (t, d), p in (llama or {}).items()}
+    secs = _decode_steps({f"{n}@{d}": m for (n, d), m in models.items()}, 4, rounds, sessions)
+    for s in sessions.values():
+        s.close()
     rows = []
     lo, hi = depths
-    for name in ["bf16", *presets]:
+    families = ["bf16", *presets, *dict.fromkeys(f"llama.cpp {t}" for t, _ in (llama or {}))]
+    for name in families:
         per_token = {d: secs[f"{name}@{d}"] for d in depths}
         per_layer = (per_token[hi] - per_token[lo]) / (hi - lo)
         fixed = per_token[lo] - lo * per_layer
@@ -372,6 +406,9 @@ def verdicts(res: dict) -> dict:
     dec = {r["weights"]: r for r in res.get("decoder_8b", [])}
     if ACCEPT_PRESET in dec:
         out["decoder_8b_vs_bf16"] = dec[ACCEPT_PRESET]["vs_bf16"]
+        if LLAMA_REFERENCE in dec:
+            key = f"tokens_per_s_{res['decoder_8b_setup']['layers']}_layers"
+            out["decoder_8b_vs_llama_cpp"] = dec[ACCEPT_PRESET][key] / dec[LLAMA_REFERENCE][key]
     return out
 
 
@@ -395,7 +432,11 @@ def table(res: dict) -> str:
     for r in res["layers"]:
         lines.append(f"| {r['in']}x{r['out']} | " + " | ".join(
             f"{r[f'{s}_vs_bf16']:.2f}x ({r[f'{s}_speedup']:.2f}x)" for s in names) + " |")
-    lines += ["", "SmolLM2-135M, batch 1, greedy:", "",
+    lc = res.get("llama_cpp")
+    lines += ["", "SmolLM2-135M, batch 1, greedy" + ("" if not lc else
+              f" (llama.cpp rows: llama-cpp-python {lc['version']}, weight repacking "
+              f"{'on' if lc['repack'] else 'off: it crashed on this CPU'}, its own k-quant and i-quant "
+              "types re-quantized from the packaged Q4_1 file, no imatrix)") + ":", "",
               "| weights | Linear bits/weight | state dict MiB | decode tokens/s | prefill tokens/s (512) |",
               "|---|---|---|---|---|"]
     for r in res["models"]:
@@ -430,6 +471,8 @@ def table(res: dict) -> str:
                          f"{t['prefill_vs_bf16']}x)")
     if "decoder_8b_vs_bf16" in v:
         parts.append(f"8B-shaped decoder {v['decoder_8b_vs_bf16']:.2f}x bf16 (target >= {t['decoder_8b_vs_bf16']}x)")
+    if "decoder_8b_vs_llama_cpp" in v:
+        parts.append(f"{v['decoder_8b_vs_llama_cpp']:.2f}x {LLAMA_REFERENCE} (target: ahead, > 1x)")
     if parts:
         lines += ["", f"Acceptance ({ACCEPT_PRESET}; with bf16 embeddings on SmolLM2): " + "; ".join(parts) + "."]
     return "\n".join(lines) + "\n"
@@ -445,6 +488,9 @@ def main() -> None:
     ap.add_argument("--model-presets", nargs="*", default=None,
                     help="presets of the SmolLM2 rows besides the acceptance ones (default: all v2 presets; "
                          "quantizing SmolLM2 takes minutes per preset)")
+    ap.add_argument("--llama-cpp", choices=("auto", "off"), default="auto",
+                    help="llama.cpp rows when llama-cpp-python and gguf are installed (default), or never")
+    ap.add_argument("--gguf-dir", default="runs/llama_cpp", help="where llama.cpp's GGUF files are made and kept")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes and models: checks the script only")
     ap.add_argument("--out", default=None, help="default: results/cpu_speed (runs/cpu_speed_smoke with --smoke)")
     args = ap.parse_args()
@@ -453,24 +499,34 @@ def main() -> None:
     numba.set_num_threads(args.threads)
     presets = V2_PRESETS + (V1_PRESETS if args.v1 else [])
     load_before = "%.2f %.2f %.2f" % os.getloadavg()
+    llama = args.llama_cpp == "auto" and llama_cpp_rows.available()
+    gguf_dir = Path(args.gguf_dir) / ("smoke" if args.smoke else "full")
+    gguf_dir.mkdir(parents=True, exist_ok=True)
+    if args.smoke:
+        shape, depths, n_layers = dict(DECODER_8B, hidden_size=256, intermediate_size=512, num_attention_heads=8,
+                                       num_key_value_heads=2, vocab_size=256), (1, 2), 4
+    else:
+        shape, depths, n_layers = DECODER_8B, DEPTHS_8B, LAYERS_8B
+    # llama.cpp's files first: quantizing is heavy work, kept out of every timing
+    dec_files = llama_cpp_rows.decoder_files(gguf_dir, shape, depths, args.threads) if llama else None
+    lm_files = llama_cpp_rows.smollm2_files(gguf_dir, args.threads) if llama and not args.smoke else None
+    repack = llama and llama_cpp_rows.repack_works(next(iter(dec_files.values())), args.threads)
     if args.smoke:
         bw = bandwidth(2**20, 2)
         layers = layer_rows([(256, 64)], presets, 2, 2**20)
         models = model_rows(True, presets, 3, 32, 1)
-        shape, depths, n_layers = dict(DECODER_8B, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                                       num_key_value_heads=2, vocab_size=256), (1, 2), 4
-        decoder = decoder_rows(shape, depths, n_layers, [ACCEPT_PRESET], 2)
+        decoder = decoder_rows(shape, depths, n_layers, [ACCEPT_PRESET], 2, dec_files, args.threads, repack)
     else:
         bw = bandwidth(BANDWIDTH_BYTES, 10)
         layers = layer_rows(SHAPES, presets, args.rounds, STREAM_BYTES)
         model_presets = presets if args.model_presets is None else args.model_presets
-        models = model_rows(False, model_presets, args.tokens, 512, args.repeats)
-        shape, depths, n_layers = DECODER_8B, DEPTHS_8B, LAYERS_8B
-        decoder = decoder_rows(shape, depths, n_layers, [ACCEPT_PRESET], 12)
+        models = model_rows(False, model_presets, args.tokens, 512, args.repeats, lm_files, args.threads, repack)
+        decoder = decoder_rows(shape, depths, n_layers, [ACCEPT_PRESET], 12, dec_files, args.threads, repack)
     add_fractions(layers, bw)
     meta = {**run_meta(), "numba_threads": numba.get_num_threads(), "load_before": load_before,
             "load_after": "%.2f %.2f %.2f" % os.getloadavg()}
     res = {"meta": meta, "presets": presets, "bandwidth": bw, "layers": layers, "models": models,
+           "llama_cpp": {"version": llama_cpp_rows.version(), "repack": repack} if llama else None,
            "decoder_8b_setup": {"vocab_size": shape["vocab_size"], "depths": list(depths), "layers": n_layers},
            "decoder_8b": decoder}
     res["verdicts"] = verdicts(res)

