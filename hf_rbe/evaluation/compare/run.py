@@ -35,7 +35,7 @@ from ..measure import mean_pooled_embeddings, perplexity
 from ..memory import MemoryProfile
 from ..results import run_meta
 from ..sizes import quantized_size
-from .methods import MINILM, PROBE_TEST, PROBE_TRAIN, SMOLLM2, Method, methods
+from .methods import DECODER_ONLY, MINILM, PROBE_TEST, PROBE_TRAIN, SMOLLM2, Method, methods
 from .report import HELD_OUT, render, targets
 
 logger = logging.getLogger(__name__)
@@ -163,7 +163,7 @@ def run(models: list[str], families: list[str] | None, tokens: int, context: int
         lm = [m for m in ms if m.family != "seed64" or (families and "seed64" in families) or names]
         rows += compare_smollm2(lm, tokens, context, stride)
     if "minilm" in models:
-        rows += compare_minilm(ms)
+        rows += compare_minilm([m for m in ms if m.family not in DECODER_ONLY])
     meta = {**run_meta(), "wall_seconds": round(time.perf_counter() - t0), "families": families or names}
     path = Path(out)
     if merge and path.with_suffix(".json").exists():
