@@ -7,5 +7,6 @@
     results     result files stamped with machine, date and command
     reload      a checkpoint's logits from a plain from_pretrained in a fresh process
     memory      peak resident memory of a job, overall and per calibration phase
+    llama_cpp   llama.cpp as a peer: its quantizer and its forward, through llama-cpp-python
     compare     hf-rbe compare: methods, run, report
 """
