@@ -11,7 +11,8 @@ tokens that fit in a ``--budget-gib`` memory budget beside the weights (vLLM's b
 2 x layers x KV heads x head dim x 2 bytes per token) and how many 1024-token sequences that is.
 transformers + hf-rbe (fp32, ``hf_rbe.evaluation.measure.decode_speed``) decodes each RBE model
 at batch 1 for reference, and the share of the first block's q/k/v time spent rotating inputs is
-measured there (each RBE layer rotates with its own signs; vLLM's fused q/k/v applies three). Writes ``results/vllm_speed.{json,md}`` (``--out``); load average and
+measured there, timing the rotation the CPU kernel runs (``cpu_numba.rotate_rows``; each RBE layer
+rotates with its own signs; vLLM's fused q/k/v applies three). Writes ``results/vllm_speed.{json,md}`` (``--out``); load average and
 machine in both.
 """
 
@@ -54,14 +55,18 @@ def rotation_share(model: torch.nn.Module, batches: list[int]) -> dict[str, floa
     """Per batch size: the share of the first block's q/k/v time (three RBE layers, each rotating
     the same input with its own signs) spent rotating: what one rotation shared by the three would
     save at most."""
+    from hf_rbe.kernels import cpu_numba
+
     attn = model.model.layers[0].self_attn
     layers = [attn.q_proj, attn.k_proj, attn.v_proj]
+    rotations = [cpu_numba.rotation(*m.op_args()) for m in layers]  # the kernel's own rotation, not the reference's
     out = {}
     with torch.no_grad():
         for b in batches:
             x = torch.randn(b, layers[0].in_features)
             full = Timer("[m(x) for m in layers]", globals={"layers": layers, "x": x}).blocked_autorange(min_run_time=1)
-            rot = Timer("[m.rotate_input(x) for m in layers]", globals={"layers": layers, "x": x}).blocked_autorange(
+            rot = Timer("[rotate(x, s, k) for s, k in rotations]",
+                        globals={"rotate": cpu_numba.rotate_rows, "rotations": rotations, "x": x}).blocked_autorange(
                 min_run_time=1)
             out[str(b)] = rot.median / full.median
     return out

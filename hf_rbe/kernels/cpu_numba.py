@@ -305,6 +305,21 @@ def _plan(key: tuple[int, ...], tensors: list[torch.Tensor]) -> tuple[tuple, np.
     return plan
 
 
+def rotation(tensors: list[torch.Tensor], layout: list[int]) -> tuple[np.ndarray | None, int]:
+    """(fp32 rotation signs or ``None``, Hadamard block) of a layer, as :func:`linear` reads them."""
+    _, signs, block = _plan(tuple(layout), tensors)
+    return signs, block
+
+
+def rotate_rows(x2: torch.Tensor, signs: np.ndarray, block: int) -> np.ndarray:
+    """The rotated input rows the kernels take (fp32 [M, K] contiguous in): butterflies for the
+    few rows of decoding, blocks times the Hadamard matrix (BLAS) for many, where the butterflies'
+    strided scalar passes cost more."""
+    if x2.shape[0] <= GEMV_MAX_M:
+        return _rotate_few(x2.numpy(), signs, block)
+    return rotate(x2, torch.from_numpy(signs), block).numpy()
+
+
 def linear(x: torch.Tensor, tensors: list[torch.Tensor], layout: list[int], bias: torch.Tensor | None) -> torch.Tensor:
     """``hf_rbe::linear`` of a v2 layer on CPU tensors: ``x`` [..., K] -> ``x W^T + b`` in x's dtype."""
     n, k = layout[1], layout[2]
@@ -314,12 +329,7 @@ def linear(x: torch.Tensor, tensors: list[torch.Tensor], layout: list[int], bias
     lead = x.shape[:-1]
     x2 = x.detach().reshape(-1, k).float().contiguous()
     m = x2.shape[0]
-    if signs is None:
-        xr = x2.numpy()
-    elif m <= GEMV_MAX_M:
-        xr = _rotate_few(x2.numpy(), signs, block)
-    else:  # many rows: blocks times the Hadamard matrix (BLAS) beat the butterflies' strided scalar passes
-        xr = rotate(x2, torch.from_numpy(signs), block).numpy()
+    xr = x2.numpy() if signs is None else rotate_rows(x2, signs, block)
     if m <= GEMV_MAX_M:
         out = np.zeros((m, n), dtype=np.float32)
         flat = xr.ravel()
