@@ -59,6 +59,7 @@ import torch.nn.functional as F
 from hf_rbe import RBEConfig, RBELinear
 from hf_rbe.core.packed import packed_size
 from hf_rbe.core.rbe_codecs import codec_for
+from hf_rbe.evaluation import llama_cpp
 from hf_rbe.evaluation.results import run_meta, write_results
 from hf_rbe.hf.config import PRESETS
 from hf_rbe.kernels.cpu_simd import vadd, vload, vsum, vzero
@@ -240,7 +241,7 @@ def _models(smoke: bool, presets: list[str]) -> dict[str, torch.nn.Module]:
 
 
 def _timings(models: dict[str, torch.nn.Module], new_tokens: int, prefill: int | None,
-             repeats: int, llama: dict[str, llama_cpp_rows.Session] | None = None) -> dict[str, float]:
+             repeats: int, llama: dict[str, llama_cpp.Session] | None = None) -> dict[str, float]:
     """Median seconds of ``generate`` 1 and N tokens (and a ``prefill``-token forward) per model
     (and per llama.cpp session, on the same tokens), round-robin."""
     vocab = next(iter(models.values())).config.vocab_size
@@ -268,22 +269,24 @@ def model_rows(smoke: bool, presets: list[str], new_tokens: int, prefill: int, r
                llama: dict[str, Path] | None = None, threads: int = 2, repack: bool = False) -> list[dict]:
     """SmolLM2's rows (and llama.cpp's, one per GGUF file in ``llama``)."""
     models = _models(smoke, presets)
-    sessions = {f"llama.cpp {t}": llama_cpp_rows.Session(p, threads, prefill + new_tokens + 32, repack)
+    sessions = {f"llama.cpp {t}": llama_cpp.Session(p, threads, prefill + new_tokens + 32, repack)
                 for t, p in (llama or {}).items()}
     secs = _timings(models, new_tokens, prefill, repeats, sessions)
     rows = []
+
+    def rates(name: str) -> dict[str, float]:
+        return {"decode_tokens_per_s": (new_tokens - 1) / (secs[f"{name}/genN"] - secs[f"{name}/gen1"]),
+                "prefill_tokens_per_s": prefill / secs[f"{name}/prefill"]}
+
     for name, m in models.items():
         size = packed_size(m)
-        rows.append({"weights": name, "decode_tokens_per_s": (new_tokens - 1) / (secs[f"{name}/genN"] - secs[f"{name}/gen1"]),
-                     "prefill_tokens_per_s": prefill / secs[f"{name}/prefill"],
+        rows.append({"weights": name, **rates(name),
                      "linear_bits_per_weight": size["bits_per_weight"] if size["rbe_layers"] else None,
                      "state_dict_mib": size["state_dict_bytes"] / 2**20})
         logging.info("%s", rows[-1])
     for name, s in sessions.items():
         path = llama[name.removeprefix("llama.cpp ")]
-        rows.append({"weights": name, "decode_tokens_per_s": (new_tokens - 1) / (secs[f"{name}/genN"] - secs[f"{name}/gen1"]),
-                     "prefill_tokens_per_s": prefill / secs[f"{name}/prefill"],
-                     "linear_bits_per_weight": llama_cpp_rows.linear_bits_per_weight(path),
+        rows.append({"weights": name, **rates(name), "linear_bits_per_weight": llama_cpp.linear_bits_per_weight(path),
                      "state_dict_mib": path.stat().st_size / 2**20, "repack": repack})
         logging.info("%s", rows[-1])
         s.close()
@@ -318,7 +321,7 @@ def _decoders(shape: dict, depths: tuple[int, ...], presets: list[str]) -> dict[
 
 
 def _decode_steps(models: dict[str, torch.nn.Module], prompt_tokens: int, rounds: int,
-                  llama: dict[str, llama_cpp_rows.Session] | None = None) -> dict[str, float]:
+                  llama: dict[str, llama_cpp.Session] | None = None) -> dict[str, float]:
     """Median seconds of one decoding step (a one-token forward on the model's growing KV cache) per
     model (and llama.cpp session), round-robin. The prompt stays at a few tokens, so every Linear
     runs at batch 1 (the GEMV path) and no prefill enters the timing."""
@@ -349,7 +352,7 @@ def decoder_rows(shape: dict, depths: tuple[int, ...], layers: int, presets: lis
     """Per-token time ``fixed + depth * per_layer`` of each model family, from two depths, and
     tokens/s extrapolated to ``layers`` decoder layers (llama.cpp's families from its GGUF files)."""
     models = _decoders(shape, depths, presets)
-    sessions = {f"llama.cpp {t}@{d}": llama_cpp_rows.Session(p, threads, 4 + rounds + 8, repack)
+    sessions = {f"llama.cpp {t}@{d}": llama_cpp.Session(p, threads, 4 + rounds + 8, repack)
                 for (t, d), p in (llama or {}).items()}
     secs = _decode_steps({f"{n}@{d}": m for (n, d), m in models.items()}, 4, rounds, sessions)
     for s in sessions.values():
@@ -499,7 +502,7 @@ def main() -> None:
     numba.set_num_threads(args.threads)
     presets = V2_PRESETS + (V1_PRESETS if args.v1 else [])
     load_before = "%.2f %.2f %.2f" % os.getloadavg()
-    llama = args.llama_cpp == "auto" and llama_cpp_rows.available()
+    llama = args.llama_cpp == "auto" and llama_cpp.available()
     gguf_dir = Path(args.gguf_dir) / ("smoke" if args.smoke else "full")
     gguf_dir.mkdir(parents=True, exist_ok=True)
     if args.smoke:
@@ -526,7 +529,7 @@ def main() -> None:
     meta = {**run_meta(), "numba_threads": numba.get_num_threads(), "load_before": load_before,
             "load_after": "%.2f %.2f %.2f" % os.getloadavg()}
     res = {"meta": meta, "presets": presets, "bandwidth": bw, "layers": layers, "models": models,
-           "llama_cpp": {"version": llama_cpp_rows.version(), "repack": repack} if llama else None,
+           "llama_cpp": {"version": llama_cpp.version(), "repack": repack} if llama else None,
            "decoder_8b_setup": {"vocab_size": shape["vocab_size"], "depths": list(depths), "layers": n_layers},
            "decoder_8b": decoder}
     res["verdicts"] = verdicts(res)

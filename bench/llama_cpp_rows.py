@@ -25,10 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from hf_rbe.evaluation.llama_cpp import TYPES, Session, available, linear_bits_per_weight, quantize, version
+from hf_rbe.evaluation.llama_cpp import TYPES, Session, quantize
 
-__all__ = ["TYPES", "Session", "available", "linear_bits_per_weight", "version", "write_decoder", "repack_works",
-           "smollm2_files", "decoder_files", "model_candidates", "step_candidates"]
 logger = logging.getLogger(__name__)
 
 
@@ -79,8 +77,8 @@ def write_decoder(path: Path, shape: dict, depth: int, seed: int = 0) -> Path:
 
 def repack_works(path: Path, threads: int) -> bool:
     """Whether llama.cpp decodes ``path`` with weight repacking on, tried in a child process."""
-    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import llama_cpp_rows as r; "
-            f"s = r.Session(r.Path({str(path)!r}), {threads}, 64, True); s.generate([1, 2, 3], 2)")
+    code = (f"from hf_rbe.evaluation.llama_cpp import Session; "
+            f"Session({str(path)!r}, {threads}, 64, True).generate([1, 2, 3], 2)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=600)
     if done.returncode != 0:
         logger.warning("llama.cpp with weight repacking failed on this CPU (exit %d): rows without it",
