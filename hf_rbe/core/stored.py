@@ -16,10 +16,28 @@ from torch import nn
 STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def _keep_storage_dtype(module: nn.Module, fn, recurse: bool) -> nn.Module:  # type: ignore[no-untyped-def]
+    """``nn.Module._apply`` that moves the stored weight but keeps its dtype: a cast of the model
+    (``.bfloat16()``, ``.to(dtype)``) changes what it computes in, not what the format stores."""
+    before = module.weight.data
+    out = nn.Module._apply(module, fn, recurse)
+    if module.weight.dtype != before.dtype:
+        module.weight.data = before.to(module.weight.device)
+    return out
+
+
 class StoredEmbedding(nn.Embedding):
-    """``nn.Embedding`` with its table in ``weight.dtype``; lookups come out in ``compute_dtype``."""
+    """``nn.Embedding`` with its table in ``weight.dtype``; lookups come out in ``compute_dtype``,
+    which follows casts of the model (the table keeps its dtype)."""
 
     compute_dtype: torch.dtype
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        out = _keep_storage_dtype(self, fn, recurse)
+        cast = fn(torch.empty(0, dtype=self.compute_dtype)).dtype  # what the model now computes in
+        if cast.is_floating_point:
+            self.compute_dtype = cast
+        return out
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         out = F.embedding(input, self.weight, self.padding_idx, self.max_norm, self.norm_type,
@@ -32,6 +50,9 @@ class StoredLinear(nn.Linear):
     in fp32) and returned in the input's. Why not cast the weight up: a SmolLM2 head is 28M
     weights, and casting them on every decoding step costs far more than the half-precision
     product itself (docs/results/cpu_speed.md)."""
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        return _keep_storage_dtype(self, fn, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return stored_linear(x, self.weight, self.bias)

@@ -29,9 +29,9 @@ import torch
 from hf_rbe.core.format_v2 import FORMAT_ID, IDX_OFFSET, PLANES, SIGN_OFFSET, VECTOR_DIM, LayerSpecV2, e8p_sign_table
 from hf_rbe.core.moved import renamed
 from hf_rbe.core.op_layout import SIGNS, op_tensor_names
-from hf_rbe.core.rotation import rotate
+from hf_rbe.core.rotation import hadamard
 
-from .cpu_simd import hload, sload, vadd, vbroadcast, vfma, vload, vmul, vstore, vsum, vzero
+from .cpu_simd import hload, sload, vadd, vbroadcast, vfma, vload, vmul, vstore, vsub, vsum, vzero
 
 #: Largest M the code-walking GEMV serves; above it decode + BLAS is faster (the crossover
 #: ``NOTES.md`` records, on SmolLM2 and 4096x4096 shapes).
@@ -40,29 +40,63 @@ _E8P_IDX = PLANES["e8p"].table_size - 1  # the idx field's mask
 _NIBBLE = PLANES["vq4"].table_size - 1
 
 
-def _rotate_rows(x: np.ndarray, signs: np.ndarray, block: int) -> np.ndarray:
-    """``x S H`` per block of ``block`` columns for x [M, K] (fp32, few rows), by in-place butterflies."""
-    m, k = x.shape
-    out = np.empty_like(x)
+#: Sylvester H_8 (entries +-1), row j at [8j, 8j + 8): a Hadamard block's first three butterfly
+#: stages pair lanes inside one 8-vector, so they are applied as eight broadcast multiply-adds.
+_H8 = hadamard(8).mul(math.sqrt(8)).reshape(-1).float().clone().numpy()
+
+
+@nb.njit(cache=True, inline="always", fastmath=True)
+def _rotate_into(x: np.ndarray, signs: np.ndarray, block: int, h8: np.ndarray, out: np.ndarray) -> None:
+    """``out = x S H`` per block of ``block`` columns for one flat [K] row: a fast Walsh-Hadamard
+    transform, in 8-lane vectors from the fourth stage on (``K log B`` adds, where a matmul by the
+    block costs ``K B`` multiply-adds)."""
+    k = x.shape[0]
     norm = np.float32(1.0 / math.sqrt(block))
-    for r in nb.prange(m):
+    if block < 8:  # a block inside one vector (only a tiny ``rotation_block`` gives one): scalar butterflies
         for i in range(k):
-            out[r, i] = x[r, i] * signs[i]
+            out[i] = x[i] * signs[i] * norm
         h = 1
         while h < block:
             for start in range(0, k, 2 * h):
                 for j in range(start, start + h):
-                    a = out[r, j]
-                    b = out[r, j + h]
-                    out[r, j] = a + b
-                    out[r, j + h] = a - b
+                    a = out[j]
+                    b = out[j + h]
+                    out[j] = a + b
+                    out[j + h] = a - b
             h *= 2
-        for i in range(k):
-            out[r, i] *= norm
+        return
+    for c in range(0, k, 8):
+        v = vzero()
+        for j in range(8):
+            v = vfma(vbroadcast(x[c + j] * signs[c + j] * norm), vload(h8, 8 * j), v)
+        vstore(out, c, v)
+    h = 8
+    while h < block:
+        for start in range(0, k, 2 * h):
+            for j in range(start, start + h, 8):
+                a = vload(out, j)
+                b = vload(out, j + h)
+                vstore(out, j, vadd(a, b))
+                vstore(out, j + h, vsub(a, b))
+        h *= 2
+
+
+@nb.njit(cache=True, fastmath=True)
+def _rotate_few(x: np.ndarray, signs: np.ndarray, block: int, h8: np.ndarray) -> np.ndarray:
+    """``x S H`` of a few rows [M, K] on this thread (a thread launch costs more than they do)."""
+    out = np.empty_like(x)
+    for r in range(x.shape[0]):
+        _rotate_into(x[r], signs, block, h8, out[r])
     return out
 
 
-_rotate_few = nb.njit(cache=True, fastmath=True)(_rotate_rows)  # a thread launch costs more than a few rows
+@nb.njit(cache=True, parallel=True, fastmath=True)
+def _rotate_many(x: np.ndarray, signs: np.ndarray, block: int, h8: np.ndarray) -> np.ndarray:
+    """``x S H`` of many rows [M, K], rows over the threads."""
+    out = np.empty_like(x)
+    for r in nb.prange(x.shape[0]):
+        _rotate_into(x[r], signs, block, h8, out[r])
+    return out
 
 
 @nb.njit(cache=True, inline="always")
@@ -88,12 +122,16 @@ def _codeword(codes: np.ndarray, at: int, table: np.ndarray, signs: np.ndarray, 
 
 def _gemv_for(plane: int):  # noqa: ANN202
     @nb.njit(cache=True, parallel=True, fastmath=True)
-    def gemv(x: np.ndarray, k: int, codes: np.ndarray, scale: np.ndarray, table: np.ndarray, signs: np.ndarray,
-             out: np.ndarray) -> None:
+    def gemv(x_in: np.ndarray, rot: np.ndarray, block: int, h8: np.ndarray, x: np.ndarray, k: int, codes: np.ndarray,
+             scale: np.ndarray, table: np.ndarray, signs: np.ndarray, out: np.ndarray) -> None:
         """out[0, n] += sum_g scale[n, g] * (x . the stage's codewords of row n in group g), at M = 1.
-        ``x`` is the flat [K] rotated input, ``codes`` and ``scale`` (fp16 bits) flat row-major.
+        ``x`` is the flat [K] rotated input: with ``block`` > 0 this call first writes it, ``x_in``
+        rotated by the signs ``rot`` (one dispatch where two were: at M = 1 on a small layer the
+        call costs more than the rotation). ``codes`` and ``scale`` (fp16 bits) flat row-major.
         Two output rows per iteration share each x load (an odd last row is computed twice and
         written once)."""
+        if block > 0:
+            _rotate_into(x_in, rot, block, h8, x)
         n_rows = out.shape[1]
         n_groups = scale.shape[0] // n_rows
         cols = k // 8
@@ -123,11 +161,14 @@ def _gemv_for(plane: int):  # noqa: ANN202
 
 def _gemv2_for(plane1: int):  # noqa: ANN202
     @nb.njit(cache=True, parallel=True, fastmath=True)
-    def gemv2(x: np.ndarray, k: int, codes0: np.ndarray, scale0: np.ndarray, table0: np.ndarray,
-              codes1: np.ndarray, scale1: np.ndarray, table1: np.ndarray, signs: np.ndarray, out: np.ndarray) -> None:
+    def gemv2(x_in: np.ndarray, rot: np.ndarray, block: int, h8: np.ndarray, x: np.ndarray, k: int, codes0: np.ndarray,
+              scale0: np.ndarray, table0: np.ndarray, codes1: np.ndarray, scale1: np.ndarray, table1: np.ndarray,
+              signs: np.ndarray, out: np.ndarray) -> None:
         """The GEMV of an e8p stage and the next (plane ``plane1``, same scale groups) in one pass
         at M = 1: each x load feeds both stages' accumulators of two output rows, and the output
-        is written once."""
+        is written once. The rotation as in ``gemv``."""
+        if block > 0:
+            _rotate_into(x_in, rot, block, h8, x)
         n_rows = out.shape[1]
         n_groups = scale0.shape[0] // n_rows
         cols = k // 8
@@ -312,12 +353,32 @@ def rotation(tensors: list[torch.Tensor], layout: list[int]) -> tuple[np.ndarray
 
 
 def rotate_rows(x2: torch.Tensor, signs: np.ndarray, block: int) -> np.ndarray:
-    """The rotated input rows the kernels take (fp32 [M, K] contiguous in): butterflies for the
-    few rows of decoding, blocks times the Hadamard matrix (BLAS) for many, where the butterflies'
-    strided scalar passes cost more."""
-    if x2.shape[0] <= GEMV_MAX_M:
-        return _rotate_few(x2.numpy(), signs, block)
-    return rotate(x2, torch.from_numpy(signs), block).numpy()
+    """The rotated input rows the kernels take (fp32 [M, K] contiguous in)."""
+    return (_rotate_few if x2.shape[0] <= GEMV_MAX_M else _rotate_many)(x2.numpy(), signs, block, _H8)
+
+
+_NO_SIGNS = np.ones(0, dtype=np.float32)
+
+
+def _gemv_one(x: np.ndarray, stages: tuple, signs: np.ndarray | None, block: int, n: int) -> np.ndarray:
+    """[1, N] output of one flat [K] input row (decoding). The first kernel call also rotates the
+    row, the later ones read what it wrote; an e8p stage and the next go in one call."""
+    k = x.shape[0]
+    out = np.zeros((1, n), dtype=np.float32)
+    xr, rot = (x, _NO_SIGNS) if signs is None else (np.empty(k, dtype=np.float32), signs)
+    block = 0 if signs is None else block
+    i = 0
+    while i < len(stages):
+        if i + 1 < len(stages) and stages[i][3] == 0 and stages[i][1].shape == stages[i + 1][1].shape:
+            (c0, s0, t0, _), (c1, s1, t1, p1) = stages[i:i + 2]
+            _GEMV2[p1](x, rot, block, _H8, xr, k, c0, s0, t0, c1, s1, t1, _SIGNS, out)
+            i += 2
+        else:
+            codes, scale, table, plane = stages[i]
+            _GEMV[plane](x, rot, block, _H8, xr, k, codes, scale, table, _SIGNS, out)
+            i += 1
+        block = 0  # rotated once
+    return out
 
 
 def linear(x: torch.Tensor, tensors: list[torch.Tensor], layout: list[int], bias: torch.Tensor | None) -> torch.Tensor:
@@ -326,23 +387,15 @@ def linear(x: torch.Tensor, tensors: list[torch.Tensor], layout: list[int], bias
     if x.shape[-1] != k:
         raise ValueError(f"hf_rbe::linear: x has {x.shape[-1]} features, the layer takes {k}")
     stages, signs, block = _plan(tuple(layout), tensors)
-    lead = x.shape[:-1]
     x2 = x.detach().reshape(-1, k).float().contiguous()
     m = x2.shape[0]
+    if m == 1:
+        return _finish(torch.from_numpy(_gemv_one(x2.numpy().reshape(-1), stages, signs, block, n)), x, bias)
     xr = x2.numpy() if signs is None else rotate_rows(x2, signs, block)
     if m <= GEMV_MAX_M:
         out = np.zeros((m, n), dtype=np.float32)
-        flat = xr.ravel()
-        i = 0
-        while i < len(stages):
-            if m == 1 and i + 1 < len(stages) and stages[i][3] == 0 and stages[i][1].shape == stages[i + 1][1].shape:
-                (c0, s0, t0, _), (c1, s1, t1, p1) = stages[i:i + 2]
-                _GEMV2[p1](flat, k, c0, s0, t0, c1, s1, t1, _SIGNS, out)
-                i += 2
-            else:
-                codes, scale, table, plane = stages[i]
-                (_GEMV if m == 1 else _GEMV4)[plane](flat, k, codes, scale, table, _SIGNS, out)
-                i += 1
+        for codes, scale, table, plane in stages:
+            _GEMV4[plane](xr.ravel(), k, codes, scale, table, _SIGNS, out)
         y = torch.from_numpy(out)
     else:
         w = np.empty(n * k, dtype=np.float32)  # per call: a buffer kept per shape would live as long as the process
@@ -353,6 +406,11 @@ def linear(x: torch.Tensor, tensors: list[torch.Tensor], layout: list[int], bias
             y = torch.from_numpy(xr).bfloat16() @ wt.bfloat16().T
         else:
             y = torch.from_numpy(xr) @ wt.T
+    return _finish(y, x, bias)
+
+
+def _finish(y: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """fp32 [M, N] products -> plus the bias, in x's dtype and leading shape."""
     if bias is not None:
         y = y + bias.float()
-    return y.to(x.dtype).reshape(*lead, n)
+    return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])

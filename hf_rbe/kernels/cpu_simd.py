@@ -133,6 +133,12 @@ def vadd(typingctx, a, b):
 
 
 @intrinsic
+def vsub(typingctx, a, b):
+    """Lane-wise ``a - b``."""
+    return f32x8(a, b), lambda context, builder, sig, args: builder.fsub(args[0], args[1], flags=_FAST)
+
+
+@intrinsic
 def vfma(typingctx, a, b, c):
     """Lane-wise ``a * b + c`` (fast-math: one fused instruction where the CPU has FMA)."""
 

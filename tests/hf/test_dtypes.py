@@ -69,3 +69,20 @@ def test_zero_rows_and_small_weights_still_encode(tiny_llama_dir):
     w = m.model.layers[0].self_attn.q_proj.dequantize()
     assert torch.equal(w[:4], torch.zeros_like(w[:4]))
     assert w[4:].abs().sum() > 0
+
+
+@pytest.mark.parametrize("storage", ["float16", "bfloat16"])
+def test_a_cast_model_computes_in_the_new_dtype_and_keeps_its_stored_embedding_and_head(tiny_llama_dir, storage):
+    m = AutoModelForCausalLM.from_pretrained(
+        tiny_llama_dir, quantization_config=RBEConfig.from_preset("v2-3", embedding_dtype=storage))
+    emb, head = m.get_input_embeddings(), m.get_output_embeddings()
+    stored = emb.weight.detach().clone(), head.weight.detach().clone()
+    ref = _logits(m)
+    seen = []
+    m.model.layers[0].self_attn.q_proj.register_forward_pre_hook(lambda mod, args: seen.append(args[0].dtype))
+    m.bfloat16()
+    out = _logits(m)
+    assert seen == [torch.bfloat16]  # the lookups follow the cast, so the whole residual stream does
+    assert torch.equal(emb.weight, stored[0]) and torch.equal(head.weight, stored[1])
+    assert emb.weight.dtype == head.weight.dtype == getattr(torch, storage)  # what the format stores, kept
+    assert out.dtype == torch.bfloat16 and (out.float() - ref).abs().max() < 0.1

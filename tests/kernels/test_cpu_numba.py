@@ -58,6 +58,15 @@ def test_random_layers_match_the_reference(case, m):
     assert _error(layer, x) < TOL, f"seed {SEED}: {spec} k={k}"
 
 
+@pytest.mark.parametrize("block", [2, 4, 8, 16, 32])
+@pytest.mark.parametrize("m", [1, 5, C.GEMV_MAX_M + 3])
+def test_small_hadamard_blocks(block, m):
+    """Blocks inside one 8-lane vector take the scalar butterflies; from 8 on, the vector transform."""
+    spec = LayerSpecV2((StageV2("e8p"), StageV2("vq8")), rotation=True, rotation_block=block)
+    layer = _layer(spec, 96, 40)
+    assert _error(layer, torch.randn(m, 96)) < TOL, f"seed {SEED}: block {block}"
+
+
 @pytest.mark.parametrize("plane", ["e8p", "vq8", "vq4"])
 @pytest.mark.parametrize("m", [1, 9])
 def test_every_residual_plane(plane, m):
