@@ -1,16 +1,18 @@
 """CPU kernels for RBE format v2 (numba): ``y = x W^T`` straight from the codes, all cores, SIMD.
 
-Small M (decoding, ``M <= GEMV_MAX_M``): the input rows get the layer's rotation by a fast
-Walsh-Hadamard transform (``K log B`` adds), then every output row (in parallel, ``prange``)
-walks its codes. An e8p code costs one 8-lane load from the 512-entry table, one from the
+Every input row first gets the layer's rotation by a fast Walsh-Hadamard transform (``K log B``
+adds, in 8-lane vectors; rows over the threads when there are many, inside the first GEMV call at
+M = 1, where a second dispatch costs more than the transform).
+Small M (decoding, ``M <= GEMV_MAX_M``): every output row (in parallel, ``prange``) walks its
+codes. An e8p code costs one 8-lane load from the 512-entry table, one from the
 128-entry +-1 sign table (16 KiB + 4 KiB: both stay in L1), one of x and a multiply and a fused
 multiply-add (``cpu_simd``); vq8 / vq4 codes read a signed 8-vector. At M = 1 an e8p stage and
 the stage after it run in one pass, two output rows at a time (one x load feeds four
 accumulators); for M > 1 each codeword is decoded once per block of four input rows.
-Larger M (prefill): the rotation is a matmul by the Hadamard block, every stage decodes into an
-fp32 buffer allocated for the call, and the product goes to BLAS (``torch.matmul``): in fp32, or
-in bf16 when the activations are bf16 (the rotated input and the decoded weight rounded to bf16:
-a bf16 model's own precision). ``linear`` picks by M.
+Larger M (prefill): the weight is decoded into a buffer allocated for the call and the product
+goes to BLAS (``torch.matmul``): in fp32, or in bf16 when the activations are bf16 (the rotated
+input and the decoded weight rounded to bf16, a bf16 model's own precision; the decode writes
+bf16 itself, both stages summed before the one rounding). ``linear`` picks by M.
 
 Compiled by numba on first use and cached on disk (``cache=True``): no compiler at install
 time. The PyTorch reference of the op (``hf_rbe.core.ops``) is the oracle of the tests.
@@ -31,7 +33,7 @@ from hf_rbe.core.moved import renamed
 from hf_rbe.core.op_layout import SIGNS, op_tensor_names
 from hf_rbe.core.rotation import hadamard
 
-from .cpu_simd import hload, sload, vadd, vbroadcast, vfma, vload, vmul, vstore, vsub, vsum, vzero
+from .cpu_simd import hload, sload, vadd, vbroadcast, vfma, vload, vmul, vstore, vstore_bf16, vsub, vsum, vzero
 
 #: Largest M the code-walking GEMV serves; above it decode + BLAS is faster (the crossover
 #: ``NOTES.md`` records, on SmolLM2 and 4096x4096 shapes).
@@ -270,11 +272,36 @@ def _decode_for(plane: int):  # noqa: ANN202
     return decode
 
 
+def _decode_bf16_for(plane1: int):  # noqa: ANN202
+    @nb.njit(cache=True, parallel=True, fastmath=True)
+    def decode_bf16(codes0: np.ndarray, scale0: np.ndarray, table0: np.ndarray, codes1: np.ndarray,
+                    scale1: np.ndarray, table1: np.ndarray, signs: np.ndarray, w: np.ndarray, k: int) -> None:
+        """The flat [N * K] bf16 bits ``w`` = the decoded, still rotated weight of an e8p stage plus
+        the next (plane ``plane1``; -1: none), summed in fp32 and rounded once: the weight a bf16
+        GEMM takes, without an fp32 buffer and a conversion pass."""
+        cols = k // 8
+        n_rows = w.shape[0] // k
+        groups0 = scale0.shape[0] // n_rows
+        groups1 = scale1.shape[0] // n_rows if plane1 >= 0 else 1
+        for n in nb.prange(n_rows):
+            row = n * cols
+            for v in range(cols):
+                val = vmul(_e8p_vector(codes0, row + v, table0, signs),
+                           vbroadcast(hload(scale0, n * groups0 + v // (cols // groups0))))
+                if plane1 >= 0:
+                    val = vfma(_codeword(codes1, row + v, table1, signs, plane1),
+                               vbroadcast(hload(scale1, n * groups1 + v // (cols // groups1))), val)
+                vstore_bf16(w, (row + v) << 3, val)
+
+    return decode_bf16
+
+
 _PLANE_IDS = {"e8p": 0, "vq8": 1, "vq4": 2}
 _GEMV = tuple(_gemv_for(p) for p in range(3))
 _GEMV2 = tuple(_gemv2_for(p) for p in range(3))
 _GEMV4 = tuple(_gemv4_for(p) for p in range(3))
 _DECODE = tuple(_decode_for(p) for p in range(3))
+_DECODE_BF16 = {p: _decode_bf16_for(p) for p in (-1, 0, 1, 2)}
 _SIGNS = e8p_sign_table().reshape(-1).clone().numpy()  # torch allocates 64-byte aligned: no row splits a line
 __getattr__ = renamed("hf_rbe.kernels.cpu_numba", {
     "sign_table": ("hf_rbe.core.format_v2.e8p_sign_table", lambda: e8p_sign_table().numpy().copy())})
@@ -321,8 +348,9 @@ def _stages(stages: tuple, named: dict[str, torch.Tensor]) -> list[tuple]:
 _PLANS: dict[int, tuple] = {}
 
 
-def _plan(key: tuple[int, ...], tensors: list[torch.Tensor]) -> tuple[tuple, np.ndarray | None, int]:
-    """(stages as ``_stages`` gives them, fp32 rotation signs or ``None``, Hadamard block) of a call."""
+def _plan(key: tuple[int, ...], tensors: list[torch.Tensor]) -> tuple[tuple, np.ndarray | None, int, tuple]:
+    """(stages as ``_stages`` gives them, fp32 rotation signs or ``None``, Hadamard block, the
+    kernel calls of M = 1 as ``_one_calls`` gives them) of a call."""
     try:
         stamp = tuple((id(t), t.data_ptr(), t._version) for t in tensors)
     except RuntimeError:  # inference tensors keep no version counter: their shapes instead
@@ -333,12 +361,13 @@ def _plan(key: tuple[int, ...], tensors: list[torch.Tensor]) -> tuple[tuple, np.
     spec, names, stage_specs = _parse(key)
     k = key[2]
     named = dict(zip(names, tensors))
-    plan = (tuple(_stages(stage_specs, named)), None, 0)
+    stages = tuple(_stages(stage_specs, named))
+    plan = (stages, None, 0, _one_calls(stages))
     if spec.rotation:
         signs = named[SIGNS]
         if signs.shape != (k,):
             raise ValueError(f"hf_rbe::linear: {SIGNS} has shape {list(signs.shape)}, the layout needs [{k}]")
-        plan = (plan[0], signs.detach().float().numpy(), spec.hadamard_block(k))
+        plan = (stages, signs.detach().float().numpy(), spec.hadamard_block(k), plan[3])
     if all(t.is_contiguous() for t in tensors) and (plan[1] is None or named[SIGNS].dtype == torch.float32):
         if id(tensors[0]) not in _PLANS:
             weakref.finalize(tensors[0], _PLANS.pop, id(tensors[0]), None)
@@ -348,7 +377,7 @@ def _plan(key: tuple[int, ...], tensors: list[torch.Tensor]) -> tuple[tuple, np.
 
 def rotation(tensors: list[torch.Tensor], layout: list[int]) -> tuple[np.ndarray | None, int]:
     """(fp32 rotation signs or ``None``, Hadamard block) of a layer, as :func:`linear` reads them."""
-    _, signs, block = _plan(tuple(layout), tensors)
+    _, signs, block, _ = _plan(tuple(layout), tensors)
     return signs, block
 
 
@@ -360,25 +389,44 @@ def rotate_rows(x2: torch.Tensor, signs: np.ndarray, block: int) -> np.ndarray:
 _NO_SIGNS = np.ones(0, dtype=np.float32)
 
 
-def _gemv_one(x: np.ndarray, stages: tuple, signs: np.ndarray | None, block: int, n: int) -> np.ndarray:
-    """[1, N] output of one flat [K] input row (decoding). The first kernel call also rotates the
-    row, the later ones read what it wrote; an e8p stage and the next go in one call."""
-    k = x.shape[0]
-    out = np.zeros((1, n), dtype=np.float32)
-    xr, rot = (x, _NO_SIGNS) if signs is None else (np.empty(k, dtype=np.float32), signs)
-    block = 0 if signs is None else block
-    i = 0
+def _one_calls(stages: tuple) -> tuple[tuple, ...]:
+    """The kernel calls of M = 1, as (kernel, its stage arguments): an e8p stage and the next in
+    one ``_GEMV2`` call where their scales are grouped alike, any other stage alone."""
+    calls, i = [], 0
     while i < len(stages):
         if i + 1 < len(stages) and stages[i][3] == 0 and stages[i][1].shape == stages[i + 1][1].shape:
             (c0, s0, t0, _), (c1, s1, t1, p1) = stages[i:i + 2]
-            _GEMV2[p1](x, rot, block, _H8, xr, k, c0, s0, t0, c1, s1, t1, _SIGNS, out)
+            calls.append((_GEMV2[p1], (c0, s0, t0, c1, s1, t1)))
             i += 2
         else:
             codes, scale, table, plane = stages[i]
-            _GEMV[plane](x, rot, block, _H8, xr, k, codes, scale, table, _SIGNS, out)
+            calls.append((_GEMV[plane], (codes, scale, table)))
             i += 1
+    return tuple(calls)
+
+
+def _gemv_one(x: np.ndarray, calls: tuple, signs: np.ndarray | None, block: int, n: int) -> np.ndarray:
+    """[1, N] output of one flat [K] input row (decoding). The first kernel call also rotates the
+    row, the later ones read what it wrote."""
+    k = x.shape[0]
+    out = np.zeros((1, n), dtype=np.float32)
+    if signs is None:
+        xr, signs, block = x, _NO_SIGNS, 0
+    else:
+        xr = np.empty(k, dtype=np.float32)
+    for kernel, args in calls:
+        kernel(x, signs, block, _H8, xr, k, *args, _SIGNS, out)
         block = 0  # rotated once
     return out
+
+
+def _decoded_bf16(stages: tuple, n: int, k: int) -> torch.Tensor:
+    """The bf16 [N, K] rotated weight of one e8p stage or an e8p stage and the next."""
+    w = np.empty(n * k, dtype=np.int16)
+    c0, s0, t0, _ = stages[0]
+    c1, s1, t1, p1 = stages[1] if len(stages) == 2 else (c0, s0, t0, -1)
+    _DECODE_BF16[p1](c0, s0, t0, c1, s1, t1, _SIGNS, w, k)
+    return torch.from_numpy(w).view(torch.bfloat16).view(n, k)
 
 
 def linear(x: torch.Tensor, tensors: list[torch.Tensor], layout: list[int], bias: torch.Tensor | None) -> torch.Tensor:
@@ -386,23 +434,29 @@ def linear(x: torch.Tensor, tensors: list[torch.Tensor], layout: list[int], bias
     n, k = layout[1], layout[2]
     if x.shape[-1] != k:
         raise ValueError(f"hf_rbe::linear: x has {x.shape[-1]} features, the layer takes {k}")
-    stages, signs, block = _plan(tuple(layout), tensors)
+    stages, signs, block, calls = _plan(tuple(layout), tensors)
+    if x.numel() == k:  # one row (decoding): as few tensor operations around the kernels as can be
+        row = x.detach() if x.requires_grad else x
+        if row.dtype != torch.float32 or not row.is_contiguous():
+            row = row.float().contiguous()
+        y = torch.from_numpy(_gemv_one(row.numpy().reshape(k), calls, signs, block, n))
+        return y.view(*x.shape[:-1], n) if bias is None and x.dtype == torch.float32 else _finish(y, x, bias)
     x2 = x.detach().reshape(-1, k).float().contiguous()
     m = x2.shape[0]
-    if m == 1:
-        return _finish(torch.from_numpy(_gemv_one(x2.numpy().reshape(-1), stages, signs, block, n)), x, bias)
     xr = x2.numpy() if signs is None else rotate_rows(x2, signs, block)
     if m <= GEMV_MAX_M:
         out = np.zeros((m, n), dtype=np.float32)
         for codes, scale, table, plane in stages:
             _GEMV4[plane](xr.ravel(), k, codes, scale, table, _SIGNS, out)
         y = torch.from_numpy(out)
+    elif x.dtype == torch.bfloat16 and len(stages) <= 2 and stages[0][3] == 0:
+        y = torch.from_numpy(xr).bfloat16() @ _decoded_bf16(stages, n, k).T  # a bf16 model's own precision
     else:
         w = np.empty(n * k, dtype=np.float32)  # per call: a buffer kept per shape would live as long as the process
         for i, (codes, scale, table, plane) in enumerate(stages):
             _DECODE[plane](codes, scale, table, _SIGNS, w, k, i > 0)
         wt = torch.from_numpy(w).view(n, k)
-        if x.dtype == torch.bfloat16:  # bf16 activations: a bf16 GEMM (AMX where the CPU has it), several times fp32's
+        if x.dtype == torch.bfloat16:  # a third stage: decoded in fp32 first, then the same bf16 GEMM
             y = torch.from_numpy(xr).bfloat16() @ wt.bfloat16().T
         else:
             y = torch.from_numpy(xr) @ wt.T

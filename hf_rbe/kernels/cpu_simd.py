@@ -110,6 +110,28 @@ def vstore(typingctx, arr, offset, value):
 
 
 @intrinsic
+def vstore_bf16(typingctx, arr, offset, value):
+    """``arr[offset : offset + 8]`` = the bf16 bits of ``value`` (a 1-D int16/uint16 array), rounded to
+    nearest even as torch rounds (finite values: the kernels store decoded weights)."""
+    if not (isinstance(arr, types.Array) and arr.ndim == 1 and arr.dtype in (types.int16, types.uint16)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        i32 = ir.VectorType(ir.IntType(32), LANES)
+        bits = builder.bitcast(args[2], i32)
+        sixteen = ir.Constant(i32, [16] * LANES)
+        odd = builder.and_(builder.lshr(bits, sixteen), ir.Constant(i32, [1] * LANES))
+        rounded = builder.add(bits, builder.add(odd, ir.Constant(i32, [0x7FFF] * LANES)))
+        half = builder.trunc(builder.lshr(rounded, sixteen), ir.VectorType(ir.IntType(16), LANES))
+        data = context.make_array(sig.args[0])(context, builder, args[0]).data
+        ptr = builder.bitcast(builder.gep(data, [args[1]]), half.type.as_pointer())
+        builder.store(half, ptr).align = 2
+        return context.get_dummy_value()
+
+    return types.none(arr, offset, value), codegen
+
+
+@intrinsic
 def vbroadcast(typingctx, value):
     """(value, ..., value) of a float32."""
 

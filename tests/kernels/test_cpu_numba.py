@@ -67,6 +67,23 @@ def test_small_hadamard_blocks(block, m):
     assert _error(layer, torch.randn(m, 96)) < TOL, f"seed {SEED}: block {block}"
 
 
+@pytest.mark.parametrize("second", [None, "e8p", "vq8", "vq4"])
+def test_the_bf16_decode_rounds_the_fp32_decode_to_nearest_even(second):
+    """What the bf16 GEMM of prefill multiplies: the fp32 decode rounded as torch rounds (a second
+    stage is summed by a fused multiply-add, so a rare last-bit tie may round the other way)."""
+    stages = (StageV2("e8p", 32),) + (() if second is None else (StageV2(second, 64),))
+    layer = _layer(LayerSpecV2(stages, rotation=False), 128, 24)
+    tensors, layout = layer.op_args()
+    plan = C._plan(tuple(layout), tensors)[0]
+    want = layer.decode_rotated().bfloat16()
+    got = C._decoded_bf16(plan, 24, 128)
+    if second is None:
+        assert torch.equal(got, want), f"seed {SEED}"
+    else:
+        step = (want.float().abs() * 2.0**-7).clamp_min(1e-30)  # one bf16 ulp, about
+        assert ((got.float() - want.float()).abs() <= step).all() and (got == want).float().mean() > 0.97
+
+
 @pytest.mark.parametrize("plane", ["e8p", "vq8", "vq4"])
 @pytest.mark.parametrize("m", [1, 9])
 def test_every_residual_plane(plane, m):
@@ -93,6 +110,22 @@ def test_bf16_activations_leading_dims_and_strides(m):
     ref = ops.reference_linear(x.float(), tensors, layout, layer.bias.float())
     assert y.dtype == torch.bfloat16 and y.shape == (2, m, 40)
     assert float((y.float() - ref).norm() / ref.norm()) < 1e-2, f"seed {SEED}"  # bf16 output rounding
+
+
+@pytest.mark.parametrize("make", ["bf16_strided", "fp32_strided", "grad", "flat", "fp16"])
+def test_one_row_in_any_dtype_layout_and_shape(make):
+    """Decoding's lean path (one row) takes what the general path takes."""
+    layer = _layer(LayerSpecV2((StageV2("e8p"), StageV2("vq4"))), 256, 33)
+    base = torch.randn(1, 1, 512)
+    x = {"bf16_strided": base[..., ::2].bfloat16(), "fp32_strided": base[..., ::2], "flat": base[0, 0, :256],
+         "grad": base[..., :256].clone().requires_grad_(), "fp16": base[..., 1::2].half()}[make]
+    tensors, layout = layer.op_args()
+    with torch.no_grad():
+        y = C.linear(x, tensors, layout, layer.bias)
+        ref = ops.reference_linear(x.float(), tensors, layout, layer.bias.float())
+    assert y.dtype == x.dtype and y.shape == (*x.shape[:-1], 33)
+    tol = TOL if x.dtype == torch.float32 else 1e-2  # half-precision output rounding
+    assert float((y.float() - ref).norm() / ref.norm()) < tol, f"seed {SEED}"
 
 
 @pytest.mark.parametrize("how", ["load_state_dict", "data_copy", "data_swap", "inference"])
