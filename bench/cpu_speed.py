@@ -34,7 +34,8 @@ both terms, and tokens/s at 32 layers is extrapolated from them.
 
 llama.cpp (``bench/llama_cpp_rows.py``): where ``llama-cpp-python`` and ``gguf`` are installed, the
 SmolLM2 and 8B-shaped decoder rows get llama.cpp's Q4_K_M, Q3_K_M and IQ3_S files beside them, in
-the same round-robin (``--llama-cpp off`` leaves them out; the GGUF files are made once, before
+the same process, timed in a round-robin of their own after the others, its sessions open only
+then (open, they slowed the numba rows: ``_timings``; ``--llama-cpp off`` leaves them out; the GGUF files are made once, before
 any timing, and kept in ``--gguf-dir``). Format-v1 presets have no CPU kernel yet (the
 PyTorch reference decodes every weight on every call); ``--v1`` adds them to the layer rows.
 """
@@ -241,9 +242,13 @@ def _models(smoke: bool, presets: list[str]) -> dict[str, torch.nn.Module]:
 
 
 def _timings(models: dict[str, torch.nn.Module], new_tokens: int, prefill: int | None,
-             repeats: int, llama: dict[str, llama_cpp.Session] | None = None) -> dict[str, float]:
-    """Median seconds of ``generate`` 1 and N tokens (and a ``prefill``-token forward) per model
-    (and per llama.cpp session, on the same tokens), round-robin."""
+             repeats: int, llama: dict[str, Path] | None = None, threads: int = 2,
+             repack: bool = False) -> dict[str, float]:
+    """Median seconds of ``generate`` 1 and N tokens (and a ``prefill``-token forward) per model,
+    round-robin; then the same for a llama.cpp session per GGUF file in ``llama``, opened only for
+    a round-robin of their own: with llama.cpp's sessions open in the process the numba kernels'
+    rows ran slower (SmolLM2 v2-3 decoded 28.1 tokens/s beside them, 33.2 without, torch's rows
+    unchanged), which would have timed the neighbour, not the kernel."""
     vocab = next(iter(models.values())).config.vocab_size
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, vocab, (1, 16), generator=g)
@@ -259,9 +264,15 @@ def _timings(models: dict[str, torch.nn.Module], new_tokens: int, prefill: int |
         cands[f"{name}/genN"] = gen(m, new_tokens)
         if prefill:
             cands[f"{name}/prefill"] = lambda m=m: m(long)
+    secs = median_rounds(cands, repeats)
     if llama:
-        cands.update(llama_cpp_rows.model_candidates(llama, prompt[0].tolist(), new_tokens, long[0].tolist()))
-    return median_rounds(cands, repeats)
+        sessions = {f"llama.cpp {t}": llama_cpp.Session(p, threads, (prefill or 0) + new_tokens + 32, repack)
+                    for t, p in llama.items()}
+        secs.update(median_rounds(llama_cpp_rows.model_candidates(
+            sessions, prompt[0].tolist(), new_tokens, long[0].tolist()), repeats))
+        for s in sessions.values():
+            s.close()
+    return secs
 
 
 @torch.inference_mode()
@@ -269,9 +280,7 @@ def model_rows(smoke: bool, presets: list[str], new_tokens: int, prefill: int, r
                llama: dict[str, Path] | None = None, threads: int = 2, repack: bool = False) -> list[dict]:
     """SmolLM2's rows (and llama.cpp's, one per GGUF file in ``llama``)."""
     models = _models(smoke, presets)
-    sessions = {f"llama.cpp {t}": llama_cpp.Session(p, threads, prefill + new_tokens + 32, repack)
-                for t, p in (llama or {}).items()}
-    secs = _timings(models, new_tokens, prefill, repeats, sessions)
+    secs = _timings(models, new_tokens, prefill, repeats, llama, threads, repack)
     rows = []
 
     def rates(name: str) -> dict[str, float]:
@@ -284,12 +293,11 @@ def model_rows(smoke: bool, presets: list[str], new_tokens: int, prefill: int, r
                      "linear_bits_per_weight": size["bits_per_weight"] if size["rbe_layers"] else None,
                      "state_dict_mib": size["state_dict_bytes"] / 2**20})
         logging.info("%s", rows[-1])
-    for name, s in sessions.items():
-        path = llama[name.removeprefix("llama.cpp ")]
-        rows.append({"weights": name, **rates(name), "linear_bits_per_weight": llama_cpp.linear_bits_per_weight(path),
-                     "state_dict_mib": path.stat().st_size / 2**20, "repack": repack})
+    for t, path in (llama or {}).items():
+        rows.append({"weights": f"llama.cpp {t}", **rates(f"llama.cpp {t}"), "repack": repack,
+                     "linear_bits_per_weight": llama_cpp.linear_bits_per_weight(path),
+                     "state_dict_mib": path.stat().st_size / 2**20})
         logging.info("%s", rows[-1])
-        s.close()
     return rows
 
 
@@ -320,10 +328,9 @@ def _decoders(shape: dict, depths: tuple[int, ...], presets: list[str]) -> dict[
     return out
 
 
-def _decode_steps(models: dict[str, torch.nn.Module], prompt_tokens: int, rounds: int,
-                  llama: dict[str, llama_cpp.Session] | None = None) -> dict[str, float]:
+def _decode_steps(models: dict[str, torch.nn.Module], prompt_tokens: int, rounds: int) -> dict[str, float]:
     """Median seconds of one decoding step (a one-token forward on the model's growing KV cache) per
-    model (and llama.cpp session), round-robin. The prompt stays at a few tokens, so every Linear
+    model, round-robin. The prompt stays at a few tokens, so every Linear
     runs at batch 1 (the GEMV path) and no prefill enters the timing."""
     from transformers import DynamicCache
 
@@ -339,10 +346,7 @@ def _decode_steps(models: dict[str, torch.nn.Module], prompt_tokens: int, rounds
             state[name][0] = models[name](tok, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
         return run
 
-    cands = {name: step(name) for name in models}
-    if llama:
-        cands.update(llama_cpp_rows.step_candidates(llama, prompt_tokens))
-    return median_rounds(cands, rounds)
+    return median_rounds({name: step(name) for name in models}, rounds)
 
 
 @torch.inference_mode()
@@ -352,9 +356,11 @@ def decoder_rows(shape: dict, depths: tuple[int, ...], layers: int, presets: lis
     """Per-token time ``fixed + depth * per_layer`` of each model family, from two depths, and
     tokens/s extrapolated to ``layers`` decoder layers (llama.cpp's families from its GGUF files)."""
     models = _decoders(shape, depths, presets)
+    secs = _decode_steps({f"{n}@{d}": m for (n, d), m in models.items()}, 4, rounds)
     sessions = {f"llama.cpp {t}@{d}": llama_cpp.Session(p, threads, 4 + rounds + 8, repack)
                 for (t, d), p in (llama or {}).items()}
-    secs = _decode_steps({f"{n}@{d}": m for (n, d), m in models.items()}, 4, rounds, sessions)
+    if sessions:  # opened only now, timed apart (as in ``_timings``)
+        secs.update(median_rounds(llama_cpp_rows.step_candidates(sessions, 4), rounds))
     for s in sessions.values():
         s.close()
     rows = []

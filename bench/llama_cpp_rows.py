@@ -1,6 +1,6 @@
 """llama.cpp beside RBE in ``bench/cpu_speed.py``: the same SmolLM2 and the same 8B-shaped decoder as
 GGUF files in llama.cpp's own quantization types, decoded through ``llama-cpp-python`` in the
-bench's process (its timings join the bench's round-robin; the llama.cpp calls themselves are
+bench's process (timed round-robin among themselves, after the bench's other rows; the llama.cpp calls are
 ``hf_rbe.evaluation.llama_cpp``'s, shared with ``hf-rbe compare``).
 
 Only when ``llama_cpp`` imports (it is not a dependency of hf-rbe: it builds from source, about 15

@@ -11,8 +11,9 @@ tokens that fit in a ``--budget-gib`` memory budget beside the weights (vLLM's b
 2 x layers x KV heads x head dim x 2 bytes per token) and how many 1024-token sequences that is.
 transformers + hf-rbe (fp32, ``hf_rbe.evaluation.measure.decode_speed``) decodes each RBE model
 at batch 1 for reference, and the share of the first block's q/k/v time spent rotating inputs is
-measured there, timing the rotation the CPU kernel runs (``cpu_numba.rotate_rows``; each RBE layer
-rotates with its own signs; vLLM's fused q/k/v applies three). Writes ``results/vllm_speed.{json,md}`` (``--out``); load average and
+measured there, timing the rotation the CPU kernel runs (``cpu_numba.rotate_rows``; at batch 1 the
+same transform runs inside the layer's first GEMV call; each RBE layer rotates with its own signs;
+vLLM's fused q/k/v applies three). Writes ``results/vllm_speed.{json,md}`` (``--out``); load average and
 machine in both.
 """
 
