@@ -104,6 +104,8 @@ def values(block: str, where: str) -> dict[str, Any]:
             continue
         name, _, rhs = line.partition("=")
         name, rhs = name.strip(), rhs.strip()
+        if name in names:  # a second definition would silently replace the first wherever it is used
+            raise SystemExit(f"{where}: {name} is defined twice in the values block")
         source, colon, selector = rhs.partition(":")
         if colon and re.fullmatch(r"[\w\-]+", source.strip()):
             data = json.loads((RESULTS / f"{source.strip()}.json").read_text())

@@ -72,3 +72,16 @@ def test_every_module_is_on_the_maps(package):
     for name in modules + subpackages:
         assert re.search(rf"\b{name}\b", doc), f"{package.name}/__init__.py does not list {name}"
         assert re.search(rf"\b{name}\b", design), f"docs/design.md does not mention {package.name}.{name}"
+
+
+def test_a_name_defined_twice_in_a_values_block_is_refused():
+    """A second definition would silently replace the first everywhere it is used (the README's
+    MiniLM cosine column once showed a perplexity that way)."""
+    sys.path.insert(0, str(ROOT / "docs"))
+    try:
+        import build
+    finally:
+        sys.path.pop(0)
+    assert build.values("a = 1\nb = a + 1", "t") == {"a": 1, "b": 2}
+    with pytest.raises(SystemExit, match="a is defined twice"):
+        build.values("a = 1\na = 2", "t")
