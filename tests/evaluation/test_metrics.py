@@ -61,7 +61,7 @@ def test_decode_speed_generates_exactly_the_tokens_it_times(monkeypatch):
     from transformers import LlamaForCausalLM
 
     from hf_rbe.evaluation.measure import decode_speed
-    from tests.conftest import tiny_llama_config
+    from conftest import tiny_llama_config
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(tiny_llama_config()).eval()
