@@ -58,10 +58,10 @@ def test_probe_accuracy_separable_and_random():
 
 
 def test_decode_speed_generates_exactly_the_tokens_it_times(monkeypatch):
+    from conftest import tiny_llama_config
     from transformers import LlamaForCausalLM
 
     from hf_rbe.evaluation.measure import decode_speed
-    from conftest import tiny_llama_config
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(tiny_llama_config()).eval()
