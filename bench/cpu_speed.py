@@ -34,9 +34,9 @@ both terms, and tokens/s at 32 layers is extrapolated from them.
 
 llama.cpp (``bench/llama_cpp_rows.py``): where ``llama-cpp-python`` and ``gguf`` are installed, the
 SmolLM2 and 8B-shaped decoder rows get llama.cpp's Q4_K_M, Q3_K_M and IQ3_S files beside them, in
-the same process, timed in a round-robin of their own after the others, its sessions open only
-then (open, they slowed the numba rows: ``_timings``; ``--llama-cpp off`` leaves them out; the GGUF files are made once, before
-any timing, and kept in ``--gguf-dir``). Format-v1 presets have no CPU kernel yet (the
+the same process, timed in a round-robin of their own after the others with their sessions open
+only then (open, they slowed the numba rows: ``_llama_seconds``; ``--llama-cpp off`` leaves them
+out; the GGUF files are made once, before any timing, and kept in ``--gguf-dir``). Format-v1 presets have no CPU kernel yet (the
 PyTorch reference decodes every weight on every call); ``--v1`` adds them to the layer rows.
 """
 
@@ -245,10 +245,7 @@ def _timings(models: dict[str, torch.nn.Module], new_tokens: int, prefill: int |
              repeats: int, llama: dict[str, Path] | None = None, threads: int = 2,
              repack: bool = False) -> dict[str, float]:
     """Median seconds of ``generate`` 1 and N tokens (and a ``prefill``-token forward) per model,
-    round-robin; then the same for a llama.cpp session per GGUF file in ``llama``, opened only for
-    a round-robin of their own: with llama.cpp's sessions open in the process the numba kernels'
-    rows ran slower (SmolLM2 v2-3 decoded 28.1 tokens/s beside them, 33.2 without, torch's rows
-    unchanged), which would have timed the neighbour, not the kernel."""
+    round-robin; then the same for a llama.cpp session per GGUF file in ``llama`` (``_llama_seconds``)."""
     vocab = next(iter(models.values())).config.vocab_size
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, vocab, (1, 16), generator=g)
@@ -265,14 +262,26 @@ def _timings(models: dict[str, torch.nn.Module], new_tokens: int, prefill: int |
         if prefill:
             cands[f"{name}/prefill"] = lambda m=m: m(long)
     secs = median_rounds(cands, repeats)
-    if llama:
-        sessions = {f"llama.cpp {t}": llama_cpp.Session(p, threads, (prefill or 0) + new_tokens + 32, repack)
-                    for t, p in llama.items()}
-        secs.update(median_rounds(llama_cpp_rows.model_candidates(
-            sessions, prompt[0].tolist(), new_tokens, long[0].tolist()), repeats))
+    secs.update(_llama_seconds(
+        {f"llama.cpp {t}": p for t, p in (llama or {}).items()}, threads, (prefill or 0) + new_tokens + 32, repack,
+        lambda ss: llama_cpp_rows.model_candidates(ss, prompt[0].tolist(), new_tokens, long[0].tolist()), repeats))
+    return secs
+
+
+def _llama_seconds(files: dict[str, Path], threads: int, n_ctx: int, repack: bool,
+                   candidates: Callable[[dict[str, llama_cpp.Session]], dict[str, Callable[[], object]]],
+                   rounds: int) -> dict[str, float]:
+    """Median seconds of llama.cpp's ``candidates``, a session per GGUF file, round-robin among
+    themselves, after the other rows, the sessions open only for it: with llama.cpp's sessions
+    open in the process the numba kernels' rows ran slower (SmolLM2 v2-3 decoded 28.1 tokens/s
+    beside them, 33.2 without, torch's rows unchanged), which would have timed the neighbour, not
+    the kernel."""
+    sessions = {name: llama_cpp.Session(p, threads, n_ctx, repack) for name, p in files.items()}
+    try:
+        return median_rounds(candidates(sessions), rounds) if sessions else {}
+    finally:
         for s in sessions.values():
             s.close()
-    return secs
 
 
 @torch.inference_mode()
@@ -357,12 +366,8 @@ def decoder_rows(shape: dict, depths: tuple[int, ...], layers: int, presets: lis
     tokens/s extrapolated to ``layers`` decoder layers (llama.cpp's families from its GGUF files)."""
     models = _decoders(shape, depths, presets)
     secs = _decode_steps({f"{n}@{d}": m for (n, d), m in models.items()}, 4, rounds)
-    sessions = {f"llama.cpp {t}@{d}": llama_cpp.Session(p, threads, 4 + rounds + 8, repack)
-                for (t, d), p in (llama or {}).items()}
-    if sessions:  # opened only now, timed apart (as in ``_timings``)
-        secs.update(median_rounds(llama_cpp_rows.step_candidates(sessions, 4), rounds))
-    for s in sessions.values():
-        s.close()
+    secs.update(_llama_seconds({f"llama.cpp {t}@{d}": p for (t, d), p in (llama or {}).items()}, threads,
+                               4 + rounds + 8, repack, lambda ss: llama_cpp_rows.step_candidates(ss, 4), rounds))
     rows = []
     lo, hi = depths
     families = ["bf16", *presets, *dict.fromkeys(f"llama.cpp {t}" for t, _ in (llama or {}))]

@@ -25,7 +25,7 @@ from torch import nn
 
 from . import ops
 from .errors import CheckpointError
-from .spec import COMPUTE_DTYPES, TensorSpec
+from .spec import COMPUTE_DTYPES, TensorSpec, apply_keeping_dtypes
 
 
 def packed_layers(model: nn.Module) -> list[tuple[str, PackedLinear]]:
@@ -118,19 +118,12 @@ class PackedLinear(nn.Linear):
         """``.to(dtype)``, ``.half()``, ``.bfloat16()`` of a model move the layer's float tensors other
         than the bias (stored ones, linked tables, rotation signs) but never cast them: their dtypes
         are part of the format (fp16 scales, fp32 tables)."""
-        kept = [(n, t.data) for n, t in (*self._parameters.items(), *self._buffers.items())
-                if t is not None and t.is_floating_point() and n != "bias"]  # .data: the tensor before
-        out = super()._apply(fn, recurse)
+        stored = [n for n, t in (*self._parameters.items(), *self._buffers.items())
+                  if t is not None and t.is_floating_point() and n != "bias"]
+        out = apply_keeping_dtypes(self, fn, recurse, stored)
         cast = fn(torch.empty(0, dtype=self.compute_dtype)).dtype  # what the model now computes in
         if cast in COMPUTE_DTYPES:
             self.compute_dtype = cast
-        for name, before in kept:
-            now = getattr(self, name)
-            if now.dtype != before.dtype:
-                if name in self._parameters:
-                    now.data = before.to(now.device)
-                else:
-                    self._buffers[name] = before.to(now.device)
         return out
 
     def keep_storage_dtypes(self) -> None:

@@ -8,9 +8,11 @@ them, so no shape or dtype is written down a second time anywhere else.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from .errors import CheckpointError, EncodingError, FormatError  # noqa: F401  (FormatError's old home)
 
@@ -68,3 +70,19 @@ def check_finite(weight: torch.Tensor, name: str = "weight") -> None:
     if not torch.isfinite(weight).all():
         bad = int((~torch.isfinite(weight)).sum())
         raise EncodingError(f"{name} has {bad} NaN/Inf values; they cannot be encoded")
+
+
+def apply_keeping_dtypes(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool,
+                         names: Iterable[str]) -> nn.Module:
+    """``nn.Module._apply`` (``.to(...)``, ``.bfloat16()`` of a model) that moves the named float
+    parameters and buffers of ``module`` but keeps their dtypes: those are what the format stores."""
+    kept = [(n, (module._parameters[n] if n in module._parameters else module._buffers[n]).data) for n in names]
+    out = nn.Module._apply(module, fn, recurse)
+    for name, before in kept:
+        now = getattr(module, name)
+        if now.dtype != before.dtype:
+            if name in module._parameters:
+                now.data = before.to(now.device)
+            else:
+                module._buffers[name] = before.to(now.device)
+    return out

@@ -13,17 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .spec import apply_keeping_dtypes
+
 STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def _keep_storage_dtype(module: nn.Module, fn, recurse: bool) -> nn.Module:  # type: ignore[no-untyped-def]
-    """``nn.Module._apply`` that moves the stored weight but keeps its dtype: a cast of the model
-    (``.bfloat16()``, ``.to(dtype)``) changes what it computes in, not what the format stores."""
-    before = module.weight.data
-    out = nn.Module._apply(module, fn, recurse)
-    if module.weight.dtype != before.dtype:
-        module.weight.data = before.to(module.weight.device)
-    return out
 
 
 class StoredEmbedding(nn.Embedding):
@@ -33,7 +25,7 @@ class StoredEmbedding(nn.Embedding):
     compute_dtype: torch.dtype
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
-        out = _keep_storage_dtype(self, fn, recurse)
+        out = apply_keeping_dtypes(self, fn, recurse, ["weight"])
         cast = fn(torch.empty(0, dtype=self.compute_dtype)).dtype  # what the model now computes in
         if cast.is_floating_point:
             self.compute_dtype = cast
@@ -52,7 +44,7 @@ class StoredLinear(nn.Linear):
     product itself (docs/results/cpu_speed.md)."""
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
-        return _keep_storage_dtype(self, fn, recurse)
+        return apply_keeping_dtypes(self, fn, recurse, ["weight"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return stored_linear(x, self.weight, self.bias)

@@ -83,6 +83,8 @@ def _rotate_into(x: np.ndarray, signs: np.ndarray, block: int, h8: np.ndarray, o
         h *= 2
 
 
+# Two functions, not one compiled twice: numba's disk cache keys on the function, not on
+# ``parallel``, so one body under two decorators would load either's machine code for both.
 @nb.njit(cache=True, fastmath=True)
 def _rotate_few(x: np.ndarray, signs: np.ndarray, block: int, h8: np.ndarray) -> np.ndarray:
     """``x S H`` of a few rows [M, K] on this thread (a thread launch costs more than they do)."""
@@ -361,14 +363,14 @@ def _plan(key: tuple[int, ...], tensors: list[torch.Tensor]) -> tuple[tuple, np.
     spec, names, stage_specs = _parse(key)
     k = key[2]
     named = dict(zip(names, tensors))
-    stages = tuple(_stages(stage_specs, named))
-    plan = (stages, None, 0, _one_calls(stages))
+    signs, block = None, 0
     if spec.rotation:
-        signs = named[SIGNS]
-        if signs.shape != (k,):
-            raise ValueError(f"hf_rbe::linear: {SIGNS} has shape {list(signs.shape)}, the layout needs [{k}]")
-        plan = (stages, signs.detach().float().numpy(), spec.hadamard_block(k), plan[3])
-    if all(t.is_contiguous() for t in tensors) and (plan[1] is None or named[SIGNS].dtype == torch.float32):
+        if named[SIGNS].shape != (k,):
+            raise ValueError(f"hf_rbe::linear: {SIGNS} has shape {list(named[SIGNS].shape)}, the layout needs [{k}]")
+        signs, block = named[SIGNS].detach().float().numpy(), spec.hadamard_block(k)
+    stages = tuple(_stages(stage_specs, named))
+    plan = (stages, signs, block, _one_calls(stages))
+    if all(t.is_contiguous() for t in tensors) and (signs is None or named[SIGNS].dtype == torch.float32):
         if id(tensors[0]) not in _PLANS:
             weakref.finalize(tensors[0], _PLANS.pop, id(tensors[0]), None)
         _PLANS[id(tensors[0])] = (key, stamp, plan)
@@ -446,8 +448,9 @@ def linear(x: torch.Tensor, tensors: list[torch.Tensor], layout: list[int], bias
     xr = x2.numpy() if signs is None else rotate_rows(x2, signs, block)
     if m <= GEMV_MAX_M:
         out = np.zeros((m, n), dtype=np.float32)
+        flat = xr.ravel()
         for codes, scale, table, plane in stages:
-            _GEMV4[plane](xr.ravel(), k, codes, scale, table, _SIGNS, out)
+            _GEMV4[plane](flat, k, codes, scale, table, _SIGNS, out)
         y = torch.from_numpy(out)
     elif x.dtype == torch.bfloat16 and len(stages) <= 2 and stages[0][3] == 0:
         y = torch.from_numpy(xr).bfloat16() @ _decoded_bf16(stages, n, k).T  # a bf16 model's own precision
