@@ -14,8 +14,13 @@ At M = 1, for an e8p stage alone (v2-2) and e8p fused with a vq8 stage (v2-3), w
 - ``indexed``: the same loops indexing 2-D numba arrays (numba's negative-index wraparound on every
   code load) with the scales converted to fp32 per call: the kernel before issue #28;
 - ``16 offsets``: the fields of 16 codes extracted first into a scratch array (vectorizable),
-  then the table loads and FMAs.
-Every variant's output is checked against the product kernel's before timing.
+  then the table loads and FMAs;
+- ``int8 VNNI``: int8 activations and int8 tables, 64 weights per integer dot product
+  (``bench/int8_simd.py``; on CPUs with AVX-512 VNNI and VBMI);
+- ``no table reads``: that loop with every code's table row taken from row 0: not a kernel (its
+  output is wrong), the ceiling of the int8 form once table reads cost nothing.
+Every variant's output is checked against the product kernel's before timing: to 1e-5, the int8
+one to ``INT8_TOLERANCE`` (its error is recorded in the row), the ceiling not at all.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import os
 import statistics
 import time
 
+import int8_simd
 import numba as nb
 import numpy as np
 
@@ -36,6 +42,9 @@ from hf_rbe.kernels.cpu_simd import hload, sload, vadd, vfma, vload, vmul, vsum,
 SHAPES = [(576, 1536), (4096, 14336)]  # (in_features, out_features)
 STREAM_BYTES = 512 * 2**20
 _SCRATCH = 16
+#: Largest error of the int8 form (relative to the largest output) accepted: int8 rounding of the
+#: input per block and of the tables, about a percent on Gaussian data.
+INT8_TOLERANCE = 5e-2
 
 
 @nb.njit(inline="always")
@@ -203,10 +212,12 @@ def _layer(n: int, k: int, seed: int) -> dict[str, np.ndarray]:
             "t1": rng.standard_normal(256 * 8).astype(np.float32)}
 
 
-def _views(L: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """``L`` plus the flat codes and the scales' fp16 bits the flat kernels take (made once, not per call)."""
+def _views(L: dict[str, np.ndarray], k: int) -> dict[str, np.ndarray]:
+    """``L`` plus the flat codes and the scales' fp16 bits the flat kernels take and the int8 form's
+    arrays (made once, not per call)."""
     return {**L, **{f"{c}f": L[c].reshape(-1) for c in ("c0", "c1")},
-            **{f"{s}b": L[s].view(np.int16).reshape(-1) for s in ("s0", "s1")}}
+            **{f"{s}b": L[s].view(np.int16).reshape(-1) for s in ("s0", "s1")},
+            **(int8_simd.prepare(L, k) if int8_simd.available() else {})}
 
 
 def _call(variant: str, stages: int, L: dict, k: int, out: np.ndarray) -> None:
@@ -229,6 +240,8 @@ def _call(variant: str, stages: int, L: dict, k: int, out: np.ndarray) -> None:
             one_row_1(L["x"], k, flat["c0"], bits["s0"], L["t0"], S, out)
         else:
             one_row_2(L["x"], k, flat["c0"], bits["s0"], L["t0"], flat["c1"], bits["s1"], L["t1"], S, out)
+    elif variant in ("int8 VNNI", "no table reads"):
+        int8_simd.gemv(L, k, stages, _SIGN_BYTES, out, first_row_only=variant == "no table reads")
     elif variant == "four chains":
         if stages == 1:
             four_chains_1(L["x"], k, flat["c0"], bits["s0"], L["t0"], S, out)
@@ -243,25 +256,30 @@ def _call(variant: str, stages: int, L: dict, k: int, out: np.ndarray) -> None:
 
 
 VARIANTS = ["product", "one row", "four chains", "indexed", "16 offsets"]
+_INT8 = ["int8 VNNI", "no table reads"]
+_SIGN_BYTES = int8_simd.sign_bytes(cn._SIGNS.reshape(128, 8))
 
 
 def rows(shapes: list[tuple[int, int]], rounds: int, stream_bytes: int) -> list[dict]:
     out = []
+    variants = VARIANTS + (_INT8 if int8_simd.available() else [])
     for k, n in shapes:
         for stages, preset in ((1, "v2-2"), (2, "v2-3")):
             nbytes = n * k * (2 if stages == 1 else 3) // 8
-            layers = [_views(_layer(n, k, s)) for s in range(max(2, -(-stream_bytes // nbytes)))]
+            layers = [_views(_layer(n, k, s), k) for s in range(max(2, -(-stream_bytes // nbytes)))]
             ref = np.zeros((1, n), np.float32)
             _call("product", stages, layers[0], k, ref)
-            for v in VARIANTS[1:]:
+            errors = {}
+            for v in variants[1:]:
                 got = np.zeros((1, n), np.float32)
                 _call(v, stages, layers[0], k, got)
-                err = float(np.abs(got - ref).max() / np.abs(ref).max())
-                if err > 1e-5:
+                errors[v] = err = float(np.abs(got - ref).max() / np.abs(ref).max())
+                tol = None if v == "no table reads" else INT8_TOLERANCE if v == "int8 VNNI" else 1e-5
+                if tol is not None and err > tol:
                     raise AssertionError(f"{v} differs from the product kernel by {err:.2e} ({preset}, {k}x{n})")
-            times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+            times: dict[str, list[float]] = {v: [] for v in variants}
             for r in range(rounds + 1):  # the first round warms up (JIT)
-                for v in VARIANTS:
+                for v in variants:
                     t0 = time.perf_counter()
                     for L in layers:
                         _call(v, stages, L, k, np.zeros((1, n), np.float32))
@@ -269,8 +287,9 @@ def rows(shapes: list[tuple[int, int]], rounds: int, stream_bytes: int) -> list[
                         times[v].append((time.perf_counter() - t0) / len(layers))
             us = {v: statistics.median(t) * 1e6 for v, t in times.items()}
             row = {"in": k, "out": n, "preset": preset, "copies": len(layers),
-                   **{f"{v}_us": us[v] for v in VARIANTS},
-                   **{f"{v}_vs_product": us[v] / us["product"] for v in VARIANTS}}
+                   **{f"{v}_us": us[v] for v in variants},
+                   **{f"{v}_vs_product": us[v] / us["product"] for v in variants},
+                   **({"int8_error": errors["int8 VNNI"]} if "int8 VNNI" in errors else {})}
             logging.info("%s", row)
             out.append(row)
     return out
@@ -278,13 +297,17 @@ def rows(shapes: list[tuple[int, int]], rounds: int, stream_bytes: int) -> list[
 
 def table(res: dict) -> str:
     m = res["meta"]
+    variants = [v for v in VARIANTS + _INT8 if f"{v}_us" in res["rows"][0]]
     lines = [f"`{m['command']}` on {m['machine']}, numba {m['numba_threads']} threads, load average before "
              f"{m['load_before']}, after {m['load_after']}, {m['date']}", "",
              "GEMV at M = 1, weights streamed: microseconds per call (time relative to the product kernel):", "",
-             "| in x out | preset | " + " | ".join(VARIANTS) + " |", "|---|---|" + "---|" * len(VARIANTS)]
+             "| in x out | preset | " + " | ".join(variants) + " |", "|---|---|" + "---|" * len(variants)]
     for r in res["rows"]:
         lines.append(f"| {r['in']}x{r['out']} | {r['preset']} | " + " | ".join(
-            f"{r[f'{v}_us']:.0f} ({r[f'{v}_vs_product']:.2f})" for v in VARIANTS) + " |")
+            f"{r[f'{v}_us']:.0f} ({r[f'{v}_vs_product']:.2f})" for v in variants) + " |")
+    if "int8_error" in res["rows"][0]:
+        lines += ["", "Largest int8 error relative to the largest output: " + ", ".join(
+            f"{r['in']}x{r['out']} {r['preset']} {r['int8_error']:.4f}" for r in res["rows"])]
     return "\n".join(lines) + "\n"
 
 
