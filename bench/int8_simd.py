@@ -255,6 +255,8 @@ def sign_bytes(signs: np.ndarray) -> np.ndarray:
 def prepare(layer: dict[str, np.ndarray], k: int) -> dict[str, np.ndarray]:
     """What the int8 form keeps of a random v2 layer (``bench/cpu_kernel_variants._layer``'s arrays):
     int8 tables and their scales, and its input's buffers."""
+    if k % 64:
+        raise ValueError(f"the int8 form walks 64 weights at a time: in_features {k} is not a multiple of 64")
     xblock = XBLOCK if k % XBLOCK == 0 else 64
     (t0, st0), (t1, st1) = int8_table(layer["t0"]), int8_table(layer["t1"])
     return {"t0q": t0, "st0": st0, "t1q": t1, "st1": st1, "xu": np.empty(k, np.uint8),
