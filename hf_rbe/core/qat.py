@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from .rbe_embedding import RBEEmbedding
 from .rbe_linear import RBELinear, swap_layers
 from .seed64_linear import Seed64Linear
+from .spec import edit_stamp
 
 
 class TrainableTables(nn.Module):
@@ -94,7 +95,7 @@ class RBEQATLinear(nn.Linear):
         """``codes.dequantize()``, decoded again only when the codes change (re-encoding,
         ``load_state_dict`` or a device move), not on every forward pass."""
         stored = [*self.codes.parameters(), *self.codes.buffers()]  # buffers: linked shared tables, signs
-        key = tuple((t.data_ptr(), t._version) for t in stored) + (self.weight.dtype,)
+        key = tuple((t.data_ptr(), edit_stamp(t)) for t in stored) + (self.weight.dtype,)
         if getattr(self, "_cache_key", None) != key:
             self._cache = self.codes.dequantize(self.weight.dtype)
             self._cache_key = key

@@ -72,6 +72,13 @@ def check_finite(weight: torch.Tensor, name: str = "weight") -> None:
         raise EncodingError(f"{name} has {bad} NaN/Inf values; they cannot be encoded")
 
 
+def edit_stamp(t: torch.Tensor) -> int | torch.Size:
+    """What an in-place edit of ``t`` changes, for caches of things derived from it: its version
+    counter, or its shape for an inference tensor (it keeps no counter; asking raises, and a raise
+    and catch per call cost a small layer's decode several microseconds)."""
+    return t.shape if t.is_inference() else t._version
+
+
 def apply_keeping_dtypes(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool,
                          names: Iterable[str]) -> nn.Module:
     """``nn.Module._apply`` (``.to(...)``, ``.bfloat16()`` of a model) that moves the named float

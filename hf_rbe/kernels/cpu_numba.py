@@ -32,6 +32,7 @@ from hf_rbe.core.format_v2 import FORMAT_ID, IDX_OFFSET, PLANES, SIGN_OFFSET, VE
 from hf_rbe.core.moved import renamed
 from hf_rbe.core.op_layout import SIGNS, op_tensor_names
 from hf_rbe.core.rotation import hadamard
+from hf_rbe.core.spec import edit_stamp
 
 from .cpu_simd import hload, sload, vadd, vbroadcast, vfma, vload, vmul, vstore, vstore_bf16, vsub, vsum, vzero
 
@@ -353,10 +354,7 @@ _PLANS: dict[int, tuple] = {}
 def _plan(key: tuple[int, ...], tensors: list[torch.Tensor]) -> tuple[tuple, np.ndarray | None, int, tuple]:
     """(stages as ``_stages`` gives them, fp32 rotation signs or ``None``, Hadamard block, the
     kernel calls of M = 1 as ``_one_calls`` gives them) of a call."""
-    try:
-        stamp = tuple((id(t), t.data_ptr(), t._version) for t in tensors)
-    except RuntimeError:  # inference tensors keep no version counter: their shapes instead
-        stamp = tuple((id(t), t.data_ptr(), t.shape) for t in tensors)
+    stamp = tuple((id(t), t.data_ptr(), edit_stamp(t)) for t in tensors)
     hit = _PLANS.get(id(tensors[0]))
     if hit is not None and hit[0] == key and hit[1] == stamp:
         return hit[2]

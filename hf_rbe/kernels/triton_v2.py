@@ -35,6 +35,7 @@ import triton.language as tl
 from hf_rbe.core.format_v2 import IDX_OFFSET, PLANES, SIGN_OFFSET, LayerSpecV2, e8p_sign_table
 from hf_rbe.core.moved import renamed
 from hf_rbe.core.op_layout import SIGNS, op_tensor_names
+from hf_rbe.core.spec import edit_stamp
 
 from .triton_common import check_device, constant
 
@@ -290,7 +291,7 @@ def tiles(m: int, n: int, k: int, n_sm: int, n_stages: int = 1) -> Tiles:
     return Tiles(kernel, bm, bn, split, warps, num_stages=2)
 
 
-_TABLES: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
+_TABLES: dict[int, tuple[weakref.ref, int | torch.Size, torch.Tensor]] = {}
 __getattr__ = renamed("hf_rbe.kernels.triton_v2", {"sign_table": (
     "hf_rbe.core.format_v2.e8p_sign_table",
     lambda dtype, device="cpu": e8p_sign_table().to(dtype=dtype, device=device))})
@@ -300,10 +301,10 @@ def _table16(table: torch.Tensor) -> torch.Tensor:
     """The fp16 copy of a stored table the kernels read, remade when the table object is another
     one (a freed table's memory can come back under a new table) or was modified in place."""
     hit = _TABLES.get(id(table))
-    if hit is None or hit[0]() is not table or hit[1] != table._version:
+    if hit is None or hit[0]() is not table or hit[1] != edit_stamp(table):
         key = id(table)
         ref = weakref.ref(table, lambda _: _TABLES.pop(key, None))
-        hit = (ref, table._version, table.to(torch.float16).contiguous())
+        hit = (ref, edit_stamp(table), table.to(torch.float16).contiguous())
         _TABLES[key] = hit
     return hit[2]
 
