@@ -5,7 +5,7 @@ from hypothesis import strategies as st
 
 from hf_rbe.core.bits import pack_codes, padding_is_clean, unpack_codes
 from hf_rbe.core.format import FIELDS, MAX_WIDTH, CodeLayout, LayerSpec, ResidualSpec, StageSpec
-from hf_rbe.core.spec import FormatError, TensorSpec
+from hf_rbe.core.spec import FormatError, TensorSpec, edit_stamp
 
 
 def test_field_order_matches_paper():
@@ -99,3 +99,13 @@ def test_tensor_spec_checks_exactly():
         ts.check("w", torch.zeros(2, 3))
     with pytest.raises(FormatError, match=r"shape \(3, 2\)"):
         ts.check("w", torch.zeros(3, 2, dtype=torch.int32))
+
+
+def test_edit_stamp_sees_an_edit_and_takes_inference_tensors():
+    t = torch.zeros(4)
+    before = edit_stamp(t)
+    t.add_(1)
+    assert edit_stamp(t) != before
+    with torch.inference_mode():
+        u = torch.zeros(4)
+    assert edit_stamp(u) == torch.Size([4])  # no version counter to read: no raise

@@ -198,23 +198,3 @@ def test_formats_without_a_cpu_kernel_fall_back_to_the_reference(monkeypatch):
     monkeypatch.setattr(ops, "reference_linear", lambda *a: calls.append(1) or real(*a))
     layer(torch.randn(1, 256))
     assert calls and 1 not in dispatch.CPU_KERNELS
-
-
-def test_edit_stamp_sees_an_edit_and_takes_inference_tensors():
-    from hf_rbe.core.spec import edit_stamp
-
-    t = torch.zeros(4)
-    before = edit_stamp(t)
-    t.add_(1)
-    assert edit_stamp(t) != before
-    with torch.inference_mode():
-        u = torch.zeros(4)
-    assert edit_stamp(u) == torch.Size([4])  # no version counter to read: no raise
-
-
-def test_triton_fp16_table_copy_of_an_inference_tensor():
-    triton_v2 = pytest.importorskip("hf_rbe.kernels.triton_v2")
-    with torch.inference_mode():
-        table = torch.randn(16, 8)
-    first = triton_v2._table16(table)
-    assert first.dtype == torch.float16 and triton_v2._table16(table) is first  # kept, not remade

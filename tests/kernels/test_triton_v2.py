@@ -111,3 +111,10 @@ def test_triton_kernels_on_cpu_tensors_say_what_to_do(monkeypatch):
     tensors, layout = layer.op_args()
     with pytest.raises(RuntimeError, match="need CUDA tensors.*numba"):
         triton_v2.linear(torch.randn(2, 64), tensors, layout, None)
+
+
+def test_fp16_table_copy_of_an_inference_tensor():
+    with torch.inference_mode():
+        table = torch.randn(16, 8)
+    first = T._table16(table)
+    assert first.dtype == torch.float16 and T._table16(table) is first  # kept, not remade
