@@ -4,6 +4,7 @@
     python recipes/calibrate.py --smollm2 v2-3 --minilm  # a subset (--minilm with no presets: skip MiniLM)
     python recipes/calibrate.py --smollm2 --minilm v2-4@4.48  # a preset's planes as the floor of a
                                                          # measured allocation of 4.48 bits per weight
+    python recipes/calibrate.py --smollm2 v2-3/g64 --minilm  # a scale per 64 weights instead of per row
 
 SmolLM2-135M-Instruct is quantized while it loads with ``RBEConfig.from_preset(preset,
 dataset="wikipedia", ...)``: the calibration windows come from the Wikipedia text after its
@@ -59,9 +60,13 @@ def _calibration(args: argparse.Namespace) -> dict:
 
 def _config(setting: str, args: argparse.Namespace, **extra: object) -> RBEConfig:
     """``preset`` or ``preset@bits`` (``target_bits``: the preset's planes are every layer's floor), then
-    optionally ``+emb`` (``quantize_embeddings``: the LM head, and the embedding tied to it, coded
-    with the preset's planes) or ``+emb:PRESET`` (the head with that preset's planes)."""
+    optionally ``/gN`` (a scale per ``N`` weights of a row, ``group_size``), then optionally ``+emb``
+    (``quantize_embeddings``: the LM head, and the embedding tied to it, coded with the preset's
+    planes) or ``+emb:PRESET`` (the head with that preset's planes)."""
     setting, emb, head = setting.partition("+emb")
+    setting, grouped, group = setting.partition("/g")
+    if grouped:
+        extra = {**extra, "group_size": int(group)}
     preset, _, bits = setting.partition("@")
     if emb:
         extra = {**extra, "quantize_embeddings": True}
