@@ -13,8 +13,8 @@ REQUEST (every key optional but ``prompts``)::
                      time to the first token of one prompt ("speed")
     dtype, tp, max_model_len, kv_cache_bytes
 
-Also prints the bytes of the model's weights and buffers in the first worker ("weight_bytes")
-and the load time. Output: one line ``RESULT {json}``.
+Also prints the bytes of the model's weights and buffers in the first worker ("weight_bytes"),
+the CPUs and threads that worker computes with ("worker_threads") and the load time. Output: one line ``RESULT {json}``.
 """
 
 import json
@@ -70,14 +70,15 @@ if __name__ == "__main__":  # vLLM spawns workers that import this file
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # weight_bytes goes to the workers pickled
     from vllm import LLM, SamplingParams
 
-    from hf_rbe.serving.vllm import weight_bytes
+    from hf_rbe.serving.vllm import weight_bytes, worker_threads
 
     model, request = sys.argv[1], json.loads(open(sys.argv[2]).read())
     kw = {"kv_cache_memory_bytes": request["kv_cache_bytes"]} if "kv_cache_bytes" in request else {}
     t0 = time.perf_counter()
     llm = LLM(model=model, dtype=request.get("dtype", "float32"), enforce_eager=True, seed=0,
               max_model_len=request.get("max_model_len", 512), tensor_parallel_size=request.get("tp", 1), **kw)
-    result = {"load_s": time.perf_counter() - t0, "weight_bytes": llm.apply_model(weight_bytes)[0]}
+    result = {"load_s": time.perf_counter() - t0, "weight_bytes": llm.apply_model(weight_bytes)[0],
+              "worker_threads": llm.apply_model(worker_threads)[0]}
     if request.get("prompts"):
         params = SamplingParams(max_tokens=request.get("max_tokens", 16), temperature=0.0,
                                 prompt_logprobs=0 if request.get("prompt_logprobs") else None)

@@ -95,7 +95,8 @@ def main() -> None:
         kv_tokens = max(0, int((args.budget_gib * 2**30 - got["weight_bytes"]) // per_token))
         row = {"model": name, "weight_mib": got["weight_bytes"] / 2**20, "ttft_s": got["speed"]["ttft_s"],
                "decode_tokens_per_s": got["speed"]["decode_tokens_per_s"], "load_s": got["load_s"],
-               "budget_gib": args.budget_gib, "kv_tokens_in_budget": kv_tokens, "sequences_in_budget": kv_tokens // SEQ}
+               "budget_gib": args.budget_gib, "kv_tokens_in_budget": kv_tokens, "sequences_in_budget": kv_tokens // SEQ,
+               "worker_threads": got["worker_threads"]}
         if name != "bf16":
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
             row["transformers_fp32_tokens_per_s"] = decode_speed(model).tokens_per_second
@@ -120,6 +121,10 @@ def main() -> None:
               for r in rows if "qkv_rotation_share" in r]
     lines += ["", "Share of q/k/v time spent rotating the input (three rotations, transformers + hf-rbe, fp32): "
               + "; ".join(shares) + "."]
+    workers = "; ".join(f"{r['model']} {w['cpus']} CPU(s), torch {w['torch_threads']} thread(s), kernels "
+                        f"{w['kernel_threads']}" for r in rows for w in [r["worker_threads"]])
+    lines += ["", f"vLLM's worker, as vLLM set it up (transformers + hf-rbe ran with {torch.get_num_threads()} "
+              f"threads): {workers}."]
     md = "\n".join(lines) + "\n"
     print(md)
     write_results(args.out, meta, rows, md)

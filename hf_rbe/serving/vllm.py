@@ -18,6 +18,7 @@ refused when the model loads, naming the setting.
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,16 @@ def weight_bytes(model: nn.Module) -> int:
         if isinstance(getattr(m, "quant_method", None), UnquantizedLinearMethod) and w is not None and not w.numel():
             total += sum(m.output_partition_sizes) * m.input_size_per_partition * w.element_size()
     return total
+
+
+def worker_threads(model: nn.Module) -> dict[str, int]:
+    """The CPUs a vLLM worker may run on and the threads torch and the CPU kernels (numba) use
+    there; for ``LLM.apply_model``. On the CPU vLLM binds each worker to cores of its own and sets
+    its thread counts, so a served model can compute on fewer cores than the machine has."""
+    import numba
+
+    return {"cpus": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(),
+            "kernel_threads": numba.get_num_threads()}
 
 
 class RBEVllmConfig(QuantizationConfig):

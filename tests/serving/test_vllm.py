@@ -103,17 +103,22 @@ def mixed_llama(tmp_path_factory):
                      RBEConfig.from_preset("v2-3", overrides=MIXED, embedding_dtype="bfloat16"))
 
 
-def assert_served_like_transformers(model_dir: Path, tmp_path: Path, tp: int = 1) -> None:
+def assert_served_like_transformers(model_dir: Path, tmp_path: Path, tp: int = 1) -> dict:
+    """What vLLM computed, once checked against transformers + hf-rbe."""
     got, log = run_vllm(model_dir, tmp_path, tp)
     assert got is not None, log[-4000:]
     want = hf_reference(model_dir)
     for g, w in zip(got["prompt_logprobs"], want["prompt_logprobs"]):
         torch.testing.assert_close(torch.tensor(g), torch.tensor(w), rtol=0, atol=2e-3)
     assert got["tokens"] == want["tokens"]
+    return got
 
 
 def test_every_v2_plane_stack_in_fused_layers(mixed_llama, tmp_path):
-    assert_served_like_transformers(mixed_llama, tmp_path)
+    got = assert_served_like_transformers(mixed_llama, tmp_path)
+    # the worker's CPUs and threads, as the speed bench reports them
+    w = got["worker_threads"]
+    assert 1 <= w["cpus"] <= os.cpu_count() and w["torch_threads"] >= 1 and w["kernel_threads"] >= 1, w
 
 
 def test_qwen2_with_bias_and_per_layer_tables(tmp_path_factory, tmp_path):
