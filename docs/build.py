@@ -43,6 +43,7 @@ _VALUES = re.compile(r"<!-- values\n(.*?)\n-->\n?", re.S)
 _PLACEHOLDER = re.compile(r"\{\{\s*(include\s+[\w.\-]+|[A-Za-z_]\w*(?::[^}]*)?)\s*\}\}")
 _VERDICTS = ("Targets (issue", "Acceptance (")
 _STEP = re.compile(r"^([\w\-. ]+)(?:\[(.*)\])?$")
+_SPLIT = re.compile(r"^([^\[/]*(?:\[[^\]]*\])?)(?:/(.*))?$", re.S)
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
         ast.Pow: operator.pow, ast.USub: operator.neg}
 _FUNCS = {"min": min, "max": max, "abs": abs, "round": round, "mean": lambda xs: sum(xs) / len(xs), "len": len}
@@ -58,7 +59,8 @@ def outputs() -> dict[Path, Path]:
 
 def select(data: Any, selector: str, where: str) -> Any:
     """The value ``selector`` (module docstring) names in ``data``."""
-    steps = selector.split("/", 1)
+    steps = _SPLIT.match(selector).groups()  # the first "/" outside a step's brackets
+    steps = steps if steps[1] is not None else steps[:1]
     m = _STEP.match(steps[0].strip())
     if m is None:
         raise ValueError(f"{where}: bad selector step {steps[0]!r}")

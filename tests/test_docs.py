@@ -85,3 +85,17 @@ def test_a_name_defined_twice_in_a_values_block_is_refused():
     assert build.values("a = 1\nb = a + 1", "t") == {"a": 1, "b": 2}
     with pytest.raises(SystemExit, match="a is defined twice"):
         build.values("a = 1\na = 2", "t")
+
+
+def test_a_selector_splits_at_the_first_slash_outside_brackets():
+    """Settings such as ``v2-3/g64`` carry a slash inside the brackets that pick a row."""
+    sys.path.insert(0, str(ROOT / "docs"))
+    try:
+        import build
+    finally:
+        sys.path.pop(0)
+    data = {"rows": [{"setting": "v2-3", "r": {"x": 1}}, {"setting": "v2-3/g64", "r": {"x": 2}}]}
+    assert build.select(data, "rows[setting=v2-3/g64]/r/x", "t") == 2
+    assert build.select(data, "rows[setting=v2-3]/r/x", "t") == 1
+    assert build.select(data, "rows[*setting=v2-3/g64]/r", "t") == [{"x": 2}]
+    assert build.select(data, "rows", "t") == data["rows"]
