@@ -14,7 +14,8 @@ REQUEST (every key optional but ``prompts``)::
     dtype, tp, max_model_len, kv_cache_bytes
 
 Also prints the bytes of the model's weights and buffers in the first worker ("weight_bytes"),
-the CPUs and threads that worker computes with ("worker_threads") and the load time. Output: one line ``RESULT {json}``.
+the CPUs and threads that worker computes with ("worker_threads") and the load time. Output: one
+line ``RESULT {json}``.
 """
 
 import json
