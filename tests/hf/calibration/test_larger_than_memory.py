@@ -19,7 +19,10 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from hf_rbe.core.rbe_linear import RBELinear
 
-BLOCKS = 56
+# What calibration adds does not grow with depth (one block at a time); it moves by a fifth between
+# runs (the end-to-end phase's heap), so the model is deep enough that the worst run seen still
+# leaves room under the three-times bound.
+BLOCKS = 72
 SHAPE = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=4,
              max_position_embeddings=64, tie_word_embeddings=True)
 # calibrated with block and end-to-end fine-tuning: every phase runs
