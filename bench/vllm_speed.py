@@ -121,8 +121,9 @@ def main() -> None:
               for r in rows if "qkv_rotation_share" in r]
     lines += ["", "Share of q/k/v time spent rotating the input (three rotations, transformers + hf-rbe, fp32): "
               + "; ".join(shares) + "."]
-    workers = "; ".join(f"{r['model']} {w['cpus']} CPU(s), torch {w['torch_threads']} thread(s), kernels "
-                        f"{w['kernel_threads']}" for r in rows for w in [r["worker_threads"]])
+    workers = "; ".join(f"{r['model']} {r['worker_threads']['cpus']} CPU(s), torch "
+                        f"{r['worker_threads']['torch_threads']} thread(s), kernels "
+                        f"{r['worker_threads']['kernel_threads']}" for r in rows)
     lines += ["", f"vLLM's worker, as vLLM set it up (transformers + hf-rbe ran with {torch.get_num_threads()} "
               f"threads): {workers}."]
     md = "\n".join(lines) + "\n"

@@ -59,11 +59,10 @@ def outputs() -> dict[Path, Path]:
 
 def select(data: Any, selector: str, where: str) -> Any:
     """The value ``selector`` (module docstring) names in ``data``."""
-    steps = _SPLIT.match(selector).groups()  # the first "/" outside a step's brackets
-    steps = steps if steps[1] is not None else steps[:1]
-    m = _STEP.match(steps[0].strip())
+    step, rest = _SPLIT.match(selector).groups()  # split at the first "/" outside a step's brackets
+    m = _STEP.match(step.strip())
     if m is None:
-        raise ValueError(f"{where}: bad selector step {steps[0]!r}")
+        raise ValueError(f"{where}: bad selector step {step!r}")
     key, cond = m.groups()
     data = data[key]
     many = False
@@ -77,9 +76,9 @@ def select(data: Any, selector: str, where: str) -> Any:
         if not data:
             raise ValueError(f"{where}: no item of {key!r} has {want}")
         data = data if many else data[0]
-    if len(steps) == 1:
+    if rest is None:
         return data
-    return [select(d, steps[1], where) for d in data] if many else select(data, steps[1], where)
+    return [select(d, rest, where) for d in data] if many else select(data, rest, where)
 
 
 def _evaluate(node: ast.AST, names: dict[str, Any], where: str) -> Any:

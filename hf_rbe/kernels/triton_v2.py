@@ -300,11 +300,11 @@ __getattr__ = renamed("hf_rbe.kernels.triton_v2", {"sign_table": (
 def _table16(table: torch.Tensor) -> torch.Tensor:
     """The fp16 copy of a stored table the kernels read, remade when the table object is another
     one (a freed table's memory can come back under a new table) or was modified in place."""
-    hit = _TABLES.get(id(table))
-    if hit is None or hit[0]() is not table or hit[1] != edit_stamp(table):
+    hit, stamp = _TABLES.get(id(table)), edit_stamp(table)
+    if hit is None or hit[0]() is not table or hit[1] != stamp:
         key = id(table)
         ref = weakref.ref(table, lambda _: _TABLES.pop(key, None))
-        hit = (ref, edit_stamp(table), table.to(torch.float16).contiguous())
+        hit = (ref, stamp, table.to(torch.float16).contiguous())
         _TABLES[key] = hit
     return hit[2]
 
