@@ -1,7 +1,7 @@
 """CPU speed of RBE layers and models against torch fp32 and bf16, as a fraction of this machine's
 memory bandwidth.
 
-    python bench/cpu_speed.py                  # results/cpu_speed.{json,md} (20-30 minutes on 2 cores)
+    python bench/cpu_speed.py                  # results/cpu_speed.{json,md} (40-50 minutes on 2 cores)
     python bench/cpu_speed.py --smoke          # tiny shapes and models: checks the script only
 
 Bandwidth: a STREAM-like figure measured first, in the same process (the bench's threads,
@@ -20,15 +20,15 @@ timed side by side, round-robin, in this one process; a row reports the median r
 
 SmolLM2-135M (offline, ``hf_rbe.data.smollm2_path``) in fp32, bf16 and every preset (quantized
 without calibration: codes cost the same to decode either way; embedding and tied head in fp32
-as loaded, once more with ``embedding_dtype="bfloat16"`` and once with
+as loaded, once more with ``embedding_dtype="bfloat16"`` (v2-3 and v2-b3) and once with
 ``quantize_embeddings=True``: the head RBE-coded, the embedding reading its rows), greedy,
 batch 1. Decode tokens/s = ``(N - 1) / (t(generate N) - t(generate 1))`` from a 16-token prompt;
 prefill tokens/s = 512 / one forward over 512 tokens. Medians of ``--repeats``.
 
 8B-shaped decoder: Llama-3-8B's shapes (width 4096, MLP 14336, 32 heads, 8 KV heads, vocabulary
 128256) with random weights, bf16, built with 2 and with 4 decoder layers (embedding and head
-shared); in the RBE models every decoder Linear is a v2 layer with random codes computing in
-bf16. A decoding step (one token on a KV cache, after a 4-token prompt) is timed directly, the
+shared); in the RBE models (v2-3, v2-b2, v2-b3) every decoder Linear is a v2 layer with random
+codes computing in bf16. A decoding step (one token on a KV cache, after a 4-token prompt) is timed directly, the
 median of 12 round-robin steps; its time is ``fixed + layers * per_layer``: the two depths give
 both terms, and tokens/s at 32 layers is extrapolated from them.
 
@@ -69,12 +69,17 @@ SHAPES = [(576, 1536), (1536, 576), (4096, 4096), (4096, 14336), (14336, 4096)] 
 ACCEPT_SHAPES = [(4096, 14336), (14336, 4096)]
 STREAM_BYTES = 1024 * 2**20  # the layers' copies: ~10x this machine's 105 MiB L3
 BANDWIDTH_BYTES = 512 * 2**20  # one STREAM array
-V2_PRESETS = sorted((p for p, v in PRESETS.items() if v.get("format_version") == 2), key=lambda p: float(p[3:]))
+V2_PRESETS = sorted((p for p, v in PRESETS.items() if v.get("format_version") == 2),
+                    key=lambda p: (p.startswith("v2-b"), float(p[3:].lstrip("b"))))  # e8p presets, then the b1 ones
 V1_PRESETS = sorted((p for p, v in PRESETS.items() if p.startswith("rbe-")), key=lambda p: float(p[4:]))
 ACCEPT_PRESET = "v2-3"
 ACCEPT_EMB = f"{ACCEPT_PRESET} + bf16 embeddings"
 ACCEPT_BF16 = f"{ACCEPT_PRESET} + bf16 embeddings, bf16 activations"
 BANDWIDTH_PRESETS = ["v2-2", "v2-2.5", "v2-3"]
+SIGN_PRESETS = ["v2-b2", "v2-b3", "v2-b4"]  # sign planes: reported beside the issue's presets, not instead
+SIGN_PRESET = "v2-b3"  # the sign-plane stack of the acceptance preset's bits
+SIGN_EMB = f"{SIGN_PRESET} + bf16 embeddings"
+DECODER_PRESETS = [ACCEPT_PRESET, "v2-b2", SIGN_PRESET]
 DECODER_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
                   vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0)
 DEPTHS_8B = (2, 4)
@@ -235,6 +240,8 @@ def _models(smoke: bool, presets: list[str]) -> dict[str, torch.nn.Module]:
     accept = models[ACCEPT_EMB] = load(RBEConfig.from_preset(ACCEPT_PRESET, embedding_dtype="bfloat16"), torch.float32)
     # ... the same model computing in bf16, as torch's bf16 model does (its codes are unchanged)
     models[ACCEPT_BF16] = copy.deepcopy(accept).to(torch.bfloat16)
+    if SIGN_PRESET in presets:  # the sign-plane stack of the same bits, embedding and head as above
+        models[SIGN_EMB] = load(RBEConfig.from_preset(SIGN_PRESET, embedding_dtype="bfloat16"), torch.float32)
     if ACCEPT_PRESET in presets:  # ... or the head RBE-coded too, the tied embedding decoding its rows from the head's codes
         models[f"{ACCEPT_PRESET} + RBE head and embedding"] = load(
             RBEConfig.from_preset(ACCEPT_PRESET, quantize_embeddings=True), torch.float32)
@@ -417,7 +424,16 @@ def verdicts(res: dict) -> dict:
             for what in ("decode", "prefill"):
                 out[f"{what}_vs_bf16{suffix}"] = (models[key][f"{what}_tokens_per_s"]
                                                   / models["bf16"][f"{what}_tokens_per_s"])
+    if big and all(f"{p}_us" in big[0] for p in SIGN_PRESETS):
+        out["sign_planes"] = {"min_bandwidth_fraction": {p: min(r[f"{p}_bandwidth_fraction"] for r in big)
+                                                         for p in SIGN_PRESETS},
+                              "min_layer_vs_bf16": {p: min(r[f"{p}_vs_bf16"] for r in big) for p in SIGN_PRESETS}}
     dec = {r["weights"]: r for r in res.get("decoder_8b", [])}
+    if "sign_planes" in out:
+        if SIGN_EMB in models and "bf16" in models:
+            out["sign_planes"]["decode_vs_bf16"] = (models[SIGN_EMB]["decode_tokens_per_s"]
+                                                    / models["bf16"]["decode_tokens_per_s"])
+        out["sign_planes"]["decoder_8b_vs_bf16"] = {p: dec[p]["vs_bf16"] for p in SIGN_PRESETS if p in dec}
     if ACCEPT_PRESET in dec:
         out["decoder_8b_vs_bf16"] = dec[ACCEPT_PRESET]["vs_bf16"]
         if LLAMA_REFERENCE in dec:
@@ -489,6 +505,17 @@ def table(res: dict) -> str:
         parts.append(f"{v['decoder_8b_vs_llama_cpp']:.2f}x {LLAMA_REFERENCE} (target: ahead, > 1x)")
     if parts:
         lines += ["", f"Acceptance ({ACCEPT_PRESET}; with bf16 embeddings on SmolLM2): " + "; ".join(parts) + "."]
+    if "sign_planes" in v:
+        sp = v["sign_planes"]
+        sign = ["bandwidth at 8B MLP shapes " + ", ".join(
+                    f"{p} {100 * f:.0f}%" for p, f in sp["min_bandwidth_fraction"].items()),
+                "layer " + ", ".join(f"{p} {f:.2f}x" for p, f in sp["min_layer_vs_bf16"].items()) + " bf16"]
+        if "decode_vs_bf16" in sp:
+            sign.append(f"SmolLM2 {SIGN_EMB} decode {sp['decode_vs_bf16']:.2f}x bf16")
+        if sp["decoder_8b_vs_bf16"]:
+            sign.append("8B-shaped decoder " + ", ".join(f"{p} {f:.2f}x" for p, f in sp["decoder_8b_vs_bf16"].items())
+                        + " bf16")
+        lines += ["", "Sign planes (b1 stacks, the same targets for comparison): " + "; ".join(sign) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -530,13 +557,13 @@ def main() -> None:
         bw = bandwidth(2**20, 2)
         layers = layer_rows([(256, 64)], presets, 2, 2**20)
         models = model_rows(True, presets, 3, 32, 1)
-        decoder = decoder_rows(shape, depths, n_layers, [ACCEPT_PRESET], 2, dec_files, args.threads, repack)
+        decoder = decoder_rows(shape, depths, n_layers, DECODER_PRESETS, 2, dec_files, args.threads, repack)
     else:
         bw = bandwidth(BANDWIDTH_BYTES, 10)
         layers = layer_rows(SHAPES, presets, args.rounds, STREAM_BYTES)
         model_presets = presets if args.model_presets is None else args.model_presets
         models = model_rows(False, model_presets, args.tokens, 512, args.repeats, lm_files, args.threads, repack)
-        decoder = decoder_rows(shape, depths, n_layers, [ACCEPT_PRESET], 12, dec_files, args.threads, repack)
+        decoder = decoder_rows(shape, depths, n_layers, DECODER_PRESETS, 12, dec_files, args.threads, repack)
     add_fractions(layers, bw)
     meta = {**run_meta(), "numba_threads": numba.get_num_threads(), "load_before": load_before,
             "load_after": "%.2f %.2f %.2f" % os.getloadavg()}

@@ -3,7 +3,7 @@
     errors          FormatError and its kinds: ConfigError, EncodingError, CheckpointError
     spec            TensorSpec and the value checks every format shares
     format          RBE format 1: code fields, stage/residual/layer specs, stored tensors, settings
-    format_v2       RBE format 2: code planes (e8p, vq8, vq4), stages, stored tensors, settings
+    format_v2       RBE format 2: code planes (e8p, vq8, vq4, b1), stages, stored tensors, settings
     seed64_format   seed64: seed fields, stored tensors, settings
     bits            fixed-width codes packed into int32 bit streams
     rotation        randomized Hadamard rotation of the input side

@@ -4,9 +4,18 @@
 block every encoder shares: calibration-free here, output-aware in ``core.ldlq``);
 ``encode_stage`` fits a scale per row or group around it; ``decode_stage`` inverts the codes.
 All functions run on the tensor's own device, in chunks that bound memory.
+
+A run of b1 stages (:func:`chains`) is encoded as one uniform grid: the first stage's scale is the
+grid's top (``ladder_top``), each next stage's half the one before, so that taking each stage's sign
+in turn picks the nearest of the ``2**run`` levels; the run's scales are refit together once its
+codes are chosen. Fitted one at a time, as the other planes are, the first sign stage would take
+the mean magnitude as its scale and leave the later ones a residual no grid covers well.
 """
 
 from __future__ import annotations
+
+import functools
+import math
 
 import torch
 
@@ -17,9 +26,11 @@ from .format_v2 import (
     VECTOR_DIM,
     LayerSpecV2,
     StageV2,
+    b1_sign_table,
     e8p_sign_table,
     stage_prefix,
 )
+from .ldlq import refit_run
 from .spec import check_finite, check_fp16_scales
 
 _CHUNK = 1024  # vectors searched at once: a few MiB per temporary (the full e8p search is 1024 x 512 x 8)
@@ -83,6 +94,10 @@ def nearest(u: torch.Tensor, plane: str, table: torch.Tensor) -> tuple[torch.Ten
 
 def _nearest_chunk(u: torch.Tensor, plane: str, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     table = table.to(device=u.device, dtype=u.dtype)
+    if plane == "b1":  # coordinates are independent: each takes the sign of u (the table is non-negative)
+        neg = u < 0
+        code = (neg.to(torch.int64) << torch.arange(VECTOR_DIM, device=u.device)).sum(1)
+        return code, torch.where(neg, -table[0], table[0])
     if plane != "e8p":
         idx = ((table * table).sum(1)[None, :] - 2 * u @ table.T).argmin(1)
         return idx, table[idx]
@@ -102,6 +117,8 @@ def _nearest_chunk(u: torch.Tensor, plane: str, table: torch.Tensor) -> tuple[to
 def codewords(codes: torch.Tensor, plane: str, table: torch.Tensor) -> torch.Tensor:
     """fp32 [..., 8] codewords of int64 codes [...] (the reference decoder of one plane)."""
     table = table.float().to(codes.device)
+    if plane == "b1":
+        return b1_sign_table().to(codes.device)[codes] * table[0]
     if plane != "e8p":
         return table[codes]
     idx = (codes >> IDX_OFFSET) & (PLANES["e8p"].table_size - 1)
@@ -161,6 +178,42 @@ def initial_scale(w: torch.Tensor, stage: StageV2, table: torch.Tensor) -> torch
     return s
 
 
+@functools.lru_cache(maxsize=16)
+def ladder_top(planes: int) -> float:
+    """Scale of the first of ``planes`` b1 stages whose scales halve from one to the next, in units
+    of the weights' RMS: the uniform grid of ``2**planes`` levels with the least squared error on a
+    unit Gaussian (evaluated at its quantiles, so deterministic)."""
+    n, levels = 1 << 16, (1 << planes) - 1  # levels: the steps between the lowest and highest level
+    x = math.sqrt(2) * torch.erfinv(2 * (torch.arange(n, dtype=torch.float64) + 0.5) / n - 1)
+    best, top = math.inf, 1.0
+    for s in torch.linspace(0.3, 3.0, 2701, dtype=torch.float64).tolist():
+        step = 2 * s / (1 << planes - 1)  # the last stage's +-scale: levels this far apart
+        q = ((x / step + levels / 2).round().clamp(0, levels) - levels / 2) * step
+        err = float((x - q).pow(2).mean())
+        if err < best:
+            best, top = err, s
+    return top
+
+
+def chains(spec: LayerSpecV2) -> list[tuple[int, int]]:
+    """Stage ranges ``[start, stop)`` encoded together: each run of b1 stages with the same scale
+    groups, every other stage alone."""
+    out: list[tuple[int, int]] = []
+    for i, stage in enumerate(spec.stages):
+        if out and stage.plane == "b1" and spec.stages[i - 1] == stage:
+            out[-1] = (out[-1][0], i + 1)
+        else:
+            out.append((i, i + 1))
+    return out
+
+
+def ladder_scale(w: torch.Tensor, stage: StageV2, planes: int) -> torch.Tensor:
+    """fp32 scales [N, groups] of the first stage of a run of ``planes`` b1 stages for ``w`` [N, K]."""
+    s = _group_view(w, stage).pow(2).mean(-1).sqrt() * ladder_top(planes)
+    check_fp16_scales(s)
+    return s
+
+
 def encode_stage(w: torch.Tensor, stage: StageV2,
                  table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(stored codes, fp16 scales [N, groups], decoded fp32 [N, K]) for a rotated ``w`` [N, K].
@@ -189,10 +242,28 @@ def encode_layer(w_rot: torch.Tensor, spec: LayerSpecV2, tables: dict[str, torch
     """Stored tensors of every stage for a rotated fp32 weight (rotation seed and tables excluded)."""
     check_finite(w_rot)
     out, r = {}, w_rot.float()
-    for prefix, stage in spec.prefixed_stages:
-        codes, scale, decoded = encode_stage(r, stage, tables[prefix + "table"])
-        out[prefix + "weight"], out[prefix + "scale"] = codes, scale
-        r = r - decoded
+    for start, stop in chains(spec):
+        if stop - start == 1:
+            prefix, stage = spec.prefixed_stages[start]
+            codes, scale, decoded = encode_stage(r, stage, tables[prefix + "table"])
+            out[prefix + "weight"], out[prefix + "scale"] = codes, scale
+            r = r - decoded
+            continue
+        run = spec.prefixed_stages[start:stop]
+        s = ladder_scale(r, run[0][1], stop - start)
+        target, units, ladder = r, [], []
+        for prefix, stage in run:
+            s16 = s.half().float()
+            codes, v = _codes_at(_group_view(r, stage), s16, stage.plane, tables[prefix + "table"])
+            out[prefix + "weight"] = pack_plane(codes, stage.plane)
+            units.append(v)
+            ladder.append(s16)
+            r = r - (v * s16[..., None]).reshape(r.shape)
+            s = s16 / 2
+        scales = refit_run(target, [v.reshape(r.shape) for v in units], None, ladder)
+        for (prefix, _), v, s16 in zip(run, units, scales):
+            out[prefix + "scale"] = s16
+        r = target - sum((v * s16.float()[..., None]).reshape(r.shape) for v, s16 in zip(units, scales))
     return out
 
 

@@ -17,6 +17,11 @@ Planes (code layouts; the paper's vocabulary: a shared basis table indexed by ``
     vq8   8 bits  [ idx:8 ]            one of 256 signed 8-vectors: 1 bit per weight.
     vq4   4 bits  [ idx:4 ]            one of 16 signed 8-vectors, two codes per byte (low
                                        nibble first): 0.5 bit per weight.
+    b1    8 bits  [ sign:8 ]           the table's one non-negative 8-vector with bit j negating
+                                       coordinate j: a sign per weight, 1 bit per weight. A stack
+                                       of b1 stages is binary-coded quantization (each weight
+                                       ``sum_t s_t * (+-1)``): no table read when decoding, so the
+                                       CPU kernel adds x under the sign bits as a mask.
 
 A layer stores (shapes from :meth:`LayerSpecV2.tensors` / :meth:`table_tensors`, nowhere else)::
 
@@ -83,7 +88,10 @@ PLANES: dict[str, Plane] = {
     "e8p": Plane("e8p", idx=9, sign=7, signed_table=False),
     "vq8": Plane("vq8", idx=8, sign=0, signed_table=True),
     "vq4": Plane("vq4", idx=4, sign=0, signed_table=True),
+    "b1": Plane("b1", idx=0, sign=8, signed_table=False),
 }
+#: Planes a layer's first stage may use (the others code a residual: their tables are fitted to one).
+FIRST_PLANES = ("e8p", "b1")
 #: e8p field offsets: idx in the low bits, sign bit j of coordinate j at SIGN_OFFSET + j.
 IDX_OFFSET, SIGN_OFFSET = 0, PLANES["e8p"].idx
 
@@ -95,6 +103,14 @@ def e8p_sign_table() -> torch.Tensor:
     The decoders (reference and kernels) read signs from this one table (shared: do not modify)."""
     bits = (torch.arange(1 << (VECTOR_DIM - 1))[:, None] >> torch.arange(VECTOR_DIM - 1)) & 1
     bits = torch.cat([bits, bits.sum(1, keepdim=True) % 2], 1)
+    return (1 - 2 * bits).float()
+
+
+@functools.lru_cache(maxsize=1)
+def b1_sign_table() -> torch.Tensor:
+    """fp32 [256, 8] of +-1: row ``s`` holds the signs a b1 code ``s`` applies (bit j negates
+    coordinate j). Shared: do not modify."""
+    bits = (torch.arange(1 << VECTOR_DIM)[:, None] >> torch.arange(VECTOR_DIM)) & 1
     return (1 - 2 * bits).float()
 
 
@@ -153,9 +169,9 @@ class LayerSpecV2:
     def __post_init__(self) -> None:
         if not self.stages or not all(isinstance(s, StageV2) for s in self.stages):
             raise ConfigError("a v2 layer needs at least one StageV2")
-        if self.stages[0].plane != "e8p":
-            raise ConfigError(f"the first v2 stage must be 'e8p' (later stages code its residual), "
-                              f"got {self.stages[0].plane!r}")
+        if self.stages[0].plane not in FIRST_PLANES:
+            raise ConfigError(f"the first v2 stage must be one of {list(FIRST_PLANES)} (later stages code its "
+                              f"residual), got {self.stages[0].plane!r}")
         b = self.rotation_block
         if not isinstance(b, int) or isinstance(b, bool) or b < 1 or b & (b - 1):
             raise ConfigError(f"rotation_block must be a power of two, got {b!r}")

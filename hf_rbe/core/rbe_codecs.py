@@ -7,6 +7,7 @@ once, so the layer, the op reference and the transformers glue never branch on t
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Union
@@ -97,6 +98,9 @@ def _v2_check(named: Tensors, spec: format_v2.LayerSpecV2, in_features: int, whe
             if (t[:, :-1] < 0).any() or (t[:, -1] == 0).any():
                 raise CheckpointError(f"{where}: '{prefix}table' is not an e8p table (coordinates 0-6 must be >= 0 "
                                       "and coordinate 7 non-zero; tampered checkpoint?)")
+        if stage.plane == "b1" and (named[prefix + "table"] < 0).any():
+            raise CheckpointError(f"{where}: '{prefix}table' is not a b1 table (its entry must be >= 0; "
+                                  "tampered checkpoint?)")
 
 
 def _v1_constrain(tables: Tensors) -> Tensors:
@@ -105,11 +109,14 @@ def _v1_constrain(tables: Tensors) -> Tensors:
 
 
 def _v2_constrain(tables: Tensors) -> Tensors:
-    """e8p entries are non-negative before their signs (coordinate 7 carries the parity)."""
+    """e8p entries are non-negative before their signs (coordinate 7 carries the parity), as is
+    b1's one entry."""
     out = {}
     for n, t in tables.items():
         if t.shape[0] == format_v2.PLANES["e8p"].table_size:
             t = torch.cat([t[:, :-1].abs(), t[:, -1:]], dim=1)
+        elif t.shape[0] == format_v2.PLANES["b1"].table_size:
+            t = t.abs()
         out[n] = t
     return out
 
@@ -130,12 +137,20 @@ def _v1_quantizers(spec: format_v1.LayerSpec, tables: Tensors) -> list[StageQuan
 
 def _v2_quantizers(spec: format_v2.LayerSpecV2, tables: Tensors) -> list[StageQuantizer]:
     out = []
-    for prefix, stage in spec.prefixed_stages:
-        t = tables[prefix + "table"]
-        out.append(StageQuantizer(prefix, format_v2.VECTOR_DIM, stage.group_size,
-                                  nearest=lambda u, plane=stage.plane, t=t: v2.nearest(u, plane, t),
-                                  initial_scale=lambda w, stage=stage, t=t: v2.initial_scale(w, stage, t),
-                                  pack=lambda c, plane=stage.plane: v2.pack_plane(c, plane)))
+    for start, stop in v2.chains(spec):  # a run of b1 stages: one uniform grid (``codec_v2``)
+        for i in range(start, stop):
+            prefix, stage = spec.prefixed_stages[i]
+            t = tables[prefix + "table"]
+            if stop - start == 1:
+                initial = functools.partial(v2.initial_scale, stage=stage, table=t)
+            else:
+                initial = functools.partial(v2.ladder_scale, stage=stage, planes=stop - start)
+            out.append(StageQuantizer(prefix, format_v2.VECTOR_DIM, stage.group_size,
+                                      nearest=functools.partial(v2.nearest, plane=stage.plane, table=t),
+                                      initial_scale=initial,
+                                      pack=functools.partial(v2.pack_plane, plane=stage.plane),
+                                      joins_previous=i > start,
+                                      decode=functools.partial(v2.codewords, plane=stage.plane, table=t)))
     return out
 
 

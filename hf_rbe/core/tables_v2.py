@@ -4,7 +4,8 @@ Universal tables are fitted offline to unit-variance Gaussian vectors (rotated w
 close to i.i.d. Gaussian) and, for later stages, to the unit-variance residual an e8p stage
 leaves, by ``python bench/v2_codebook.py`` (minutes; deterministic), which writes
 ``v2_tables.safetensors`` next to this module. Every checkpoint also stores the tables it
-decodes with, so a checkpoint never depends on this file.
+decodes with, so a checkpoint never depends on this file. The b1 plane's table is not fitted: its
+one entry is all ones (a sign per weight, the stage's scale its magnitude).
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ def universal_tables(spec: LayerSpecV2) -> dict[str, torch.Tensor]:
     if spec.table_seed != 0:
         raise ConfigError(f"hf-rbe ships universal v2 table set 0, not {spec.table_seed}")
     tables = _shipped()
-    return {prefix + "table": tables[universal_key(s.plane, i == 0)].clone()
-            for i, (prefix, s) in enumerate(spec.prefixed_stages)}
+    return {prefix + "table": torch.ones(1, VECTOR_DIM) if s.plane == "b1"
+            else tables[universal_key(s.plane, i == 0)].clone() for i, (prefix, s) in enumerate(spec.prefixed_stages)}
 
 
 def table_key(spec: LayerSpecV2) -> str:
@@ -117,9 +118,11 @@ def _update(x: torch.Tensor, idx: torch.Tensor, c: torch.Tensor, g: torch.Genera
 
 
 def fit_layer_tables(w_rot: torch.Tensor, spec: LayerSpecV2, iters: int = 10) -> dict[str, torch.Tensor]:
-    """``table="per_layer"``: the first stage's table refined on the layer's own (row-normalised)
-    vectors, starting from the universal one; later stages keep their universal tables."""
+    """``table="per_layer"``: the first stage's e8p table refined on the layer's own (row-normalised)
+    vectors, starting from the universal one; later stages (and b1 planes) keep their universal tables."""
     tables = universal_tables(spec)
+    if spec.stages[0].plane != "e8p":
+        return tables
     rows = w_rot / w_rot.pow(2).mean(1, keepdim=True).sqrt().clamp_min(_EPS)
     tables[stage_prefix(0) + "table"] = fit_e8p(rows.reshape(-1, VECTOR_DIM).cpu(), iters,
                                                 init=tables[stage_prefix(0) + "table"])

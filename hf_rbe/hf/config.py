@@ -34,7 +34,8 @@ class RBEConfig(QuantizationConfigMixin):
     the named settings (``PRESETS``).
 
     **The layer format.** ``format_version=2`` (the default): ``planes``, a stack of code planes
-    (``"e8p"`` 2 bits, ``"vq8"`` 1 bit, ``"vq4"`` 0.5 bit per weight; ``hf_rbe.core.format_v2``).
+    (``"e8p"`` 2 bits, ``"vq8"`` 1 bit, ``"vq4"`` 0.5 bit, ``"b1"`` a sign: 1 bit per weight;
+    ``hf_rbe.core.format_v2``).
     ``format_version=1``: the paper's bitfield codes, field widths ``dim, idx, sign, amp, deriv, cat,
     sub, amp_fine``, a ``residual`` (``"none" | "int8" | "fp8" | "int4" | "int2" | "rbe"`` with
     ``residual_group_size`` / ``residual_stage``); its defaults are the ``rbe-5.5`` preset.

@@ -9,6 +9,10 @@ codes. An e8p code costs one 8-lane load from the 512-entry table, one from the
 multiply-add (``cpu_simd``); vq8 / vq4 codes read a signed 8-vector. At M = 1 an e8p stage and
 the stage after it run in one pass, two output rows at a time (one x load feeds four
 accumulators); for M > 1 each codeword is decoded once per block of four input rows.
+A b1 plane (a sign per weight) reads no table at M = 1: ``x . (s * signs) = s * (sum x - 2 * the
+sum of the x it negates)``, the second sum one 16-lane add under each 16-bit word of sign bits;
+two b1 stages share a pass. Everywhere else a b1 stage is a vq8 stage whose 256 entries are the
+sign patterns times its table's one entry (expanded when the layer's plan is made).
 Larger M (prefill): the weight is decoded into a buffer allocated for the call and the product
 goes to BLAS (``torch.matmul``): in fp32, or in bf16 when the activations are bf16 (the rotated
 input and the decoded weight rounded to bf16, a bf16 model's own precision; the decode writes
@@ -28,13 +32,39 @@ import numba as nb
 import numpy as np
 import torch
 
-from hf_rbe.core.format_v2 import FORMAT_ID, IDX_OFFSET, PLANES, SIGN_OFFSET, VECTOR_DIM, LayerSpecV2, e8p_sign_table
+from hf_rbe.core.format_v2 import (
+    FORMAT_ID,
+    IDX_OFFSET,
+    PLANES,
+    SIGN_OFFSET,
+    VECTOR_DIM,
+    LayerSpecV2,
+    b1_sign_table,
+    e8p_sign_table,
+)
 from hf_rbe.core.moved import renamed
 from hf_rbe.core.op_layout import SIGNS, op_tensor_names
 from hf_rbe.core.rotation import hadamard
 from hf_rbe.core.spec import edit_stamp
 
-from .cpu_simd import hload, sload, vadd, vbroadcast, vfma, vload, vmul, vstore, vstore_bf16, vsub, vsum, vzero
+from .cpu_simd import (
+    hload,
+    sload,
+    vadd,
+    vbroadcast,
+    vfma,
+    vload,
+    vload16,
+    vmaskadd16,
+    vmul,
+    vstore,
+    vstore_bf16,
+    vsub,
+    vsum,
+    vsum16,
+    vzero,
+    vzero16,
+)
 
 #: Largest M the code-walking GEMV serves; above it decode + BLAS is faster (the crossover
 #: ``NOTES.md`` records, on SmolLM2 and 4096x4096 shapes).
@@ -207,6 +237,72 @@ def _gemv2_for(plane1: int):  # noqa: ANN202
     return gemv2
 
 
+def _bits_for(planes: int):  # noqa: ANN202
+    @nb.njit(cache=True, parallel=True, fastmath=True)
+    def bits(x_in: np.ndarray, rot: np.ndarray, block: int, h8: np.ndarray, x: np.ndarray, k: int,
+             words0: np.ndarray, scale0: np.ndarray, words1: np.ndarray, scale1: np.ndarray, words2: np.ndarray,
+             scale2: np.ndarray, words3: np.ndarray, scale3: np.ndarray, signs: np.ndarray, out: np.ndarray) -> None:
+        """The GEMV of ``planes`` (1-4) b1 stages with the same scale groups at M = 1, in one pass,
+        from the sign bits as 16-bit words (``words*``, flat row-major; the unused ones repeat the
+        first): per row, stage and scale group, ``scale * (sum of x - 2 * sum of x under the set
+        bits)``. Two output rows per iteration share each x load. The rotation as in ``gemv``;
+        ``signs`` is unused (the M = 1 calls share one form)."""
+        if block > 0:
+            _rotate_into(x_in, rot, block, h8, x)
+        n_rows = out.shape[1]
+        n_groups = scale0.shape[0] // n_rows
+        cols = k // 16
+        per_group = cols // n_groups
+        total = np.zeros(n_groups, dtype=np.float32)  # sum of x over each group
+        for i in range(k):
+            total[i // (per_group * 16)] += x[i]
+        for p in nb.prange((n_rows + 1) // 2):
+            n0 = 2 * p
+            n1 = min(n0 + 1, n_rows - 1)
+            r0 = n0 * cols
+            r1 = n1 * cols
+            t0 = np.float32(0.0)
+            t1 = np.float32(0.0)
+            for g in range(n_groups):
+                a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = vzero16()
+                for w in range(g * per_group, (g + 1) * per_group):
+                    xv = vload16(x, w << 4)
+                    a0 = vmaskadd16(a0, xv, words0, r0 + w)
+                    b0 = vmaskadd16(b0, xv, words0, r1 + w)
+                    if planes >= 2:
+                        a1 = vmaskadd16(a1, xv, words1, r0 + w)
+                        b1 = vmaskadd16(b1, xv, words1, r1 + w)
+                    if planes >= 3:
+                        a2 = vmaskadd16(a2, xv, words2, r0 + w)
+                        b2 = vmaskadd16(b2, xv, words2, r1 + w)
+                    if planes >= 4:
+                        a3 = vmaskadd16(a3, xv, words3, r0 + w)
+                        b3 = vmaskadd16(b3, xv, words3, r1 + w)
+                at0 = n0 * n_groups + g
+                at1 = n1 * n_groups + g
+                tg = total[g]
+                t0 += hload(scale0, at0) * (tg - 2 * vsum16(a0))
+                t1 += hload(scale0, at1) * (tg - 2 * vsum16(b0))
+                if planes >= 2:
+                    t0 += hload(scale1, at0) * (tg - 2 * vsum16(a1))
+                    t1 += hload(scale1, at1) * (tg - 2 * vsum16(b1))
+                if planes >= 3:
+                    t0 += hload(scale2, at0) * (tg - 2 * vsum16(a2))
+                    t1 += hload(scale2, at1) * (tg - 2 * vsum16(b2))
+                if planes >= 4:
+                    t0 += hload(scale3, at0) * (tg - 2 * vsum16(a3))
+                    t1 += hload(scale3, at1) * (tg - 2 * vsum16(b3))
+            out[0, n0] += t0
+            if n1 != n0:
+                out[0, n1] += t1
+
+    return bits
+
+
+#: Most b1 stages one ``_BITS`` call walks (a longer run takes several calls).
+BITS_MAX_PLANES = 4
+
+
 def _gemv4_for(plane: int):  # noqa: ANN202
     @nb.njit(cache=True, parallel=True, fastmath=True)
     def gemv4(x: np.ndarray, k: int, codes: np.ndarray, scale: np.ndarray, table: np.ndarray, signs: np.ndarray,
@@ -299,12 +395,23 @@ def _decode_bf16_for(plane1: int):  # noqa: ANN202
     return decode_bf16
 
 
-_PLANE_IDS = {"e8p": 0, "vq8": 1, "vq4": 2}
-_GEMV = tuple(_gemv_for(p) for p in range(3))
-_GEMV2 = tuple(_gemv2_for(p) for p in range(3))
-_GEMV4 = tuple(_gemv4_for(p) for p in range(3))
-_DECODE = tuple(_decode_for(p) for p in range(3))
-_DECODE_BF16 = {p: _decode_bf16_for(p) for p in (-1, 0, 1, 2)}
+_PLANE_IDS = {"e8p": 0, "vq8": 1, "vq4": 2, "b1": 3}
+_B1 = _PLANE_IDS["b1"]
+_FORMS = (0, 1, 2, 1)  # the kernel form of each plane id: b1 walks as vq8, on its expanded table
+
+
+def _by_plane(make, extra: tuple[int, ...] = ()) -> dict[int, object]:  # noqa: ANN001
+    """``make(form)`` for every plane id (and ``extra`` forms, as themselves), each form made once."""
+    made = {f: make(f) for f in (*sorted(set(_FORMS)), *extra)}
+    return {**{p: made[f] for p, f in enumerate(_FORMS)}, **{f: made[f] for f in extra}}
+
+
+_GEMV = _by_plane(_gemv_for)
+_GEMV2 = _by_plane(_gemv2_for)
+_GEMV4 = _by_plane(_gemv4_for)
+_DECODE = _by_plane(_decode_for)
+_DECODE_BF16 = _by_plane(_decode_bf16_for, extra=(-1,))
+_BITS = {p: _bits_for(p) for p in range(1, BITS_MAX_PLANES + 1)}
 _SIGNS = e8p_sign_table().reshape(-1).clone().numpy()  # torch allocates 64-byte aligned: no row splits a line
 __getattr__ = renamed("hf_rbe.kernels.cpu_numba", {
     "sign_table": ("hf_rbe.core.format_v2.e8p_sign_table", lambda: e8p_sign_table().numpy().copy())})
@@ -337,10 +444,18 @@ def _stages(stages: tuple, named: dict[str, torch.Tensor]) -> list[tuple]:
             if t.shape != shape or t.dtype != dtype:
                 raise ValueError(f"hf_rbe::linear: {name} is {t.dtype}{list(t.shape)}, the layout needs "
                                  f"{dtype}{list(shape)}")
+        table = named[prefix + "table"]
+        flat = _b1_table(tuple(table[0].tolist())) if plane == _B1 else table.numpy(force=True).reshape(-1)
         out.append((named[prefix + "weight"].numpy(force=True).reshape(-1),
-                    named[prefix + "scale"].detach().view(torch.int16).numpy().reshape(-1),
-                    named[prefix + "table"].numpy(force=True).reshape(-1), plane))
+                    named[prefix + "scale"].detach().view(torch.int16).numpy().reshape(-1), flat, plane))
     return out
+
+
+@functools.lru_cache(maxsize=64)
+def _b1_table(entry: tuple[float, ...]) -> np.ndarray:
+    """The flat [256 * 8] table the vq8 form reads for a b1 stage: every sign pattern times its
+    table's one entry (one per distinct entry: layers that share a table share this)."""
+    return (b1_sign_table() * torch.tensor(entry, dtype=torch.float32)).reshape(-1).numpy()
 
 
 #: The checked arrays of each layer's last call, by the id of its first tensor (dropped when that
@@ -367,7 +482,7 @@ def _plan(key: tuple[int, ...], tensors: list[torch.Tensor]) -> tuple[tuple, np.
             raise ValueError(f"hf_rbe::linear: {SIGNS} has shape {list(named[SIGNS].shape)}, the layout needs [{k}]")
         signs, block = named[SIGNS].detach().float().numpy(), spec.hadamard_block(k)
     stages = tuple(_stages(stage_specs, named))
-    plan = (stages, signs, block, _one_calls(stages))
+    plan = (stages, signs, block, _one_calls(stages, k))
     if all(t.is_contiguous() for t in tensors) and (signs is None or named[SIGNS].dtype == torch.float32):
         if id(tensors[0]) not in _PLANS:
             weakref.finalize(tensors[0], _PLANS.pop, id(tensors[0]), None)
@@ -389,12 +504,35 @@ def rotate_rows(x2: torch.Tensor, signs: np.ndarray, block: int) -> np.ndarray:
 _NO_SIGNS = np.ones(0, dtype=np.float32)
 
 
-def _one_calls(stages: tuple) -> tuple[tuple, ...]:
+def _words(stage: tuple, k: int) -> np.ndarray | None:
+    """A b1 stage's codes as 16-bit words (16 weights each) where the ``_BITS`` kernel can walk
+    them: rows and scale groups whole words, the array aligned; else ``None``."""
+    codes, scale, _, plane = stage
+    n_groups = scale.shape[0] // (codes.shape[0] // (k // 8))
+    if plane != _B1 or k % 16 or (k // 16) % n_groups or codes.ctypes.data % 2:
+        return None
+    return codes.view(np.uint16)
+
+
+def _one_calls(stages: tuple, k: int) -> tuple[tuple, ...]:
     """The kernel calls of M = 1, as (kernel, its stage arguments): an e8p stage and the next in
-    one ``_GEMV2`` call where their scales are grouped alike, any other stage alone."""
+    one ``_GEMV2`` call where their scales are grouped alike, a run of b1 stages with scales grouped
+    alike by one ``_BITS`` call (up to ``BITS_MAX_PLANES``), any other stage alone."""
     calls, i = [], 0
     while i < len(stages):
-        if i + 1 < len(stages) and stages[i][3] == 0 and stages[i][1].shape == stages[i + 1][1].shape:
+        words = _words(stages[i], k)
+        if words is not None:
+            run = [(words, stages[i][1])]
+            while (i + len(run) < len(stages) and len(run) < BITS_MAX_PLANES
+                   and stages[i + len(run)][1].shape == stages[i][1].shape):
+                nxt = _words(stages[i + len(run)], k)
+                if nxt is None:
+                    break
+                run.append((nxt, stages[i + len(run)][1]))
+            args = [a for pair in run + [run[0]] * (BITS_MAX_PLANES - len(run)) for a in pair]
+            calls.append((_BITS[len(run)], tuple(args)))
+            i += len(run)
+        elif i + 1 < len(stages) and stages[i][3] == 0 and stages[i][1].shape == stages[i + 1][1].shape:
             (c0, s0, t0, _), (c1, s1, t1, p1) = stages[i:i + 2]
             calls.append((_GEMV2[p1], (c0, s0, t0, c1, s1, t1)))
             i += 2

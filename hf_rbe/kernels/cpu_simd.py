@@ -1,4 +1,5 @@
-"""Eight-lane fp32 vectors for numba kernels: a numba type backed by LLVM's ``<8 x float>``.
+"""Eight-lane fp32 vectors for numba kernels: a numba type backed by LLVM's ``<8 x float>`` (and a
+sixteen-lane one for the sign planes' masked adds, at the end).
 
 Why: numba has no SIMD types, and LLVM does not find the vector form of an RBE decode by
 itself. Given ``acc += table[idx] * signs[s] * x[8v:8v+8]`` as scalar code, it either stays
@@ -174,10 +175,81 @@ def vfma(typingctx, a, b, c):
 def vsum(typingctx, a):
     """The sum of the lanes, a float32."""
 
-    def codegen(context, builder, sig, args):
-        lanes = [builder.extract_element(args[0], ir.Constant(ir.IntType(32), i)) for i in range(LANES)]
-        while len(lanes) > 1:  # pairwise: a log-depth tree
-            lanes = [builder.fadd(lanes[i], lanes[i + 1], flags=_FAST) for i in range(0, len(lanes), 2)]
-        return lanes[0]
+    return types.float32(a), lambda context, builder, sig, args: _tree_sum(builder, args[0], LANES)
 
-    return types.float32(a), codegen
+
+def _tree_sum(builder: ir.IRBuilder, vec: ir.Value, lanes: int) -> ir.Value:
+    """The sum of a vector's lanes, pairwise: a log-depth tree."""
+    parts = [builder.extract_element(vec, ir.Constant(ir.IntType(32), i)) for i in range(lanes)]
+    while len(parts) > 1:
+        parts = [builder.fadd(parts[i], parts[i + 1], flags=_FAST) for i in range(0, len(parts), 2)]
+    return parts[0]
+
+
+# ----------------------------------------------------------------------------- sixteen lanes, under a bit mask
+# The b1 planes store a sign bit per weight: 16 weights' bits are one 16-bit word, and a 16-lane add
+# under that word as a mask (one masked ``vaddps`` on AVX-512, a blend on narrower CPUs) sums the
+# inputs a plane negates, with no table and no multiply.
+
+LANES16 = 16
+_VEC16 = ir.VectorType(ir.FloatType(), LANES16)
+
+
+class F32x16(types.Type):
+    """Sixteen fp32 lanes, held in a vector register (or two)."""
+
+    def __init__(self) -> None:
+        super().__init__(name="F32x16")
+
+
+f32x16 = F32x16()
+
+
+@register_model(F32x16)
+class _F32x16Model(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type) -> None:
+        super().__init__(dmm, fe_type, _VEC16)
+
+
+@intrinsic
+def vzero16(typingctx):
+    """(0, ..., 0), sixteen lanes."""
+    return f32x16(), lambda context, builder, sig, args: ir.Constant(_VEC16, [0.0] * LANES16)
+
+
+@intrinsic
+def vload16(typingctx, arr, offset):
+    """``arr[offset : offset + 16]`` of a contiguous 1-D float32 array."""
+    if not (isinstance(arr, types.Array) and arr.dtype == types.float32 and arr.ndim == 1):
+        return None
+
+    def codegen(context, builder, sig, args):
+        data = context.make_array(sig.args[0])(context, builder, args[0]).data
+        load = builder.load(builder.bitcast(builder.gep(data, [args[1]]), _VEC16.as_pointer()))
+        load.align = 4
+        return load
+
+    return f32x16(arr, offset), codegen
+
+
+@intrinsic
+def vmaskadd16(typingctx, acc, x, words, offset):
+    """``acc`` plus the lanes of ``x`` whose bit is set in ``words[offset]`` (a 1-D uint16 array; bit j
+    is lane j), the others plus zero."""
+    if not (isinstance(words, types.Array) and words.ndim == 1 and words.dtype == types.uint16):
+        return None
+
+    def codegen(context, builder, sig, args):
+        data = context.make_array(sig.args[2])(context, builder, args[2]).data
+        mask = builder.bitcast(builder.load(builder.gep(data, [args[3]])), ir.VectorType(ir.IntType(1), LANES16))
+        picked = builder.select(mask, args[1], ir.Constant(_VEC16, [0.0] * LANES16))
+        return builder.fadd(args[0], picked, flags=_FAST)
+
+    return f32x16(acc, x, words, offset), codegen
+
+
+@intrinsic
+def vsum16(typingctx, a):
+    """The sum of the sixteen lanes, a float32."""
+
+    return types.float32(a), lambda context, builder, sig, args: _tree_sum(builder, args[0], LANES16)

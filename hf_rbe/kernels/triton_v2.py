@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hf_rbe.core.format_v2 import IDX_OFFSET, PLANES, SIGN_OFFSET, LayerSpecV2, e8p_sign_table
+from hf_rbe.core.format_v2 import IDX_OFFSET, PLANES, SIGN_OFFSET, LayerSpecV2, b1_sign_table, e8p_sign_table
 from hf_rbe.core.moved import renamed
 from hf_rbe.core.op_layout import SIGNS, op_tensor_names
 from hf_rbe.core.spec import edit_stamp
@@ -43,7 +43,9 @@ CHUNK = 256  # K per step: one 16 x 16 Hadamard tile per row
 FP16_SAFE_EXP = tl.constexpr(14)  # rows are scaled below 2^14: products of 8 stay finite in fp16
 _PLANE_IDS = {name: i for i, name in enumerate(PLANES)}  # constexpr plane ids in the kernel
 _E8P, _VQ8, _VQ4 = (_PLANE_IDS[p] for p in ("e8p", "vq8", "vq4"))
+_PLANE_IDS["b1"] = _VQ8  # a b1 stage is decoded as vq8 from its 256 sign patterns (``_table16``)
 MAX_STAGES = 3
+KERNEL_PLANES = ("e8p", "vq8", "vq4", "b1")  # the planes the kernels decode
 
 
 # ----------------------------------------------------------------------------- jit helpers
@@ -297,13 +299,16 @@ __getattr__ = renamed("hf_rbe.kernels.triton_v2", {"sign_table": (
     lambda dtype, device="cpu": e8p_sign_table().to(dtype=dtype, device=device))})
 
 
-def _table16(table: torch.Tensor) -> torch.Tensor:
-    """The fp16 copy of a stored table the kernels read, remade when the table object is another
-    one (a freed table's memory can come back under a new table) or was modified in place."""
+def _table16(table: torch.Tensor, plane: str) -> torch.Tensor:
+    """The fp16 table the kernels read for a stored one, remade when the table object is another
+    one (a freed table's memory can come back under a new table) or was modified in place: a copy,
+    or for a b1 plane its one entry times each of the 256 sign patterns (what the vq8 form reads)."""
     hit, stamp = _TABLES.get(id(table)), edit_stamp(table)
     if hit is None or hit[0]() is not table or hit[1] != stamp:
         key = id(table)
         ref = weakref.ref(table, lambda _: _TABLES.pop(key, None))
+        if plane == "b1":
+            table = b1_sign_table().to(table.device) * table.detach()[0]
         hit = (ref, stamp, table.to(torch.float16).contiguous())
         _TABLES[key] = hit
     return hit[2]
@@ -313,7 +318,7 @@ def supports(layout: list[int]) -> bool:
     """Whether the kernels handle this layout (else the PyTorch reference does)."""
     spec = LayerSpecV2.from_layout(layout[3:])
     return len(spec.stages) <= MAX_STAGES and spec.hadamard_block(layout[2]) <= CHUNK and all(
-        s.group_size is None or s.group_size % CHUNK == 0 for s in spec.stages)
+        s.plane in KERNEL_PLANES and (s.group_size is None or s.group_size % CHUNK == 0) for s in spec.stages)
 
 
 def kernel_args(x2: torch.Tensor, named: dict[str, torch.Tensor], spec: LayerSpecV2, n: int, cfg: Tiles,
@@ -333,7 +338,7 @@ def kernel_args(x2: torch.Tensor, named: dict[str, torch.Tensor], spec: LayerSpe
         if i < len(spec.stages):
             prefix, stage = spec.prefixed_stages[i]
             codes, scale, table = named[prefix + "weight"], named[prefix + "scale"], named[prefix + "table"]
-            stage_args += [codes, scale, _table16(table)]
+            stage_args += [codes, scale, _table16(table, stage.plane)]
             sizes.append((codes.shape[1], scale.shape[1]))
             meta.update({f"P{i}": _PLANE_IDS[stage.plane], f"GR{i}": stage.group_size or 0})
         else:  # unused stage slots: any valid pointer, never read
@@ -381,7 +386,7 @@ def compile_sm90(cfg: Tiles, spec: LayerSpecV2, x_dtype: torch.dtype = torch.flo
 
     fn = KERNELS[cfg.kernel]
     tri = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[x_dtype]
-    code = {"e8p": "*i16", "vq8": "*u8", "vq4": "*u8"}
+    code = {"e8p": "*i16", "vq8": "*u8", "vq4": "*u8", "b1": "*u8"}
     planes = [s.plane for s in spec.stages] + ["vq8"] * (MAX_STAGES - len(spec.stages))
     sig = {"x_ptr": f"*{tri}", "y_ptr": f"*{tri}", "bias_ptr": f"*{tri}", "signs_ptr": "*fp32", "sg_ptr": "*fp16",
            "work_ptr": "*fp32", "count_ptr": "*i32"}

@@ -17,7 +17,7 @@ def _layer(preset: str, k: int = 256, n: int = 48) -> tuple[torch.nn.Linear, RBE
     return lin, RBELinear.from_linear(lin, spec, universal_tables(spec), rotation_seed=3)
 
 
-@pytest.mark.parametrize("preset", ["v2-2", "v2-2.5", "v2-3", "v2-4", "rbe-2.5", "rbe-3"])
+@pytest.mark.parametrize("preset", ["v2-2", "v2-2.5", "v2-3", "v2-4", "v2-b3", "rbe-2.5", "rbe-3"])
 def test_identity_hessian_reproduces_the_calibration_free_codes(preset):
     lin, layer = _layer(preset)
     w = lin.weight.detach()
@@ -32,7 +32,7 @@ def _correlated(k: int, tokens: int = 4096, rank: int = 12, seed: int = 1) -> to
         0.05 * torch.randn(tokens, k, generator=g)
 
 
-@pytest.mark.parametrize("preset", ["v2-2", "v2-3", "rbe-3"])
+@pytest.mark.parametrize("preset", ["v2-2", "v2-3", "v2-b3", "rbe-3"])
 def test_ldlq_beats_plain_encoding_on_output_error_with_correlated_inputs(preset):
     lin, layer = _layer(preset)
     w = lin.weight.detach()

@@ -71,6 +71,18 @@ def test_out_of_range_values_are_refused_in_old_checkpoints(saved, tmp_path):
         AutoModelForCausalLM.from_pretrained(bad)
 
 
+def test_a_sign_plane_checkpoint_reloads_and_its_table_is_checked(tiny_llama_dir, tmp_path):
+    from hf_rbe import RBEConfig
+
+    m = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=RBEConfig.from_preset("v2-b3"))
+    m.save_pretrained(tmp_path / "b3")
+    assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "b3")), _logits(m))
+    table = _key(tmp_path / "b3", "residual2_table")
+    bad = _copy(tmp_path / "b3", tmp_path / "neg", tensors=lambda t: t[table].neg_(), keep_record=False)
+    with pytest.raises(FormatError, match="not a b1 table"):
+        AutoModelForCausalLM.from_pretrained(bad)
+
+
 def test_old_checkpoints_load_with_a_warning(saved, tmp_path, caplog):
     d, ref = saved["v2-3"]
     old = _copy(d, tmp_path / "old", keep_record=False)

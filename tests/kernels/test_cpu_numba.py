@@ -44,8 +44,9 @@ def _error(layer: RBELinear, x: torch.Tensor) -> float:
 
 def _random_spec() -> tuple[LayerSpecV2, int]:
     k = 64 * RNG.choice([1, 3, 4, 9, 12])  # blocks of 64 or up to 256
-    stages = [StageV2("e8p", RNG.choice([None, 64]))]
-    stages += [StageV2(RNG.choice(["e8p", "vq8", "vq4"]), RNG.choice([None, 32])) for _ in range(RNG.randint(0, 2))]
+    stages = [StageV2(RNG.choice(["e8p", "b1"]), RNG.choice([None, 64]))]
+    stages += [StageV2(RNG.choice(["e8p", "vq8", "vq4", "b1"]), RNG.choice([None, 32]))
+               for _ in range(RNG.randint(0, 2))]
     return LayerSpecV2(tuple(stages), rotation=RNG.random() < 0.8), k
 
 
@@ -67,7 +68,7 @@ def test_small_hadamard_blocks(block, m):
     assert _error(layer, torch.randn(m, 96)) < TOL, f"seed {SEED}: block {block}"
 
 
-@pytest.mark.parametrize("second", [None, "e8p", "vq8", "vq4"])
+@pytest.mark.parametrize("second", [None, "e8p", "vq8", "vq4", "b1"])
 def test_the_bf16_decode_rounds_the_fp32_decode_to_nearest_even(second):
     """What the bf16 GEMM of prefill multiplies: the fp32 decode rounded as torch rounds (a second
     stage is summed by a fused multiply-add, so a rare last-bit tie may round the other way)."""
@@ -84,7 +85,7 @@ def test_the_bf16_decode_rounds_the_fp32_decode_to_nearest_even(second):
         assert ((got.float() - want.float()).abs() <= step).all() and (got == want).float().mean() > 0.97
 
 
-@pytest.mark.parametrize("plane", ["e8p", "vq8", "vq4"])
+@pytest.mark.parametrize("plane", ["e8p", "vq8", "vq4", "b1"])
 @pytest.mark.parametrize("m", [1, 9])
 def test_every_residual_plane(plane, m):
     spec = LayerSpecV2((StageV2("e8p"), StageV2(plane)))
@@ -99,6 +100,23 @@ def test_odd_row_counts_and_short_groups(k, group, m):
     spec = LayerSpecV2((StageV2("e8p", group), StageV2("vq8", group)), rotation=False)
     layer = _layer(spec, k, 19)
     assert _error(layer, torch.randn(m, k)) < TOL, f"seed {SEED}"
+
+
+@pytest.mark.parametrize("planes", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("k, group", [(256, None), (96, 16), (192, 64), (104, 8), (40, None)])
+@pytest.mark.parametrize("m", [1, 3])
+def test_sign_plane_runs(planes, k, group, m):
+    """Runs of b1 stages: at M = 1 one masked-add pass per up to four stages where rows and groups
+    hold whole 16-bit words (the first three shapes), the vq8 form on expanded tables where not
+    (groups of 8, rows of 40 weights) and at M > 1; 19 rows, the last walked alone."""
+    spec = LayerSpecV2(tuple(StageV2("b1", group) for _ in range(planes)), rotation=k % 64 == 0)
+    layer = _layer(spec, k, 19)
+    assert _error(layer, torch.randn(m, k)) < TOL, f"seed {SEED}"
+    tensors, layout = layer.op_args()
+    kernels = [kernel for kernel, _ in C._plan(tuple(layout), tensors)[3]]
+    words = k % 16 == 0 and (group or k) % 16 == 0
+    runs = [C._BITS[min(C.BITS_MAX_PLANES, planes - i)] for i in range(0, planes, C.BITS_MAX_PLANES)]
+    assert kernels == (runs if words else [C._GEMV[C._B1]] * planes)
 
 
 @pytest.mark.parametrize("m", [1, 12, C.GEMV_MAX_M + 25])  # the last: decode + a bf16 GEMM

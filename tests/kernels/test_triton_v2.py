@@ -41,7 +41,7 @@ def _check(layer: RBELinear, x: torch.Tensor, n_sm: int = 4) -> float:
     return float((y.float() - ref).norm() / ref.norm())
 
 
-@pytest.mark.parametrize("preset", ["v2-2", "v2-2.5", "v2-3", "v2-4", "v2-6"])
+@pytest.mark.parametrize("preset", ["v2-2", "v2-2.5", "v2-3", "v2-4", "v2-6", "v2-b2", "v2-b3"])
 @pytest.mark.parametrize("m", [1, 5, 33])
 def test_every_preset_matches_the_reference(preset, m):
     layer = _layer(RBEConfig.from_preset(preset).base_spec(), 512, 72)
@@ -116,5 +116,5 @@ def test_triton_kernels_on_cpu_tensors_say_what_to_do(monkeypatch):
 def test_fp16_table_copy_of_an_inference_tensor():
     with torch.inference_mode():
         table = torch.randn(16, 8)
-    first = T._table16(table)
-    assert first.dtype == torch.float16 and T._table16(table) is first  # kept, not remade
+    first = T._table16(table, "e8p")
+    assert first.dtype == torch.float16 and T._table16(table, "e8p") is first  # kept, not remade

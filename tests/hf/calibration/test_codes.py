@@ -14,7 +14,7 @@ from hf_rbe.hf.calibration import codes
 from hf_rbe.hf.calibration.capture import Hessians, first_block_inputs, run_block
 from hf_rbe.hf.calibration.codes import block_code_step, block_loss
 
-PLANES = [["e8p"], ["e8p", "vq4"], ["e8p", "vq8"]]
+PLANES = [["e8p"], ["e8p", "vq4"], ["e8p", "vq8"], ["b1", "b1", "b1"]]
 
 
 def _block_setup(planes):  # type: ignore[no-untyped-def]
