@@ -424,16 +424,17 @@ def verdicts(res: dict) -> dict:
             for what in ("decode", "prefill"):
                 out[f"{what}_vs_bf16{suffix}"] = (models[key][f"{what}_tokens_per_s"]
                                                   / models["bf16"][f"{what}_tokens_per_s"])
-    if big and all(f"{p}_us" in big[0] for p in SIGN_PRESETS):
-        out["sign_planes"] = {"min_bandwidth_fraction": {p: min(r[f"{p}_bandwidth_fraction"] for r in big)
-                                                         for p in SIGN_PRESETS},
-                              "min_layer_vs_bf16": {p: min(r[f"{p}_vs_bf16"] for r in big) for p in SIGN_PRESETS}}
     dec = {r["weights"]: r for r in res.get("decoder_8b", [])}
-    if "sign_planes" in out:
-        if SIGN_EMB in models and "bf16" in models:
-            out["sign_planes"]["decode_vs_bf16"] = (models[SIGN_EMB]["decode_tokens_per_s"]
-                                                    / models["bf16"]["decode_tokens_per_s"])
-        out["sign_planes"]["decoder_8b_vs_bf16"] = {p: dec[p]["vs_bf16"] for p in SIGN_PRESETS if p in dec}
+    sign: dict = {}  # the same measures for the sign-plane presets, where present
+    if big and all(f"{p}_us" in big[0] for p in SIGN_PRESETS):
+        sign["min_bandwidth_fraction"] = {p: min(r[f"{p}_bandwidth_fraction"] for r in big) for p in SIGN_PRESETS}
+        sign["min_layer_vs_bf16"] = {p: min(r[f"{p}_vs_bf16"] for r in big) for p in SIGN_PRESETS}
+    if SIGN_EMB in models and "bf16" in models:
+        sign["decode_vs_bf16"] = models[SIGN_EMB]["decode_tokens_per_s"] / models["bf16"]["decode_tokens_per_s"]
+    if any(p in dec for p in SIGN_PRESETS):
+        sign["decoder_8b_vs_bf16"] = {p: dec[p]["vs_bf16"] for p in SIGN_PRESETS if p in dec}
+    if sign:
+        out["sign_planes"] = sign
     if ACCEPT_PRESET in dec:
         out["decoder_8b_vs_bf16"] = dec[ACCEPT_PRESET]["vs_bf16"]
         if LLAMA_REFERENCE in dec:
@@ -506,13 +507,14 @@ def table(res: dict) -> str:
     if parts:
         lines += ["", f"Acceptance ({ACCEPT_PRESET}; with bf16 embeddings on SmolLM2): " + "; ".join(parts) + "."]
     if "sign_planes" in v:
-        sp = v["sign_planes"]
-        sign = ["bandwidth at 8B MLP shapes " + ", ".join(
-                    f"{p} {100 * f:.0f}%" for p, f in sp["min_bandwidth_fraction"].items()),
-                "layer " + ", ".join(f"{p} {f:.2f}x" for p, f in sp["min_layer_vs_bf16"].items()) + " bf16"]
+        sp, sign = v["sign_planes"], []
+        if "min_bandwidth_fraction" in sp:
+            sign += ["bandwidth at 8B MLP shapes " + ", ".join(
+                         f"{p} {100 * f:.0f}%" for p, f in sp["min_bandwidth_fraction"].items()),
+                     "layer " + ", ".join(f"{p} {f:.2f}x" for p, f in sp["min_layer_vs_bf16"].items()) + " bf16"]
         if "decode_vs_bf16" in sp:
             sign.append(f"SmolLM2 {SIGN_EMB} decode {sp['decode_vs_bf16']:.2f}x bf16")
-        if sp["decoder_8b_vs_bf16"]:
+        if "decoder_8b_vs_bf16" in sp:
             sign.append("8B-shaped decoder " + ", ".join(f"{p} {f:.2f}x" for p, f in sp["decoder_8b_vs_bf16"].items())
                         + " bf16")
         lines += ["", "Sign planes (b1 stacks, the same targets for comparison): " + "; ".join(sign) + "."]
