@@ -1,7 +1,7 @@
 """CPU speed of RBE layers and models against torch fp32 and bf16, as a fraction of this machine's
 memory bandwidth.
 
-    python bench/cpu_speed.py                  # results/cpu_speed.{json,md} (40-50 minutes on 2 cores)
+    python bench/cpu_speed.py                  # results/cpu_speed.{json,md} (half an hour or more on 2 cores)
     python bench/cpu_speed.py --smoke          # tiny shapes and models: checks the script only
 
 Bandwidth: a STREAM-like figure measured first, in the same process (the bench's threads,

@@ -150,6 +150,15 @@ def _codeword(codes: np.ndarray, at: int, table: np.ndarray, signs: np.ndarray, 
     return vload(table, np.int32(sload(codes, at)) << 3)
 
 
+@nb.njit(cache=True, inline="always")
+def _row_pair(p: int, n_rows: int, cols: int) -> tuple[int, int, int, int]:
+    """(rows, their first codes) of iteration ``p`` of a two-rows-at-a-time walk: an odd last row
+    is paired with itself (computed twice, written once)."""
+    n0 = 2 * p
+    n1 = min(n0 + 1, n_rows - 1)
+    return n0, n1, n0 * cols, n1 * cols
+
+
 # Each kernel is made once per plane of the stage it walks (the plane a constant of its closure,
 # so numba compiles one loop per plane and caches each): a plane passed as an argument is a branch
 # per code that LLVM does not take out of the unrolled loop. Planes: 0 e8p, 1 vq8, 2 vq4.
@@ -172,10 +181,7 @@ def _gemv_for(plane: int):  # noqa: ANN202
         cols = k // 8
         per_group = cols // n_groups
         for p in nb.prange((n_rows + 1) // 2):
-            n0 = 2 * p
-            n1 = min(n0 + 1, n_rows - 1)
-            r0 = n0 * cols
-            r1 = n1 * cols
+            n0, n1, r0, r1 = _row_pair(p, n_rows, cols)
             t0 = np.float32(0.0)
             t1 = np.float32(0.0)
             for g in range(n_groups):
@@ -209,10 +215,7 @@ def _gemv2_for(plane1: int):  # noqa: ANN202
         cols = k // 8
         per_group = cols // n_groups
         for p in nb.prange((n_rows + 1) // 2):
-            n0 = 2 * p
-            n1 = min(n0 + 1, n_rows - 1)
-            r0 = n0 * cols
-            r1 = n1 * cols
+            n0, n1, r0, r1 = _row_pair(p, n_rows, cols)
             t0 = np.float32(0.0)
             t1 = np.float32(0.0)
             for g in range(n_groups):
@@ -257,10 +260,7 @@ def _bits_for(planes: int):  # noqa: ANN202
         for i in range(k):
             total[i // (per_group * 16)] += x[i]
         for p in nb.prange((n_rows + 1) // 2):
-            n0 = 2 * p
-            n1 = min(n0 + 1, n_rows - 1)
-            r0 = n0 * cols
-            r1 = n1 * cols
+            n0, n1, r0, r1 = _row_pair(p, n_rows, cols)
             t0 = np.float32(0.0)
             t1 = np.float32(0.0)
             for g in range(n_groups):

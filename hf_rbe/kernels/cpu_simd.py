@@ -24,24 +24,21 @@ from numba import types
 from numba.extending import intrinsic, models, register_model
 
 LANES = 8
-_VEC = ir.VectorType(ir.FloatType(), LANES)
 _FAST = ("fast",)
 
 
-class F32x8(types.Type):
-    """Eight fp32 lanes, held in a vector register."""
+def _lanes_type(lanes: int) -> tuple[types.Type, ir.VectorType]:
+    """A numba type of ``lanes`` fp32 lanes held in vector registers, and its LLVM vector type."""
+    vec = ir.VectorType(ir.FloatType(), lanes)
+    name = f"F32x{lanes}"
+    cls = type(name, (types.Type,), {"__init__": lambda self: types.Type.__init__(self, name=name)})
+    register_model(cls)(type(f"_{name}Model", (models.PrimitiveModel,), {
+        "__init__": lambda self, dmm, fe_type: models.PrimitiveModel.__init__(self, dmm, fe_type, vec)}))
+    return cls(), vec
 
-    def __init__(self) -> None:
-        super().__init__(name="F32x8")
 
-
-f32x8 = F32x8()
-
-
-@register_model(F32x8)
-class _F32x8Model(models.PrimitiveModel):
-    def __init__(self, dmm, fe_type) -> None:
-        super().__init__(dmm, fe_type, _VEC)
+f32x8, _VEC = _lanes_type(LANES)
+F32x8 = type(f32x8)  # the type's class, by its public name
 
 
 def _pointer(context, builder, ary_type, ary, offset):
@@ -192,23 +189,7 @@ def _tree_sum(builder: ir.IRBuilder, vec: ir.Value, lanes: int) -> ir.Value:
 # inputs a plane negates, with no table and no multiply.
 
 LANES16 = 16
-_VEC16 = ir.VectorType(ir.FloatType(), LANES16)
-
-
-class F32x16(types.Type):
-    """Sixteen fp32 lanes, held in a vector register (or two)."""
-
-    def __init__(self) -> None:
-        super().__init__(name="F32x16")
-
-
-f32x16 = F32x16()
-
-
-@register_model(F32x16)
-class _F32x16Model(models.PrimitiveModel):
-    def __init__(self, dmm, fe_type) -> None:
-        super().__init__(dmm, fe_type, _VEC16)
+f32x16, _VEC16 = _lanes_type(LANES16)
 
 
 @intrinsic
