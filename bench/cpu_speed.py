@@ -79,6 +79,9 @@ BANDWIDTH_PRESETS = ["v2-2", "v2-2.5", "v2-3"]
 SIGN_PRESETS = ["v2-b2", "v2-b3", "v2-b4"]  # sign planes: reported beside the issue's presets, not instead
 SIGN_PRESET = "v2-b3"  # the sign-plane stack of the acceptance preset's bits
 SIGN_EMB = f"{SIGN_PRESET} + bf16 embeddings"
+SIGN_BF16 = f"{SIGN_EMB}, bf16 activations"
+HALF_X = " (bf16 x)"  # a layer column of bf16 activations: the layer computes in its input's dtype, as torch's bf16 row does
+HALF_X_PRESETS = [ACCEPT_PRESET, *SIGN_PRESETS]
 DECODER_PRESETS = [ACCEPT_PRESET, "v2-b2", SIGN_PRESET]
 DECODER_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
                   vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0)
@@ -170,7 +173,8 @@ def random_rbe_layer(spec: object, k: int, n: int, seed: int, dtype: torch.dtype
 
 def layer_rows(shapes: list[tuple[int, int]], presets: list[str], rounds: int, stream_bytes: int) -> list[dict]:
     """Every candidate cycles through its own copies, ``stream_bytes`` of them in all (fp32's and
-    each RBE preset's alike), so that none of them runs from cache."""
+    each RBE preset's alike), so that none of them runs from cache. The layers of
+    ``HALF_X_PRESETS`` also run on bf16 activations (``HALF_X`` columns, the same copies)."""
     rows = []
     for k, n in shapes:
         torch.manual_seed(0)
@@ -193,6 +197,10 @@ def layer_rows(shapes: list[tuple[int, int]], presets: list[str], rounds: int, s
             clones = [q] + [copy.deepcopy(q) for _ in range(_copies(nbytes[name], stream_bytes) - 1)]
             bpw[name], copies[name] = q.bits_per_weight, len(clones)
             cands[name] = lambda clones=clones: [c(x) for c in clones]
+            if name in HALF_X_PRESETS:  # the same layers (no bias) on bf16 input compute in bf16
+                half = name + HALF_X
+                nbytes[half], bpw[half], copies[half] = nbytes[name], bpw[name], copies[name]
+                cands[half] = lambda clones=clones: [c(xb) for c in clones]
         secs = {c: t / copies[c] for c, t in median_rounds(cands, rounds).items()}
         row = {"in": k, "out": n, "M": 1, "copies": copies,
                **{f"{c}_us": secs[c] * 1e6 for c in cands},
@@ -242,6 +250,7 @@ def _models(smoke: bool, presets: list[str]) -> dict[str, torch.nn.Module]:
     models[ACCEPT_BF16] = copy.deepcopy(accept).to(torch.bfloat16)
     if SIGN_PRESET in presets:  # the sign-plane stack of the same bits, embedding and head as above
         models[SIGN_EMB] = load(RBEConfig.from_preset(SIGN_PRESET, embedding_dtype="bfloat16"), torch.float32)
+        models[SIGN_BF16] = copy.deepcopy(models[SIGN_EMB]).to(torch.bfloat16)
     if ACCEPT_PRESET in presets:  # ... or the head RBE-coded too, the tied embedding decoding its rows from the head's codes
         models[f"{ACCEPT_PRESET} + RBE head and embedding"] = load(
             RBEConfig.from_preset(ACCEPT_PRESET, quantize_embeddings=True), torch.float32)
@@ -429,8 +438,15 @@ def verdicts(res: dict) -> dict:
     if big and all(f"{p}_us" in big[0] for p in SIGN_PRESETS):
         sign["min_bandwidth_fraction"] = {p: min(r[f"{p}_bandwidth_fraction"] for r in big) for p in SIGN_PRESETS}
         sign["min_layer_vs_bf16"] = {p: min(r[f"{p}_vs_bf16"] for r in big) for p in SIGN_PRESETS}
-    if SIGN_EMB in models and "bf16" in models:
-        sign["decode_vs_bf16"] = models[SIGN_EMB]["decode_tokens_per_s"] / models["bf16"]["decode_tokens_per_s"]
+    if big and all(f"{p}{HALF_X}_us" in big[0] for p in SIGN_PRESETS):
+        sign["min_layer_vs_bf16_bf16_x"] = {p: min(r[f"{p}{HALF_X}_vs_bf16"] for r in big) for p in SIGN_PRESETS}
+        sign["min_bandwidth_fraction_bf16_x"] = {p: min(r[f"{p}{HALF_X}_bandwidth_fraction"] for r in big)
+                                                 for p in SIGN_PRESETS}
+    for key, suffix in ((SIGN_EMB, ""), (SIGN_BF16, "_bf16_activations")):
+        if key in models and "bf16" in models:
+            for what in ("decode", "prefill"):
+                sign[f"{what}_vs_bf16{suffix}"] = (models[key][f"{what}_tokens_per_s"]
+                                                   / models["bf16"][f"{what}_tokens_per_s"])
     if any(p in dec for p in SIGN_PRESETS):
         sign["decoder_8b_vs_bf16"] = {p: dec[p]["vs_bf16"] for p in SIGN_PRESETS if p in dec}
     if sign:
@@ -444,7 +460,7 @@ def verdicts(res: dict) -> dict:
 
 
 def table(res: dict) -> str:
-    m, names = res["meta"], res["presets"]
+    m, names = res["meta"], res.get("layer_columns", res["presets"])
     bw = res["bandwidth"]
     lines = [f"`{m['command']}` on {m['machine']}, numba {m['numba_threads']} threads, load average before "
              f"{m['load_before']}, after {m['load_after']}, {m['date']}", "",
@@ -512,8 +528,14 @@ def table(res: dict) -> str:
             sign += ["bandwidth at 8B MLP shapes " + ", ".join(
                          f"{p} {100 * f:.0f}%" for p, f in sp["min_bandwidth_fraction"].items()),
                      "layer " + ", ".join(f"{p} {f:.2f}x" for p, f in sp["min_layer_vs_bf16"].items()) + " bf16"]
-        if "decode_vs_bf16" in sp:
-            sign.append(f"SmolLM2 {SIGN_EMB} decode {sp['decode_vs_bf16']:.2f}x bf16")
+        if "min_layer_vs_bf16_bf16_x" in sp:
+            sign.append("with bf16 activations (the int8 form) layer " + ", ".join(
+                f"{p} {f:.2f}x ({100 * sp['min_bandwidth_fraction_bf16_x'][p]:.0f}%)"
+                for p, f in sp["min_layer_vs_bf16_bf16_x"].items()) + " bf16")
+        for suffix, what in (("", "fp32"), ("_bf16_activations", "bf16")):
+            if f"decode_vs_bf16{suffix}" in sp:
+                sign.append(f"SmolLM2 {SIGN_EMB} with {what} activations: decode {sp[f'decode_vs_bf16{suffix}']:.2f}x "
+                            f"bf16, prefill {sp[f'prefill_vs_bf16{suffix}']:.2f}x")
         if "decoder_8b_vs_bf16" in sp:
             sign.append("8B-shaped decoder " + ", ".join(f"{p} {f:.2f}x" for p, f in sp["decoder_8b_vs_bf16"].items())
                         + " bf16")
@@ -569,7 +591,8 @@ def main() -> None:
     add_fractions(layers, bw)
     meta = {**run_meta(), "numba_threads": numba.get_num_threads(), "load_before": load_before,
             "load_after": "%.2f %.2f %.2f" % os.getloadavg()}
-    res = {"meta": meta, "presets": presets, "bandwidth": bw, "layers": layers, "models": models,
+    res = {"meta": meta, "presets": presets, "bandwidth": bw,
+           "layer_columns": presets + [p + HALF_X for p in HALF_X_PRESETS if p in presets], "layers": layers, "models": models,
            "llama_cpp": {"version": llama_cpp.version(), "repack": repack} if llama else None,
            "decoder_8b_setup": {"vocab_size": shape["vocab_size"], "depths": list(depths), "layers": n_layers},
            "decoder_8b": decoder}

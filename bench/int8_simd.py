@@ -11,8 +11,10 @@ two registers (``vpermi2b``) and, XOR-ed with the input's signs, negate bytes un
 code's table row taken from row 0: not a kernel (its output is wrong), the ceiling of this form
 once the table reads cost nothing.
 
-Needs AVX-512 VNNI and VBMI (``available()``); the intrinsics are LLVM's x86 ones, declared here,
-so this file is bench-only: the library's kernels stay portable (``hf_rbe.kernels.cpu_simd``).
+Needs AVX-512 VNNI and VBMI (``available()``). The int8 vector type, loads and ``vpdpbusd`` are the
+library's (``hf_rbe.kernels.cpu_simd``, where the sign planes use them); the e8p and vq8 decodes
+(a table row per code, ``vpermi2b`` for the signs) are this file's only, the form not being in the
+library.
 """
 
 from __future__ import annotations
@@ -21,17 +23,24 @@ import llvmlite.binding as llvm
 import numba as nb
 import numpy as np
 from llvmlite import ir
-from numba import types
 from numba.core import cgutils
-from numba.extending import intrinsic, models, register_model
+from numba.extending import intrinsic
 
-from hf_rbe.kernels.cpu_simd import hload, sload
+from hf_rbe.kernels.cpu_simd import (
+    bload64,
+    dpbusd,
+    hload,
+    i8x64,
+    izero16,
+    sload,
+    vfma_int16,
+    vsum16,
+    vzero16,
+)
 
 XBLOCK = 256  # input weights per int8 scale (llama.cpp's Q8_K block); 64 where K is not a multiple
 _I1, _I8, _I16, _I32, _I64 = (ir.IntType(b) for b in (1, 8, 16, 32, 64))
 _B64 = ir.VectorType(_I8, 64)
-_D16 = ir.VectorType(_I32, 16)
-_F16 = ir.VectorType(ir.FloatType(), 16)
 
 
 def available() -> bool:
@@ -40,45 +49,12 @@ def available() -> bool:
     return bool(f.get("avx512vnni") and f.get("avx512vbmi"))
 
 
-def _vector_type(name: str, lltype: ir.Type) -> types.Type:
-    cls = type(name, (types.Type,), {"__init__": lambda self: types.Type.__init__(self, name=name)})
-    register_model(cls)(type(name + "Model", (models.PrimitiveModel,), {
-        "__init__": lambda self, dmm, fe_type: models.PrimitiveModel.__init__(self, dmm, fe_type, lltype)}))
-    return cls()
-
-
-i8x64 = _vector_type("I8x64", _B64)
-i32x16 = _vector_type("I32x16", _D16)
-f32x16 = _vector_type("F32x16", _F16)
-
-
 def _data(context, builder, aty, a):  # noqa: ANN001, ANN202
     return context.make_array(aty)(context, builder, a).data
 
 
 def _declare(builder, name: str, ret: ir.Type, args: list[ir.Type]):  # noqa: ANN001, ANN202
     return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, args), name)
-
-
-@intrinsic
-def bload(typingctx, arr, off):  # noqa: ANN001, ANN201
-    """64 bytes of a 1-D int8 / uint8 array from element ``off``."""
-    def cg(context, builder, sig, args):  # noqa: ANN001, ANN202
-        p = builder.bitcast(builder.gep(_data(context, builder, sig.args[0], args[0]), [args[1]]), _B64.as_pointer())
-        ld = builder.load(p)
-        ld.align = 1
-        return ld
-    return i8x64(arr, off), cg
-
-
-@intrinsic
-def izero(typingctx):  # noqa: ANN001, ANN201
-    return i32x16(), lambda context, builder, sig, args: ir.Constant(_D16, [0] * 16)
-
-
-@intrinsic
-def fzero(typingctx):  # noqa: ANN001, ANN201
-    return f32x16(), lambda context, builder, sig, args: ir.Constant(_F16, [0.0] * 16)
 
 
 def _rows(builder, table, code_ptr, at, mask: int, first_row_only: bool):  # noqa: ANN001, ANN202
@@ -139,35 +115,6 @@ e8p_i8, e8p_row0 = _e8p(False), _e8p(True)
 vq8_i8, vq8_row0 = _vq8(False), _vq8(True)
 
 
-@intrinsic
-def dpbusd(typingctx, acc, xu, w):  # noqa: ANN001, ANN201
-    """``acc`` + the products of uint8 ``xu`` and int8 ``w``, summed four by four (``vpdpbusd``)."""
-    def cg(context, builder, sig, args):  # noqa: ANN001, ANN202
-        return builder.call(_declare(builder, "llvm.x86.avx512.vpdpbusd.512", _D16, [_D16, _B64, _B64]), list(args))
-    return i32x16(acc, xu, w), cg
-
-
-@intrinsic
-def cvt_fma(typingctx, facc, acc, s):  # noqa: ANN001, ANN201
-    """``facc + float(acc) * s``."""
-    def cg(context, builder, sig, args):  # noqa: ANN001, ANN202
-        one = builder.insert_element(ir.Constant(_F16, ir.Undefined), args[2], ir.Constant(_I32, 0))
-        s16 = builder.shuffle_vector(one, one, ir.Constant(ir.VectorType(_I32, 16), [0] * 16))
-        return builder.fadd(builder.fmul(builder.sitofp(args[1], _F16), s16, flags=("fast",)), args[0], flags=("fast",))
-    return f32x16(facc, acc, types.float32), cg
-
-
-@intrinsic
-def fsum(typingctx, a):  # noqa: ANN001, ANN201
-    """The sum of 16 fp32 lanes."""
-    def cg(context, builder, sig, args):  # noqa: ANN001, ANN202
-        lanes = [builder.extract_element(args[0], ir.Constant(_I32, i)) for i in range(16)]
-        while len(lanes) > 1:
-            lanes = [builder.fadd(lanes[i], lanes[i + 1], flags=("fast",)) for i in range(0, len(lanes), 2)]
-        return lanes[0]
-    return types.float32(a), cg
-
-
 @nb.njit(fastmath=True)
 def quantize_x(x, xblock, xu, xneg, dx):  # noqa: ANN001, ANN201
     """x fp32 [K] -> magnitudes uint8 [K], sign masks uint64 [K / 64], scales fp32 [K / xblock]."""
@@ -196,24 +143,24 @@ def _kernel(two: bool, first_row_only: bool):  # noqa: ANN202
         """One row's scale per stage (the variants' layers); two output rows per iteration."""
         n_rows = out.shape[1]
         cols = k // 8
-        lo = bload(sign_bytes, 0)
-        hi = bload(sign_bytes, 64)
+        lo = bload64(sign_bytes, 0)
+        hi = bload64(sign_bytes, 64)
         for p in nb.prange((n_rows + 1) // 2):
             n0 = 2 * p
             n1 = min(n0 + 1, n_rows - 1)
             r0 = n0 * cols
             r1 = n1 * cols
-            fa0 = fzero()
-            fa1 = fzero()
-            fb0 = fzero()
-            fb1 = fzero()
+            fa0 = vzero16()
+            fa1 = vzero16()
+            fb0 = vzero16()
+            fb1 = vzero16()
             for xb in range(0, k // 64, xsteps):
-                a0 = izero()
-                a1 = izero()
-                b0 = izero()
-                b1 = izero()
+                a0 = izero16()
+                a1 = izero16()
+                b0 = izero16()
+                b1 = izero16()
                 for s in range(xb, xb + xsteps):
-                    xv = bload(xu, s << 6)
+                    xv = bload64(xu, s << 6)
                     xm = sload(xneg, s)
                     a0 = dpbusd(a0, xv, e8p(codes0, r0 + (s << 3), table0, lo, hi, xm))
                     b0 = dpbusd(b0, xv, e8p(codes0, r1 + (s << 3), table0, lo, hi, xm))
@@ -221,16 +168,16 @@ def _kernel(two: bool, first_row_only: bool):  # noqa: ANN202
                         a1 = dpbusd(a1, xv, vq8(codes1, r0 + (s << 3), table1, xm))
                         b1 = dpbusd(b1, xv, vq8(codes1, r1 + (s << 3), table1, xm))
                 d = sload(dx, xb // xsteps)
-                fa0 = cvt_fma(fa0, a0, d)
-                fb0 = cvt_fma(fb0, b0, d)
+                fa0 = vfma_int16(fa0, a0, d)
+                fb0 = vfma_int16(fb0, b0, d)
                 if two:
-                    fa1 = cvt_fma(fa1, a1, d)
-                    fb1 = cvt_fma(fb1, b1, d)
-            t0 = hload(scale0, n0) * st0 * fsum(fa0)
-            t1 = hload(scale0, n1) * st0 * fsum(fb0)
+                    fa1 = vfma_int16(fa1, a1, d)
+                    fb1 = vfma_int16(fb1, b1, d)
+            t0 = hload(scale0, n0) * st0 * vsum16(fa0)
+            t1 = hload(scale0, n1) * st0 * vsum16(fb0)
             if two:
-                t0 += hload(scale1, n0) * st1 * fsum(fa1)
-                t1 += hload(scale1, n1) * st1 * fsum(fb1)
+                t0 += hload(scale1, n0) * st1 * vsum16(fa1)
+                t1 += hload(scale1, n1) * st1 * vsum16(fb1)
             out[0, n0] += t0
             if n1 != n0:
                 out[0, n1] += t1

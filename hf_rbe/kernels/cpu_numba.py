@@ -48,11 +48,18 @@ from hf_rbe.core.rotation import hadamard
 from hf_rbe.core.spec import edit_stamp
 
 from .cpu_simd import (
+    HAS_VNNI,
+    bload64,
+    dpbusd,
     hload,
+    izero16,
+    join_digits,
+    ones_under,
     sload,
     vadd,
     vbroadcast,
     vfma,
+    vfma_int16,
     vload,
     vload16,
     vmaskadd16,
@@ -240,6 +247,25 @@ def _gemv2_for(plane1: int):  # noqa: ANN202
     return gemv2
 
 
+@nb.njit(inline="always")
+def _sign_terms(planes: int, tg: float, at0: int, at1: int, scale0: np.ndarray, scale1: np.ndarray,
+                scale2: np.ndarray, scale3: np.ndarray, fa0, fa1, fa2, fa3, fb0, fb1, fb2, fb3):  # noqa: ANN001, ANN202
+    """Two rows' terms of one scale group of ``planes`` b1 stages: per stage ``scale * (sum of x - 2 *
+    the sum under its set bits)``, the second sum as the lanes of ``fa*`` (row one) and ``fb*``."""
+    t0 = hload(scale0, at0) * (tg - 2 * vsum16(fa0))
+    t1 = hload(scale0, at1) * (tg - 2 * vsum16(fb0))
+    if planes >= 2:
+        t0 += hload(scale1, at0) * (tg - 2 * vsum16(fa1))
+        t1 += hload(scale1, at1) * (tg - 2 * vsum16(fb1))
+    if planes >= 3:
+        t0 += hload(scale2, at0) * (tg - 2 * vsum16(fa2))
+        t1 += hload(scale2, at1) * (tg - 2 * vsum16(fb2))
+    if planes >= 4:
+        t0 += hload(scale3, at0) * (tg - 2 * vsum16(fa3))
+        t1 += hload(scale3, at1) * (tg - 2 * vsum16(fb3))
+    return t0, t1
+
+
 def _bits_for(planes: int):  # noqa: ANN202
     @nb.njit(cache=True, parallel=True, fastmath=True)
     def bits(x_in: np.ndarray, rot: np.ndarray, block: int, h8: np.ndarray, x: np.ndarray, k: int,
@@ -278,20 +304,10 @@ def _bits_for(planes: int):  # noqa: ANN202
                     if planes >= 4:
                         a3 = vmaskadd16(a3, xv, words3, r0 + w)
                         b3 = vmaskadd16(b3, xv, words3, r1 + w)
-                at0 = n0 * n_groups + g
-                at1 = n1 * n_groups + g
-                tg = total[g]
-                t0 += hload(scale0, at0) * (tg - 2 * vsum16(a0))
-                t1 += hload(scale0, at1) * (tg - 2 * vsum16(b0))
-                if planes >= 2:
-                    t0 += hload(scale1, at0) * (tg - 2 * vsum16(a1))
-                    t1 += hload(scale1, at1) * (tg - 2 * vsum16(b1))
-                if planes >= 3:
-                    t0 += hload(scale2, at0) * (tg - 2 * vsum16(a2))
-                    t1 += hload(scale2, at1) * (tg - 2 * vsum16(b2))
-                if planes >= 4:
-                    t0 += hload(scale3, at0) * (tg - 2 * vsum16(a3))
-                    t1 += hload(scale3, at1) * (tg - 2 * vsum16(b3))
+                u0, u1 = _sign_terms(planes, total[g], n0 * n_groups + g, n1 * n_groups + g, scale0, scale1,
+                                     scale2, scale3, a0, a1, a2, a3, b0, b1, b2, b3)
+                t0 += u0
+                t1 += u1
             out[0, n0] += t0
             if n1 != n0:
                 out[0, n1] += t1
@@ -301,6 +317,119 @@ def _bits_for(planes: int):  # noqa: ANN202
 
 #: Most b1 stages one ``_BITS`` call walks (a longer run takes several calls).
 BITS_MAX_PLANES = 4
+
+#: The int8 form's input digits: ``x = d * (128 * high + low)`` per block, ``|128 * high + low| <= DIGITS_MAX``.
+DIGITS_MAX = 127 * 128
+
+
+#: The exponent bits of an fp32: all set in a NaN or an infinity.
+_EXPONENT = np.int32(0x7F800000)
+
+
+@nb.njit(cache=True)
+def _digits(x: np.ndarray, steps: int, per_group: int, high: np.ndarray, low: np.ndarray, d: np.ndarray,
+            total: np.ndarray) -> bool:
+    """``x`` [K] as two int8 digits per weight with one fp32 step per block of ``steps`` x 64
+    weights (``d``), and the sum of the digits' values per scale group of ``per_group`` x 64
+    (``total``); ``False`` (nothing usable written) where x holds a NaN or an infinity."""
+    total[:] = 0
+    bits = x.view(np.int32)  # the check in integers: inlined into a fast-math kernel, a float one is dropped
+    for b in range(d.shape[0]):
+        lo, hi = b * steps * 64, (b + 1) * steps * 64
+        m = np.float32(0.0)
+        for i in range(lo, hi):
+            if bits[i] & _EXPONENT == _EXPONENT:
+                return False
+            m = max(m, abs(x[i]))
+        step = m / np.float32(DIGITS_MAX) if m > 0 else np.float32(1.0)
+        d[b] = step
+        g = lo // (per_group * 64)
+        for i in range(lo, hi):
+            v = np.rint(x[i] / step)
+            h = np.rint(v / np.float32(128.0))
+            high[i] = np.int8(h)
+            low[i] = np.int8(v - np.float32(128.0) * h)
+            total[g] += v * step
+    return True
+
+
+@nb.njit(inline="always")
+def _digit_step(words: np.ndarray, r0: int, r1: int, w: int, xh, xl, a, c, b, e):  # noqa: ANN001, ANN202
+    """One stage's 64 weights ``w`` of two rows (``r0``, ``r1``) against both digits of the input:
+    the four int32 accumulators (row one's high and low digit, then row two's) plus their products."""
+    m = ones_under(words, r0 + w)
+    a, c = dpbusd(a, m, xh), dpbusd(c, m, xl)
+    m = ones_under(words, r1 + w)
+    return a, c, dpbusd(b, m, xh), dpbusd(e, m, xl)
+
+
+@nb.njit(inline="always")
+def _fold_digits(fa, fb, a, c, b, e, step: float):  # noqa: ANN001, ANN202
+    """A block's integer sums (both digits of both rows, as ``_digit_step`` leaves them) added to the
+    rows' fp32 sums at the block's step."""
+    return vfma_int16(fa, join_digits(a, c), step), vfma_int16(fb, join_digits(b, e), step)
+
+
+def _bits8_for(planes: int):  # noqa: ANN202
+    @nb.njit(cache=True, parallel=True, fastmath=True)
+    def bits8(x_in: np.ndarray, rot: np.ndarray, block: int, h8: np.ndarray, x: np.ndarray, k: int,
+              words0: np.ndarray, scale0: np.ndarray, words1: np.ndarray, scale1: np.ndarray, words2: np.ndarray,
+              scale2: np.ndarray, words3: np.ndarray, scale3: np.ndarray, signs: np.ndarray, out: np.ndarray) -> bool:
+        """``_BITS`` in integers, for half-precision activations (AVX-512 VNNI): the rotated input
+        as two int8 digits per weight (``_digits``; its error below the bf16 rounding of each
+        block's largest input), the sign bits as 64-bit words, one ``vpdpbusd`` per 64 weights,
+        stage, row and digit. Exact for the digits' values; ``False`` (``out`` untouched) where the
+        input is not finite, for the fp32 form to take."""
+        if block > 0:
+            _rotate_into(x_in, rot, block, h8, x)
+        n_rows = out.shape[1]
+        n_groups = scale0.shape[0] // n_rows
+        cols = k // 64
+        per_group = cols // n_groups
+        steps = 4 if per_group % 4 == 0 else (2 if per_group % 2 == 0 else 1)
+        high = np.empty(k, dtype=np.int8)
+        low = np.empty(k, dtype=np.int8)
+        d = np.empty(cols // steps, dtype=np.float32)
+        total = np.empty(n_groups, dtype=np.float32)
+        if not _digits(x, steps, per_group, high, low, d, total):
+            return False
+        for p in nb.prange((n_rows + 1) // 2):
+            n0, n1, r0, r1 = _row_pair(p, n_rows, cols)
+            t0 = np.float32(0.0)
+            t1 = np.float32(0.0)
+            for g in range(n_groups):
+                fa0 = fa1 = fa2 = fa3 = fb0 = fb1 = fb2 = fb3 = vzero16()
+                for b in range(g * per_group, (g + 1) * per_group, steps):
+                    a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = izero16()
+                    c0 = c1 = c2 = c3 = e0 = e1 = e2 = e3 = izero16()
+                    for w in range(b, b + steps):
+                        xh = bload64(high, w << 6)
+                        xl = bload64(low, w << 6)
+                        a0, c0, b0, e0 = _digit_step(words0, r0, r1, w, xh, xl, a0, c0, b0, e0)
+                        if planes >= 2:
+                            a1, c1, b1, e1 = _digit_step(words1, r0, r1, w, xh, xl, a1, c1, b1, e1)
+                        if planes >= 3:
+                            a2, c2, b2, e2 = _digit_step(words2, r0, r1, w, xh, xl, a2, c2, b2, e2)
+                        if planes >= 4:
+                            a3, c3, b3, e3 = _digit_step(words3, r0, r1, w, xh, xl, a3, c3, b3, e3)
+                    step = d[b // steps]
+                    fa0, fb0 = _fold_digits(fa0, fb0, a0, c0, b0, e0, step)
+                    if planes >= 2:
+                        fa1, fb1 = _fold_digits(fa1, fb1, a1, c1, b1, e1, step)
+                    if planes >= 3:
+                        fa2, fb2 = _fold_digits(fa2, fb2, a2, c2, b2, e2, step)
+                    if planes >= 4:
+                        fa3, fb3 = _fold_digits(fa3, fb3, a3, c3, b3, e3, step)
+                u0, u1 = _sign_terms(planes, total[g], n0 * n_groups + g, n1 * n_groups + g, scale0, scale1,
+                                     scale2, scale3, fa0, fa1, fa2, fa3, fb0, fb1, fb2, fb3)
+                t0 += u0
+                t1 += u1
+            out[0, n0] += t0
+            if n1 != n0:
+                out[0, n1] += t1
+        return True
+
+    return bits8
 
 
 def _gemv4_for(plane: int):  # noqa: ANN202
@@ -412,6 +541,7 @@ _GEMV4 = _by_plane(_gemv4_for)
 _DECODE = _by_plane(_decode_for)
 _DECODE_BF16 = _by_plane(_decode_bf16_for, extra=(-1,))
 _BITS = {p: _bits_for(p) for p in range(1, BITS_MAX_PLANES + 1)}
+_BITS8 = {p: _bits8_for(p) for p in range(1, BITS_MAX_PLANES + 1)}
 _SIGNS = e8p_sign_table().reshape(-1).clone().numpy()  # torch allocates 64-byte aligned: no row splits a line
 __getattr__ = renamed("hf_rbe.kernels.cpu_numba", {
     "sign_table": ("hf_rbe.core.format_v2.e8p_sign_table", lambda: e8p_sign_table().numpy().copy())})
@@ -466,9 +596,10 @@ def _b1_table(entry: tuple[float, ...]) -> np.ndarray:
 _PLANS: dict[int, tuple] = {}
 
 
-def _plan(key: tuple[int, ...], tensors: list[torch.Tensor]) -> tuple[tuple, np.ndarray | None, int, tuple]:
+def _plan(key: tuple[int, ...], tensors: list[torch.Tensor]) -> tuple[tuple, np.ndarray | None, int, tuple, tuple]:
     """(stages as ``_stages`` gives them, fp32 rotation signs or ``None``, Hadamard block, the
-    kernel calls of M = 1 as ``_one_calls`` gives them) of a call."""
+    kernel calls of M = 1 as ``_one_calls`` gives them for fp32 and for half-precision activations)
+    of a call."""
     stamp = tuple((id(t), t.data_ptr(), edit_stamp(t)) for t in tensors)
     hit = _PLANS.get(id(tensors[0]))
     if hit is not None and hit[0] == key and hit[1] == stamp:
@@ -482,7 +613,7 @@ def _plan(key: tuple[int, ...], tensors: list[torch.Tensor]) -> tuple[tuple, np.
             raise ValueError(f"hf_rbe::linear: {SIGNS} has shape {list(named[SIGNS].shape)}, the layout needs [{k}]")
         signs, block = named[SIGNS].detach().float().numpy(), spec.hadamard_block(k)
     stages = tuple(_stages(stage_specs, named))
-    plan = (stages, signs, block, _one_calls(stages, k))
+    plan = (stages, signs, block, _one_calls(stages, k), _one_calls(stages, k, half=True))
     if all(t.is_contiguous() for t in tensors) and (signs is None or named[SIGNS].dtype == torch.float32):
         if id(tensors[0]) not in _PLANS:
             weakref.finalize(tensors[0], _PLANS.pop, id(tensors[0]), None)
@@ -492,7 +623,7 @@ def _plan(key: tuple[int, ...], tensors: list[torch.Tensor]) -> tuple[tuple, np.
 
 def rotation(tensors: list[torch.Tensor], layout: list[int]) -> tuple[np.ndarray | None, int]:
     """(fp32 rotation signs or ``None``, Hadamard block) of a layer, as :func:`linear` reads them."""
-    _, signs, block, _ = _plan(tuple(layout), tensors)
+    _, signs, block, _, _ = _plan(tuple(layout), tensors)
     return signs, block
 
 
@@ -504,33 +635,44 @@ def rotate_rows(x2: torch.Tensor, signs: np.ndarray, block: int) -> np.ndarray:
 _NO_SIGNS = np.ones(0, dtype=np.float32)
 
 
-def _words(stage: tuple, k: int) -> np.ndarray | None:
-    """A b1 stage's codes as 16-bit words (16 weights each) where the ``_BITS`` kernel can walk
+def _words(stage: tuple, k: int, width: int) -> np.ndarray | None:
+    """A b1 stage's codes as ``width``-bit words (16 or 64 weights each) where a bits kernel can walk
     them: rows and scale groups whole words, the array aligned; else ``None``."""
     codes, scale, _, plane = stage
     n_groups = scale.shape[0] // (codes.shape[0] // (k // 8))
-    if plane != _B1 or k % 16 or (k // 16) % n_groups or codes.ctypes.data % 2:
+    if plane != _B1 or k % width or (k // width) % n_groups or codes.ctypes.data % (width // 8):
         return None
-    return codes.view(np.uint16)
+    return codes.view(np.uint16 if width == 16 else np.uint64)
 
 
-def _one_calls(stages: tuple, k: int) -> tuple[tuple, ...]:
+def _b1_run(stages: tuple, i: int, k: int, width: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(words, scales) of the run of b1 stages from ``i`` one bits call walks at ``width``: up to
+    ``BITS_MAX_PLANES``, scales grouped alike; empty where stage ``i`` is not walkable so."""
+    run: list[tuple[np.ndarray, np.ndarray]] = []
+    while i + len(run) < len(stages) and len(run) < BITS_MAX_PLANES and (
+            not run or stages[i + len(run)][1].shape == stages[i][1].shape):
+        words = _words(stages[i + len(run)], k, width)
+        if words is None:
+            break
+        run.append((words, stages[i + len(run)][1]))
+    return run
+
+
+def _one_calls(stages: tuple, k: int, half: bool = False) -> tuple[tuple, ...]:
     """The kernel calls of M = 1, as (kernel, its stage arguments): an e8p stage and the next in
     one ``_GEMV2`` call where their scales are grouped alike, a run of b1 stages with scales grouped
-    alike by one ``_BITS`` call (up to ``BITS_MAX_PLANES``), any other stage alone."""
+    alike by one bits call (up to ``BITS_MAX_PLANES``), any other stage alone. ``half``: for bf16 /
+    fp16 activations, where a b1 run takes the int8 form (``_BITS8``) if this CPU has VNNI and its
+    rows are whole 64-bit words."""
     calls, i = [], 0
     while i < len(stages):
-        words = _words(stages[i], k)
-        if words is not None:
-            run = [(words, stages[i][1])]
-            while (i + len(run) < len(stages) and len(run) < BITS_MAX_PLANES
-                   and stages[i + len(run)][1].shape == stages[i][1].shape):
-                nxt = _words(stages[i + len(run)], k)
-                if nxt is None:
-                    break
-                run.append((nxt, stages[i + len(run)][1]))
+        run = _b1_run(stages, i, k, 64) if half and HAS_VNNI else []
+        kernels = _BITS8
+        if not run:
+            run, kernels = _b1_run(stages, i, k, 16), _BITS
+        if run:
             args = [a for pair in run + [run[0]] * (BITS_MAX_PLANES - len(run)) for a in pair]
-            calls.append((_BITS[len(run)], tuple(args)))
+            calls.append((kernels[len(run)], tuple(args)))
             i += len(run)
         elif i + 1 < len(stages) and stages[i][3] == 0 and stages[i][1].shape == stages[i + 1][1].shape:
             (c0, s0, t0, _), (c1, s1, t1, p1) = stages[i:i + 2]
@@ -543,9 +685,10 @@ def _one_calls(stages: tuple, k: int) -> tuple[tuple, ...]:
     return tuple(calls)
 
 
-def _gemv_one(x: np.ndarray, calls: tuple, signs: np.ndarray | None, block: int, n: int) -> np.ndarray:
+def _gemv_one(x: np.ndarray, calls: tuple, signs: np.ndarray | None, block: int, n: int) -> np.ndarray | None:
     """[1, N] output of one flat [K] input row (decoding). The first kernel call also rotates the
-    row, the later ones read what it wrote."""
+    row, the later ones read what it wrote. ``None`` where an int8 call refused the input (not
+    finite)."""
     k = x.shape[0]
     out = np.zeros((1, n), dtype=np.float32)
     if signs is None:
@@ -553,7 +696,8 @@ def _gemv_one(x: np.ndarray, calls: tuple, signs: np.ndarray | None, block: int,
     else:
         xr = np.empty(k, dtype=np.float32)
     for kernel, args in calls:
-        kernel(x, signs, block, _H8, xr, k, *args, _SIGNS, out)
+        if kernel(x, signs, block, _H8, xr, k, *args, _SIGNS, out) is False:
+            return None
         block = 0  # rotated once
     return out
 
@@ -572,12 +716,14 @@ def linear(x: torch.Tensor, tensors: list[torch.Tensor], layout: list[int], bias
     n, k = layout[1], layout[2]
     if x.shape[-1] != k:
         raise ValueError(f"hf_rbe::linear: x has {x.shape[-1]} features, the layer takes {k}")
-    stages, signs, block, calls = _plan(tuple(layout), tensors)
+    stages, signs, block, calls, half_calls = _plan(tuple(layout), tensors)
     if x.numel() == k:  # one row (decoding): as few tensor operations around the kernels as can be
         row = x.detach() if x.requires_grad else x
         if row.dtype != torch.float32 or not row.is_contiguous():
             row = row.float().contiguous()
-        y = torch.from_numpy(_gemv_one(row.numpy().reshape(k), calls, signs, block, n))
+        flat = row.numpy().reshape(k)
+        out = None if x.dtype == torch.float32 else _gemv_one(flat, half_calls, signs, block, n)
+        y = torch.from_numpy(_gemv_one(flat, calls, signs, block, n) if out is None else out)
         return y.view(*x.shape[:-1], n) if bias is None and x.dtype == torch.float32 else _finish(y, x, bias)
     x2 = x.detach().reshape(-1, k).float().contiguous()
     m = x2.shape[0]

@@ -1,5 +1,5 @@
 """Eight-lane fp32 vectors for numba kernels: a numba type backed by LLVM's ``<8 x float>`` (and a
-sixteen-lane one for the sign planes' masked adds, at the end).
+sixteen-lane one for the sign planes' masked adds, and 64 int8 lanes for their integer form, at the end).
 
 Why: numba has no SIMD types, and LLVM does not find the vector form of an RBE decode by
 itself. Given ``acc += table[idx] * signs[s] * x[8v:8v+8]`` as scalar code, it either stays
@@ -20,6 +20,7 @@ every code index into its table and check every array shape before the first cal
 from __future__ import annotations
 
 from llvmlite import ir
+from llvmlite.binding import get_host_cpu_features
 from numba import types
 from numba.extending import intrinsic, models, register_model
 
@@ -27,10 +28,11 @@ LANES = 8
 _FAST = ("fast",)
 
 
-def _lanes_type(lanes: int) -> tuple[types.Type, ir.VectorType]:
-    """A numba type of ``lanes`` fp32 lanes held in vector registers, and its LLVM vector type."""
-    vec = ir.VectorType(ir.FloatType(), lanes)
-    name = f"F32x{lanes}"
+def _lanes_type(lanes: int, element: ir.Type = ir.FloatType(), kind: str = "F32") -> tuple[types.Type, ir.VectorType]:
+    """A numba type of ``lanes`` lanes of ``element`` (fp32 unless given) held in vector registers,
+    and its LLVM vector type."""
+    vec = ir.VectorType(element, lanes)
+    name = f"{kind}x{lanes}"
     cls = type(name, (types.Type,), {"__init__": lambda self: types.Type.__init__(self, name=name)})
     register_model(cls)(type(f"_{name}Model", (models.PrimitiveModel,), {
         "__init__": lambda self, dmm, fe_type: models.PrimitiveModel.__init__(self, dmm, fe_type, vec)}))
@@ -41,9 +43,15 @@ f32x8, _VEC = _lanes_type(LANES)
 F32x8 = type(f32x8)  # the type's class, by its public name
 
 
-def _pointer(context, builder, ary_type, ary, offset):
+def _pointer(context, builder, ary_type, ary, offset, vec=_VEC):
     data = context.make_array(ary_type)(context, builder, ary).data
-    return builder.bitcast(builder.gep(data, [offset]), _VEC.as_pointer())
+    return builder.bitcast(builder.gep(data, [offset]), vec.as_pointer())
+
+
+def _load(builder, pointer, align: int):
+    load = builder.load(pointer)
+    load.align = align
+    return load
 
 
 @intrinsic
@@ -59,9 +67,7 @@ def vload(typingctx, arr, offset):
         return None
 
     def codegen(context, builder, sig, args):
-        load = builder.load(_pointer(context, builder, sig.args[0], args[0], args[1]))
-        load.align = 4
-        return load
+        return _load(builder, _pointer(context, builder, sig.args[0], args[0], args[1]), 4)
 
     return f32x8(arr, offset), codegen
 
@@ -205,10 +211,7 @@ def vload16(typingctx, arr, offset):
         return None
 
     def codegen(context, builder, sig, args):
-        data = context.make_array(sig.args[0])(context, builder, args[0]).data
-        load = builder.load(builder.bitcast(builder.gep(data, [args[1]]), _VEC16.as_pointer()))
-        load.align = 4
-        return load
+        return _load(builder, _pointer(context, builder, sig.args[0], args[0], args[1], _VEC16), 4)
 
     return f32x16(arr, offset), codegen
 
@@ -234,3 +237,82 @@ def vsum16(typingctx, a):
     """The sum of the sixteen lanes, a float32."""
 
     return types.float32(a), lambda context, builder, sig, args: _tree_sum(builder, args[0], LANES16)
+
+
+# ----------------------------------------------------------------------------- 64 int8 lanes, a dot product
+# The integer form of the sign planes: the input as int8 digits, 64 weights' sign bits as 64 bytes of
+# 0 / 1, and one ``vpdpbusd`` (AVX-512 VNNI) summing the 64 products into sixteen int32 lanes. The
+# instruction is x86's own (an LLVM x86 intrinsic, not plain IR): a kernel that uses ``dpbusd`` is
+# compiled and called only where ``HAS_VNNI`` holds.
+
+HAS_VNNI = bool(get_host_cpu_features().get("avx512vnni"))
+_I8, _I32 = ir.IntType(8), ir.IntType(32)
+i8x64, _B64 = _lanes_type(64, _I8, "I8")
+i32x16, _D16 = _lanes_type(16, _I32, "I32")
+
+
+@intrinsic
+def bload64(typingctx, arr, offset):
+    """``arr[offset : offset + 64]`` of a contiguous 1-D int8 or uint8 array, as 64 bytes."""
+    if not (isinstance(arr, types.Array) and arr.ndim == 1 and arr.dtype in (types.int8, types.uint8)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return _load(builder, _pointer(context, builder, sig.args[0], args[0], args[1], _B64), 1)
+
+    return i8x64(arr, offset), codegen
+
+
+@intrinsic
+def ones_under(typingctx, words, offset):
+    """64 bytes, byte j 1 where bit j of ``words[offset]`` (a 1-D uint64 array) is set, else 0."""
+    if not (isinstance(words, types.Array) and words.ndim == 1 and words.dtype == types.uint64):
+        return None
+
+    def codegen(context, builder, sig, args):
+        data = context.make_array(sig.args[0])(context, builder, args[0]).data
+        mask = builder.bitcast(builder.load(builder.gep(data, [args[1]])), ir.VectorType(ir.IntType(1), 64))
+        return builder.select(mask, ir.Constant(_B64, [1] * 64), ir.Constant(_B64, [0] * 64))
+
+    return i8x64(words, offset), codegen
+
+
+@intrinsic
+def izero16(typingctx):
+    """(0, ..., 0), sixteen int32 lanes."""
+    return i32x16(), lambda context, builder, sig, args: ir.Constant(_D16, [0] * 16)
+
+
+@intrinsic
+def dpbusd(typingctx, acc, u, s):
+    """``acc`` plus, in each int32 lane, the four products of its bytes of ``u`` (unsigned) and ``s``
+    (signed): ``vpdpbusd``."""
+
+    def codegen(context, builder, sig, args):
+        fn = builder.module.declare_intrinsic("llvm.x86.avx512.vpdpbusd.512",
+                                              fnty=ir.FunctionType(_D16, [_D16, _B64, _B64]))
+        return builder.call(fn, list(args))
+
+    return i32x16(acc, u, s), codegen
+
+
+@intrinsic
+def join_digits(typingctx, high, low):
+    """``high * 128 + low``, lane-wise (two int8 digits' sums back to one integer)."""
+
+    def codegen(context, builder, sig, args):
+        return builder.add(builder.shl(args[0], ir.Constant(_D16, [7] * 16)), args[1])
+
+    return i32x16(high, low), codegen
+
+
+@intrinsic
+def vfma_int16(typingctx, acc, ints, scale):
+    """``acc + float(ints) * scale``: sixteen int32 lanes into sixteen fp32 lanes, ``scale`` a float32."""
+
+    def codegen(context, builder, sig, args):
+        one = builder.insert_element(ir.Constant(_VEC16, ir.Undefined), args[2], ir.Constant(_I32, 0))
+        wide = builder.shuffle_vector(one, one, ir.Constant(ir.VectorType(_I32, LANES16), [0] * LANES16))
+        return builder.fadd(builder.fmul(builder.sitofp(args[1], _VEC16), wide, flags=_FAST), args[0], flags=_FAST)
+
+    return f32x16(acc, ints, types.float32), codegen

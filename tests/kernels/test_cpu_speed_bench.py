@@ -17,15 +17,18 @@ def test_cpu_speed_bench_smoke(tmp_path):
     res = json.loads(out.with_suffix(".json").read_text())
     names = [r["weights"] for r in res["models"]]
     assert names[:2] == ["fp32", "bf16"] and "v2-3" in names and "v2-3 + bf16 embeddings" in names
-    assert "v2-b3 + bf16 embeddings" in names
+    assert "v2-b3 + bf16 embeddings" in names and "v2-b3 + bf16 embeddings, bf16 activations" in names
     assert all(r["decode_tokens_per_s"] > 0 and r["prefill_tokens_per_s"] > 0 for r in res["models"])
     assert {"decode_vs_bf16", "prefill_vs_bf16", "decoder_8b_vs_bf16", "sign_planes"} <= set(res["verdicts"])
-    assert set(res["verdicts"]["sign_planes"]["decoder_8b_vs_bf16"]) == {"v2-b2", "v2-b3"}
+    sign = res["verdicts"]["sign_planes"]
+    assert set(sign["decoder_8b_vs_bf16"]) == {"v2-b2", "v2-b3"}
+    assert "decode_vs_bf16_bf16_activations" in sign  # (no layer verdicts: the smoke shape is not an 8B one)
     bw = res["bandwidth"]
     assert bw["gbs"] == max(bw["copy_gbs"], bw["triad_gbs"], bw["read_gbs"]) > 0
     row = res["layers"][0]
     assert bw["peak_gbs"] == max(bw["gbs"], row["fp32_gbs"], row["bf16_gbs"])
     assert row["v2-3_gbs"] / bw["peak_gbs"] == row["v2-3_bandwidth_fraction"]
+    assert {"v2-3 (bf16 x)_us", "v2-b3 (bf16 x)_vs_bf16"} <= set(row)
     llama = ["llama.cpp Q4_K_M", "llama.cpp Q3_K_M", "llama.cpp IQ3_S"] if LLAMA_CPP else []
     assert [r["weights"] for r in res["decoder_8b"]] == ["bf16", "v2-3", "v2-b2", "v2-b3", *llama]
     assert ("decoder_8b_vs_llama_cpp" in res["verdicts"]) == LLAMA_CPP
