@@ -43,8 +43,12 @@ def _seed64_kernel(seeds_ptr, scales_ptr, theta_ij_ptr, d_ij_ptr, out_ptr, TT: t
     theta = (_bits(seed, O_TH, W_TH).to(tl.float32) + 0.5) * (6.283185307179586 / (1 << W_TH))
     r = (_bits(seed, O_R, W_R).to(tl.float32) + 0.5) * (1.0 / (1 << W_R))
     c = tl.exp2(log2_c.to(tl.float32))
-    cr2 = tl.minimum(c * r * r, J_CLAMP)
-    jac = 1.0 / ((1.0 - cr2) * (1.0 - cr2))
+    # 1 - c r^2 near the disk's edge cancels: r^2's rounding error (by an fma; c is a power of two)
+    # is taken back after the exact 1 - c r^2, so the Jacobian keeps fp32 precision up to the clamp
+    rr = r * r
+    edge = (1.0 - c * rr) - c * tl.fma(r, r, -rr)
+    edge = tl.where(c * rr >= J_CLAMP, 1.0 - J_CLAMP, edge)
+    jac = 1.0 / (edge * edge)
 
     offs = tl.arange(0, TT)
     th_ij = tl.load(theta_ij_ptr + offs)
@@ -60,7 +64,9 @@ def _seed64_kernel(seeds_ptr, scales_ptr, theta_ij_ptr, d_ij_ptr, out_ptr, TT: t
     ez = tl.exp(z)
     emz = tl.exp(-z)
     ch = 0.5 * (ez + emz)
-    sh = 0.5 * (ez - emz)
+    z2 = z * z  # near zero the difference of exponentials cancels (fp32): sinh by its series there
+    sh = tl.where(tl.abs(z) < 0.125, z * (1.0 + z2 * (1.0 / 6.0 + z2 * (1.0 / 120.0 + z2 * (1.0 / 5040.0)))),
+                  0.5 * (ez - emz))
     th = sh / ch
     sech = 1.0 / ch
     b = basis & 3  # radial: cosh, sinh, tanh, sech (or their derivatives with d_r)
