@@ -166,6 +166,14 @@ def _row_pair(p: int, n_rows: int, cols: int) -> tuple[int, int, int, int]:
     return n0, n1, n0 * cols, n1 * cols
 
 
+@nb.njit(inline="always")
+def _add_pair(out: np.ndarray, n0: int, n1: int, t0: float, t1: float) -> None:
+    """The two rows' sums of a ``_row_pair`` iteration added to the output (an unpaired row once)."""
+    out[0, n0] += t0
+    if n1 != n0:
+        out[0, n1] += t1
+
+
 # Each kernel is made once per plane of the stage it walks (the plane a constant of its closure,
 # so numba compiles one loop per plane and caches each): a plane passed as an argument is a branch
 # per code that LLVM does not take out of the unrolled loop. Planes: 0 e8p, 1 vq8, 2 vq4.
@@ -200,9 +208,7 @@ def _gemv_for(plane: int):  # noqa: ANN202
                     b = vfma(_codeword(codes, r1 + v, table, signs, plane), xv, b)
                 t0 += hload(scale, n0 * n_groups + g) * vsum(a)
                 t1 += hload(scale, n1 * n_groups + g) * vsum(b)
-            out[0, n0] += t0
-            if n1 != n0:
-                out[0, n1] += t1
+            _add_pair(out, n0, n1, t0, t1)
 
     return gemv
 
@@ -240,9 +246,7 @@ def _gemv2_for(plane1: int):  # noqa: ANN202
                 at1 = n1 * n_groups + g
                 t0 += hload(scale0, at0) * vsum(a0) + hload(scale1, at0) * vsum(a1)
                 t1 += hload(scale0, at1) * vsum(b0) + hload(scale1, at1) * vsum(b1)
-            out[0, n0] += t0
-            if n1 != n0:
-                out[0, n1] += t1
+            _add_pair(out, n0, n1, t0, t1)
 
     return gemv2
 
@@ -308,9 +312,7 @@ def _bits_for(planes: int):  # noqa: ANN202
                                      scale2, scale3, a0, a1, a2, a3, b0, b1, b2, b3)
                 t0 += u0
                 t1 += u1
-            out[0, n0] += t0
-            if n1 != n0:
-                out[0, n1] += t1
+            _add_pair(out, n0, n1, t0, t1)
 
     return bits
 
@@ -424,9 +426,7 @@ def _bits8_for(planes: int):  # noqa: ANN202
                                      scale2, scale3, fa0, fa1, fa2, fa3, fb0, fb1, fb2, fb3)
                 t0 += u0
                 t1 += u1
-            out[0, n0] += t0
-            if n1 != n0:
-                out[0, n1] += t1
+            _add_pair(out, n0, n1, t0, t1)
         return True
 
     return bits8
