@@ -17,10 +17,22 @@ import torch
 def run_meta() -> dict[str, str]:
     """Machine, date, command line and load average (1, 5, 15 min; timings mean little on a busy
     machine), stamped on every result file."""
-    return {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
+    return {"machine": f"{_processor()} ({platform.machine()}), {os.cpu_count()} CPUs, torch {torch.__version__} "
                        f"({torch.get_num_threads()} threads)",
             "date": date.today().isoformat(), "command": _command(),
             "load_average": "%.2f %.2f %.2f" % os.getloadavg()}
+
+
+def _processor() -> str:
+    """The CPU's model name as the OS reports it (a virtual machine's may be generic): results from
+    two machines of one architecture must not read alike, since their kernels time differently."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
 
 
 def _command() -> str:
