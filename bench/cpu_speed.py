@@ -26,11 +26,13 @@ batch 1. Decode tokens/s = ``(N - 1) / (t(generate N) - t(generate 1))`` from a 
 prefill tokens/s = 512 / one forward over 512 tokens. Medians of ``--repeats``.
 
 8B-shaped decoder: Llama-3-8B's shapes (width 4096, MLP 14336, 32 heads, 8 KV heads, vocabulary
-128256) with random weights, bf16, built with 2 and with 4 decoder layers (embedding and head
-shared); in the RBE models (v2-3, v2-b2, v2-b3) every decoder Linear is a v2 layer with random
-codes computing in bf16. A decoding step (one token on a KV cache, after a 4-token prompt) is timed directly, the
-median of 12 round-robin steps; its time is ``fixed + layers * per_layer``: the two depths give
-both terms, and tokens/s at 32 layers is extrapolated from them.
+128256) with random weights, bf16, built with 1 and with 5 decoder layers (embedding shared); in
+the RBE models (v2-3, v2-b2, v2-b3) every decoder Linear and the head are v2 layers of the preset
+with random codes computing in bf16 (the head as ``quantize_embeddings=True`` codes it, and as
+llama.cpp's files code theirs), torch's bf16 model keeps a bf16 head. A decoding step (one token on
+a KV cache, after a 4-token prompt) is timed directly, the median of 12 round-robin steps; its time
+is ``fixed + layers * per_layer``: the two depths give both terms, and tokens/s at 32 layers is
+extrapolated from them.
 
 llama.cpp (``bench/llama_cpp_rows.py``): where ``llama-cpp-python`` and ``gguf`` are installed, the
 SmolLM2 and 8B-shaped decoder rows get llama.cpp's Q4_K_M, Q3_K_M and IQ3_S files beside them, in
@@ -85,7 +87,7 @@ HALF_X_PRESETS = [ACCEPT_PRESET, *SIGN_PRESETS]
 DECODER_PRESETS = [ACCEPT_PRESET, "v2-b2", SIGN_PRESET]
 DECODER_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
                   vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0)
-DEPTHS_8B = (2, 4)
+DEPTHS_8B = (1, 5)  # four layers apart: the per-layer term is their difference
 LAYERS_8B = 32
 LLAMA_REFERENCE = "llama.cpp Q4_K_M"  # the row issue #28's 8B-shaped decoder must beat
 TARGETS = {"bandwidth_fraction": 0.7, "layer_vs_bf16": 3.0, "decode_vs_bf16": 1.3, "prefill_vs_bf16": 0.8,
@@ -328,20 +330,24 @@ def model_rows(smoke: bool, presets: list[str], new_tokens: int, prefill: int, r
 
 def _decoders(shape: dict, depths: tuple[int, ...], presets: list[str]) -> dict[tuple[str, int], torch.nn.Module]:
     """bf16 Llama decoders of ``shape`` at each depth with random weights, sharing one embedding
-    and head; and the same with every decoder Linear a random-code RBE layer of each preset."""
+    and head; and the same with every decoder Linear and the head a random-code RBE layer of each
+    preset (one head per preset, shared by its depths)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    vocab = shape["vocab_size"]
-    embed = torch.nn.Embedding(vocab, shape["hidden_size"]).to(torch.bfloat16)
-    head = torch.nn.Linear(shape["hidden_size"], vocab, bias=False).to(torch.bfloat16)
+    vocab, width = shape["vocab_size"], shape["hidden_size"]
+    embed = torch.nn.Embedding(vocab, width).to(torch.bfloat16)
+    head = torch.nn.Linear(width, vocab, bias=False).to(torch.bfloat16)
+    # an RBE model's head coded at its preset (quantize_embeddings=True), as llama.cpp codes its own
+    coded = {name: random_rbe_layer(RBEConfig.from_preset(name).base_spec(), width, vocab, seed=99,
+                                    dtype=torch.bfloat16) for name in presets}
     out = {}
     for depth in depths:
         for name in ["bf16", *presets]:
             # built with a tiny vocabulary (initializing 128256 rows per model is slow), then given the shared ones
             model = LlamaForCausalLM(LlamaConfig(**{**shape, "vocab_size": 8}, num_hidden_layers=depth,
                                                  tie_word_embeddings=False)).to(torch.bfloat16)
-            model.model.embed_tokens, model.lm_head = embed, head
+            model.model.embed_tokens, model.lm_head = embed, coded.get(name, head)
             model.config.vocab_size = vocab
             if name != "bf16":
                 spec = RBEConfig.from_preset(name).base_spec()
@@ -391,7 +397,9 @@ def decoder_rows(shape: dict, depths: tuple[int, ...], layers: int, presets: lis
         per_token = {d: secs[f"{name}@{d}"] for d in depths}
         per_layer = (per_token[hi] - per_token[lo]) / (hi - lo)
         fixed = per_token[lo] - lo * per_layer
-        rows.append({"weights": name, "per_layer_ms": per_layer * 1e3, "fixed_ms": fixed * 1e3,
+        head = models[(name, lo)].lm_head if (name, lo) in models else None  # llama.cpp's: its file's
+        head_bpw = None if head is None else head.bits_per_weight if isinstance(head, RBELinear) else 16.0
+        rows.append({"weights": name, "per_layer_ms": per_layer * 1e3, "fixed_ms": fixed * 1e3, "head_bpw": head_bpw,
                      **{f"tokens_per_s_{d}_layers": 1 / per_token[d] for d in depths},
                      f"tokens_per_s_{layers}_layers": 1 / (fixed + layers * per_layer)})
         logging.info("%s", rows[-1])
@@ -492,9 +500,9 @@ def table(res: dict) -> str:
                      f"{r['prefill_tokens_per_s']:.0f} |")
     if res.get("decoder_8b"):
         d = res["decoder_8b_setup"]
-        lines += ["", "8B-shaped decoder (random weights, bf16 embedding and head of "
-                  f"{d['vocab_size']} rows), one decoding step at batch 1; measured at {' and '.join(map(str, d['depths']))} layers, extrapolated to "
-                  f"{d['layers']}:", "",
+        lines += ["", f"8B-shaped decoder (random weights, a head of {d['vocab_size']} rows: bf16 in torch's "
+                  "model, coded at the preset in RBE's, llama.cpp's file type's own), one decoding step at batch 1; "
+                  f"measured at {' and '.join(map(str, d['depths']))} layers, extrapolated to {d['layers']}:", "",
                   f"| weights | ms per layer | ms fixed (embedding, head) | tokens/s at {d['layers']} layers | "
                   "vs bf16 | per layer vs bf16 |", "|---|---|---|---|---|---|"]
         key = f"tokens_per_s_{d['layers']}_layers"

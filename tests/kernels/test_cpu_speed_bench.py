@@ -31,6 +31,8 @@ def test_cpu_speed_bench_smoke(tmp_path):
     assert {"v2-3 (bf16 x)_us", "v2-b3 (bf16 x)_vs_bf16"} <= set(row)
     llama = ["llama.cpp Q4_K_M", "llama.cpp Q3_K_M", "llama.cpp IQ3_S"] if LLAMA_CPP else []
     assert [r["weights"] for r in res["decoder_8b"]] == ["bf16", "v2-3", "v2-b2", "v2-b3", *llama]
+    heads = {r["weights"]: r["head_bpw"] for r in res["decoder_8b"]}
+    assert heads["bf16"] == 16 and all(heads[p] < 6 for p in ("v2-3", "v2-b2", "v2-b3"))  # RBE's head coded
     assert ("decoder_8b_vs_llama_cpp" in res["verdicts"]) == LLAMA_CPP
     md = out.with_suffix(".md").read_text()
     assert "Speedup over torch bf16" in md and "8B-shaped decoder" in md and "Sign planes" in md
