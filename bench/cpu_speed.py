@@ -584,7 +584,7 @@ def main() -> None:
     # llama.cpp's files first: quantizing is heavy work, kept out of every timing
     dec_files = llama_cpp_rows.decoder_files(gguf_dir, shape, depths, args.threads) if llama else None
     lm_files = llama_cpp_rows.smollm2_files(gguf_dir, args.threads) if llama and not args.smoke else None
-    repack = llama and llama_cpp_rows.repack_works(next(iter(dec_files.values())), args.threads)
+    repack = llama and llama_cpp.repack_works(next(iter(dec_files.values())), args.threads)
     if args.smoke:
         bw = bandwidth(2**20, 2)
         layers = layer_rows([(256, 64)], presets, 2, 2**20)

@@ -18,8 +18,6 @@ process decodes a token with it: on one CPU it segfaulted, and a crash must not 
 from __future__ import annotations
 
 import logging
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -73,17 +71,6 @@ def write_decoder(path: Path, shape: dict, depth: int, seed: int = 0) -> Path:
     w.close()
     path.with_suffix(".part").rename(path)
     return path
-
-
-def repack_works(path: Path, threads: int) -> bool:
-    """Whether llama.cpp decodes ``path`` with weight repacking on, tried in a child process."""
-    code = (f"from hf_rbe.evaluation.llama_cpp import Session; "
-            f"Session({str(path)!r}, {threads}, 64, True).generate([1, 2, 3], 2)")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=600)
-    if done.returncode != 0:
-        logger.warning("llama.cpp with weight repacking failed on this CPU (exit %d): rows without it",
-                       done.returncode)
-    return done.returncode == 0
 
 
 def smollm2_files(work: Path, threads: int) -> dict[str, Path]:

@@ -10,7 +10,10 @@ tokens.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
+import subprocess
+import sys
 import weakref
 from pathlib import Path
 from types import SimpleNamespace
@@ -88,13 +91,29 @@ def linear_bits_per_weight(path: Path) -> float:
     return 8 * nbytes / weights
 
 
-class Session:
-    """A GGUF model and one context on it (one sequence, ``threads`` threads)."""
+@functools.cache
+def repack_works(path: Path, threads: int) -> bool:
+    """Whether llama.cpp decodes ``path`` with its repacked CPU weight layouts, tried once per process
+    in a child process: on some CPUs they kill the process (an illegal instruction, a segfault)."""
+    code = (f"from hf_rbe.evaluation.llama_cpp import Session; "
+            f"Session({str(path)!r}, {threads}, 64, True).generate([1, 2, 3], 2)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=600)
+    if done.returncode != 0:
+        logger.warning("llama.cpp with weight repacking failed on this CPU (exit %d): sessions without it",
+                       done.returncode)
+    return done.returncode == 0
 
-    def __init__(self, path: Path, threads: int, n_ctx: int, repack: bool = True) -> None:
+
+class Session:
+    """A GGUF model and one context on it (one sequence, ``threads`` threads). ``repack``: llama.cpp's
+    repacked CPU weight layouts; ``None``: where :func:`repack_works` finds that they run."""
+
+    def __init__(self, path: Path, threads: int, n_ctx: int, repack: bool | None = None) -> None:
+        if repack is None:
+            repack = repack_works(Path(path), threads)
         lib = self.lib = _lib()
         mp = lib.llama_model_default_params()
-        mp.use_extra_bufts = repack  # llama.cpp's repacked CPU layouts (they crashed on one CPU)
+        mp.use_extra_bufts = repack
         self.model = lib.llama_model_load_from_file(str(path).encode(), mp)
         if not self.model:
             raise RuntimeError(f"llama.cpp could not load {path}")

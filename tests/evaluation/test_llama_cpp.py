@@ -68,3 +68,12 @@ def test_quantize_counts_its_bits_and_fails_cleanly(smollm2, tmp_path):
     with pytest.raises(RuntimeError, match="failed"):
         lc.quantize(tmp_path / "missing.gguf", tmp_path / "never.gguf", "Q4_K_M", 2)
     assert not list(tmp_path.glob("never*"))
+
+
+def test_repack_probe_says_no_where_the_child_fails(tmp_path, caplog):
+    # a session whose child process dies (here: not a GGUF file) must come out False, with a warning,
+    # and never take this process down
+    bad = tmp_path / "not.gguf"
+    bad.write_bytes(b"not a model")
+    assert lc.repack_works(bad, 1) is False
+    assert "repacking failed" in caplog.text
