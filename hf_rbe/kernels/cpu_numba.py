@@ -167,6 +167,18 @@ def _row_pair(p: int, n_rows: int, cols: int) -> tuple[int, int, int, int]:
 
 
 @nb.njit(inline="always")
+def _one_row_walk(x_in: np.ndarray, rot: np.ndarray, block: int, h8: np.ndarray, x: np.ndarray, k: int,
+                  width: int, n_scales: int, n_rows: int) -> tuple[int, int, int]:
+    """The start of every M = 1 kernel: the input rotated into ``x`` when ``block`` > 0, then
+    (scale groups per row, ``width``-weight steps per row, steps per group)."""
+    if block > 0:
+        _rotate_into(x_in, rot, block, h8, x)
+    n_groups = n_scales // n_rows
+    cols = k // width
+    return n_groups, cols, cols // n_groups
+
+
+@nb.njit(inline="always")
 def _add_pair(out: np.ndarray, n0: int, n1: int, t0: float, t1: float) -> None:
     """The two rows' sums of a ``_row_pair`` iteration added to the output (an unpaired row once)."""
     out[0, n0] += t0
@@ -189,12 +201,8 @@ def _gemv_for(plane: int):  # noqa: ANN202
         call costs more than the rotation). ``codes`` and ``scale`` (fp16 bits) flat row-major.
         Two output rows per iteration share each x load (an odd last row is computed twice and
         written once)."""
-        if block > 0:
-            _rotate_into(x_in, rot, block, h8, x)
         n_rows = out.shape[1]
-        n_groups = scale.shape[0] // n_rows
-        cols = k // 8
-        per_group = cols // n_groups
+        n_groups, cols, per_group = _one_row_walk(x_in, rot, block, h8, x, k, 8, scale.shape[0], n_rows)
         for p in nb.prange((n_rows + 1) // 2):
             n0, n1, r0, r1 = _row_pair(p, n_rows, cols)
             t0 = np.float32(0.0)
@@ -221,12 +229,8 @@ def _gemv2_for(plane1: int):  # noqa: ANN202
         """The GEMV of an e8p stage and the next (plane ``plane1``, same scale groups) in one pass
         at M = 1: each x load feeds both stages' accumulators of two output rows, and the output
         is written once. The rotation as in ``gemv``."""
-        if block > 0:
-            _rotate_into(x_in, rot, block, h8, x)
         n_rows = out.shape[1]
-        n_groups = scale0.shape[0] // n_rows
-        cols = k // 8
-        per_group = cols // n_groups
+        n_groups, cols, per_group = _one_row_walk(x_in, rot, block, h8, x, k, 8, scale0.shape[0], n_rows)
         for p in nb.prange((n_rows + 1) // 2):
             n0, n1, r0, r1 = _row_pair(p, n_rows, cols)
             t0 = np.float32(0.0)
@@ -280,12 +284,8 @@ def _bits_for(planes: int):  # noqa: ANN202
         first): per row, stage and scale group, ``scale * (sum of x - 2 * sum of x under the set
         bits)``. Two output rows per iteration share each x load. The rotation as in ``gemv``;
         ``signs`` is unused (the M = 1 calls share one form)."""
-        if block > 0:
-            _rotate_into(x_in, rot, block, h8, x)
         n_rows = out.shape[1]
-        n_groups = scale0.shape[0] // n_rows
-        cols = k // 16
-        per_group = cols // n_groups
+        n_groups, cols, per_group = _one_row_walk(x_in, rot, block, h8, x, k, 16, scale0.shape[0], n_rows)
         total = np.zeros(n_groups, dtype=np.float32)  # sum of x over each group
         for i in range(k):
             total[i // (per_group * 16)] += x[i]
@@ -382,12 +382,8 @@ def _bits8_for(planes: int):  # noqa: ANN202
         block's largest input), the sign bits as 64-bit words, one ``vpdpbusd`` per 64 weights,
         stage, row and digit. Exact for the digits' values; ``False`` (``out`` untouched) where the
         input is not finite, for the fp32 form to take."""
-        if block > 0:
-            _rotate_into(x_in, rot, block, h8, x)
         n_rows = out.shape[1]
-        n_groups = scale0.shape[0] // n_rows
-        cols = k // 64
-        per_group = cols // n_groups
+        n_groups, cols, per_group = _one_row_walk(x_in, rot, block, h8, x, k, 64, scale0.shape[0], n_rows)
         steps = 4 if per_group % 4 == 0 else (2 if per_group % 2 == 0 else 1)
         high = np.empty(k, dtype=np.int8)
         low = np.empty(k, dtype=np.int8)
