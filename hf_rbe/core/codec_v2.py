@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -34,7 +35,6 @@ from .ldlq import refit_run
 from .spec import check_finite, check_fp16_scales
 
 _CHUNK = 1024  # vectors searched at once: a few MiB per temporary (the full e8p search is 1024 x 512 x 8)
-_CANDIDATES = 8  # parity-mismatched entries whose exact distance is computed first (e8p)
 _SCALE_STEPS = 3  # Lloyd steps on each group scale
 _TINY = 1e-30
 _E8P_BITS = PLANES["e8p"].bits
@@ -50,36 +50,50 @@ def e8p_parts(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return table.abs(), (table[:, VECTOR_DIM - 1] < 0).to(torch.int64)
 
 
-def _e8p_nearest(u: torch.Tensor, mag: torch.Tensor, parity: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(entry index [n], coordinate to flip against sign(u) or -1 [n]) of the nearest e8p codeword."""
+def _sequential_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over the last dimension, left to right, one rounding per add: the order is part of the
+    e8p search's definition, so that every implementation rounds alike (``set_cpu_search``)."""
+    s = t[..., 0]
+    for j in range(1, t.shape[-1]):
+        s = s + t[..., j]
+    return s
+
+
+def e8p_search(u: torch.Tensor, mag: torch.Tensor, parity: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(entry index [n], coordinate to flip against sign(u) or -1 [n]) of the nearest e8p codeword
+    of each 8-vector ``u`` [n, 8]: the reference, in ``u``'s dtype.
+
+    Every entry ``e`` is scored as ``|m_e|^2 - 2 |u| . m_e`` (the squared distance to ``|u|`` up to
+    ``|u|^2``), plus ``4 min_j |u_j| m_ej`` where the signs of ``u`` do not meet the entry's parity
+    (the cheapest coordinate to flip); sums run left to right, no fused multiply-add; the first
+    entry of least score wins, and the first coordinate of least cost is flipped."""
     a = u.abs()
-    upar = (u < 0).sum(1) % 2
-    mis = upar[:, None] != parity[None, :]  # entries whose parity the signs of u do not meet
-    d0 = (mag * mag).sum(1)[None, :] - 2 * a @ mag.T  # distance to |u| up to ||u||^2, before any flip
-    inf = torch.finfo(d0.dtype).max
-    best_match, i_match = d0.masked_fill(mis, inf).min(1)
-    k = min(_CANDIDATES, mag.shape[0])
-    cand_d, cand_i = d0.masked_fill(~mis, inf).topk(k, dim=1, largest=False)
-    pen, flip_j = (a[:, None, :] * mag[cand_i]).min(-1)  # flipping coordinate j costs 4 |u_j| t_j
-    best_mis, pick = (cand_d + 4 * pen).min(1)
-    i_mis = cand_i.gather(1, pick[:, None]).squeeze(1)
-    j_mis = flip_j.gather(1, pick[:, None]).squeeze(1)
-    # exact unless a mismatched entry beyond the candidates could still win: re-search those rows
-    unsure = cand_d[:, -1] < torch.minimum(best_match, best_mis)
-    if unsure.any():
-        rows = unsure.nonzero().squeeze(1)
-        pen_all, flip_all = (a[rows, None, :] * mag[None]).min(-1)
-        full = d0[rows] + 4 * pen_all * mis[rows]
-        i_full = full.argmin(1)
-        flipped = mis[rows].gather(1, i_full[:, None]).squeeze(1)
-        i_mis[rows] = i_full
-        j_mis[rows] = torch.where(flipped, flip_all.gather(1, i_full[:, None]).squeeze(1), -1)
-        best_mis[rows] = full.gather(1, i_full[:, None]).squeeze(1)
-        best_match[rows] = inf  # the full search covered matching entries too
-    use_mis = best_mis < best_match
-    idx = torch.where(use_mis, i_mis, i_match)
-    flip = torch.where(use_mis, j_mis, torch.full_like(j_mis, -1))
-    return idx, flip
+    mis = ((u < 0).sum(1) % 2)[:, None] != parity[None, :]  # [n, 512]
+    p = a[:, None, :] * mag[None]  # [n, 512, 8]
+    score = _sequential_sum(mag * mag)[None, :] - 2 * _sequential_sum(p)
+    score = torch.where(mis, score + 4 * p.min(-1).values, score)
+    idx = score.argmin(1)
+    flip = (a * mag[idx]).argmin(1)
+    return idx, torch.where(mis.gather(1, idx[:, None]).squeeze(1), flip, torch.full_like(flip, -1))
+
+
+#: ``search(u, mag, parity)``: an implementation of :func:`e8p_search` for CPU tensors of fp32 or fp64
+#: that gives the same results bit for bit (``set_cpu_search``; ``hf_rbe.kernels`` sets a compiled one).
+_cpu_search: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+
+
+def set_cpu_search(search: Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
+                                    tuple[torch.Tensor, torch.Tensor]] | None) -> None:
+    """Install (or with ``None`` remove) the CPU implementation of :func:`e8p_search`."""
+    global _cpu_search
+    _cpu_search = search
+
+
+def _e8p_nearest(u: torch.Tensor, mag: torch.Tensor, parity: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`e8p_search`, by the installed CPU implementation where it applies."""
+    if _cpu_search is not None and u.device.type == "cpu" and u.dtype in (torch.float32, torch.float64):
+        return _cpu_search(u, mag.to(u.dtype), parity)
+    return e8p_search(u, mag.to(u.dtype), parity)
 
 
 def nearest(u: torch.Tensor, plane: str, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

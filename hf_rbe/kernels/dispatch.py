@@ -1,4 +1,5 @@
-"""Registers the kernels as device implementations of ``hf_rbe::linear`` (defined in ``core.ops``).
+"""Registers the kernels as device implementations of ``hf_rbe::linear`` (defined in ``core.ops``),
+and the encoder's compiled e8p search (``core.codec_v2.set_cpu_search``).
 
 CUDA tensors go to the Triton kernel of their format, CPU tensors to the numba kernel of theirs;
 a format without one (or a machine without Triton / numba), and every call inside
@@ -16,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from hf_rbe.core import ops
+from hf_rbe.core import codec_v2, ops
 from hf_rbe.core.format import FORMAT_ID as RBE_V1
 from hf_rbe.core.format_v2 import FORMAT_ID as RBE_V2
 from hf_rbe.core.seed64_format import FORMAT_ID as SEED64
@@ -60,3 +61,14 @@ def _cpu_linear(x: torch.Tensor, tensors: list[torch.Tensor], layout: list[int],
 
 ops.register_kernel("cuda", _cuda_linear)
 ops.register_kernel("cpu", _cpu_linear)
+
+
+def _cpu_e8p_search(u: torch.Tensor, mag: torch.Tensor, parity: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    module = _module("hf_rbe.kernels.cpu_search", "numba")
+    if module is None:
+        return codec_v2.e8p_search(u, mag, parity)
+    return module.e8p_search(u, mag, parity)
+
+
+# equal to the reference bit for bit, so it serves inside ``ops.reference_only()`` too (calibration)
+codec_v2.set_cpu_search(_cpu_e8p_search)
