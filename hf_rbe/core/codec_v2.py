@@ -50,7 +50,7 @@ def e8p_parts(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return table.abs(), (table[:, VECTOR_DIM - 1] < 0).to(torch.int64)
 
 
-def _sequential_sum(t: torch.Tensor) -> torch.Tensor:
+def sequential_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum over the last dimension, left to right, one rounding per add: the order is part of the
     e8p search's definition, so that every implementation rounds alike (``set_cpu_search``)."""
     s = t[..., 0]
@@ -70,7 +70,7 @@ def e8p_search(u: torch.Tensor, mag: torch.Tensor, parity: torch.Tensor) -> tupl
     a = u.abs()
     mis = ((u < 0).sum(1) % 2)[:, None] != parity[None, :]  # [n, 512]
     p = a[:, None, :] * mag[None]  # [n, 512, 8]
-    score = _sequential_sum(mag * mag)[None, :] - 2 * _sequential_sum(p)
+    score = sequential_sum(mag * mag)[None, :] - 2 * sequential_sum(p)
     score = torch.where(mis, score + 4 * p.min(-1).values, score)
     idx = score.argmin(1)
     flip = (a * mag[idx]).argmin(1)
