@@ -537,7 +537,7 @@ def table(res: dict) -> str:
                          f"{p} {100 * f:.0f}%" for p, f in sp["min_bandwidth_fraction"].items()),
                      "layer " + ", ".join(f"{p} {f:.2f}x" for p, f in sp["min_layer_vs_bf16"].items()) + " bf16"]
         if "min_layer_vs_bf16_bf16_x" in sp:
-            sign.append("with bf16 activations (the int8 form) layer " + ", ".join(
+            sign.append("with bf16 activations layer " + ", ".join(
                 f"{p} {f:.2f}x ({100 * sp['min_bandwidth_fraction_bf16_x'][p]:.0f}%)"
                 for p, f in sp["min_layer_vs_bf16_bf16_x"].items()) + " bf16")
         for suffix, what in (("", "fp32"), ("_bf16_activations", "bf16")):

@@ -11,10 +11,9 @@ two registers (``vpermi2b``) and, XOR-ed with the input's signs, negate bytes un
 code's table row taken from row 0: not a kernel (its output is wrong), the ceiling of this form
 once the table reads cost nothing.
 
-Needs AVX-512 VNNI and VBMI (``available()``). The int8 vector type, loads and ``vpdpbusd`` are the
-library's (``hf_rbe.kernels.cpu_simd``, where the sign planes use them); the e8p and vq8 decodes
-(a table row per code, ``vpermi2b`` for the signs) are this file's only, the form not being in the
-library.
+Needs AVX-512 VNNI and VBMI (``available()``). The int8 vector type, its loads, ``vpdpbusd`` and the
+e8p and vq8 decodes (a table row per code, ``vpermi2b`` for the signs) are this file's only, the form not
+being in the library (whose sign planes left ``vpdpbusd`` for table lookups: ``hf_rbe/kernels/NOTES.md``).
 """
 
 from __future__ import annotations
@@ -23,24 +22,71 @@ import llvmlite.binding as llvm
 import numba as nb
 import numpy as np
 from llvmlite import ir
+from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
 from hf_rbe.kernels.cpu_simd import (
-    bload64,
-    dpbusd,
+    _VEC16,
+    _lanes_type,
+    _load,
+    _pointer,
+    f32x16,
     hload,
-    i8x64,
-    izero16,
+    i32x16,
     sload,
-    vfma_int16,
     vsum16,
     vzero16,
 )
 
 XBLOCK = 256  # input weights per int8 scale (llama.cpp's Q8_K block); 64 where K is not a multiple
 _I1, _I8, _I16, _I32, _I64 = (ir.IntType(b) for b in (1, 8, 16, 32, 64))
-_B64 = ir.VectorType(_I8, 64)
+i8x64, _B64 = _lanes_type(64, _I8, "I8")
+_D16 = ir.VectorType(_I32, 16)
+
+
+@intrinsic
+def bload64(typingctx, arr, offset):  # noqa: ANN001, ANN201
+    """``arr[offset : offset + 64]`` of a contiguous 1-D int8 or uint8 array, as 64 bytes."""
+    if not (isinstance(arr, types.Array) and arr.ndim == 1 and arr.dtype in (types.int8, types.uint8)):
+        return None
+
+    def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+        return _load(builder, _pointer(context, builder, sig.args[0], args[0], args[1], _B64), 1)
+
+    return i8x64(arr, offset), codegen
+
+
+@intrinsic
+def izero16(typingctx):  # noqa: ANN001, ANN201
+    """(0, ..., 0), sixteen int32 lanes."""
+    return i32x16(), lambda context, builder, sig, args: ir.Constant(_D16, [0] * 16)
+
+
+@intrinsic
+def dpbusd(typingctx, acc, u, s):  # noqa: ANN001, ANN201
+    """``acc`` plus, in each int32 lane, the four products of its bytes of ``u`` (unsigned) and ``s``
+    (signed): ``vpdpbusd``."""
+
+    def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+        fn = builder.module.declare_intrinsic("llvm.x86.avx512.vpdpbusd.512",
+                                              fnty=ir.FunctionType(_D16, [_D16, _B64, _B64]))
+        return builder.call(fn, list(args))
+
+    return i32x16(acc, u, s), codegen
+
+
+@intrinsic
+def vfma_int16(typingctx, acc, ints, scale):  # noqa: ANN001, ANN201
+    """``acc + float(ints) * scale``: sixteen int32 lanes into sixteen fp32 lanes, ``scale`` a float32."""
+
+    def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+        one = builder.insert_element(ir.Constant(_VEC16, ir.Undefined), args[2], ir.Constant(_I32, 0))
+        wide = builder.shuffle_vector(one, one, ir.Constant(_D16, [0] * 16))
+        return builder.fadd(builder.fmul(builder.sitofp(args[1], _VEC16), wide, flags=("fast",)), args[0],
+                            flags=("fast",))
+
+    return f32x16(acc, ints, types.float32), codegen
 
 
 def available() -> bool:

@@ -9,10 +9,13 @@ codes. An e8p code costs one 8-lane load from the 512-entry table, one from the
 multiply-add (``cpu_simd``); vq8 / vq4 codes read a signed 8-vector. At M = 1 an e8p stage and
 the stage after it run in one pass, two output rows at a time (one x load feeds four
 accumulators); for M > 1 each codeword is decoded once per block of four input rows.
-A b1 plane (a sign per weight) reads no table at M = 1: ``x . (s * signs) = s * (sum x - 2 * the
-sum of the x it negates)``, the second sum one 16-lane add under each 16-bit word of sign bits;
-two b1 stages share a pass. Everywhere else a b1 stage is a vq8 stage whose 256 entries are the
-sign patterns times its table's one entry (expanded when the layer's plan is made).
+A run of b1 planes (a sign per weight) at M = 1 looks its sums up (T-MAC's idea, in fp32, on
+AVX-512): per four inputs, a 16-entry table of their sums under every sign pattern, built once per
+call; sixteen rows' 4-bit patterns looked up by one ``vpermps`` from codes the layer's plan
+reorders into 16-row tiles (a copy the size of the plane). Without AVX-512: ``x . (s * signs) = s *
+(sum x - 2 * the sum of the x it negates)``, the second sum one 16-lane add under each 16-bit word
+of sign bits. Everywhere else a b1 stage is a vq8 stage whose 256 entries are the sign patterns
+times its table's one entry (expanded when the layer's plan is made).
 Larger M (prefill): the weight is decoded into a buffer allocated for the call and the product
 goes to BLAS (``torch.matmul``): in fp32, or in bf16 when the activations are bf16 (the rotated
 input and the decoded weight rounded to bf16, a bf16 model's own precision; the decode writes
@@ -25,6 +28,7 @@ time. The PyTorch reference of the op (``hf_rbe.core.ops``) is the oracle of the
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import weakref
 
@@ -48,23 +52,23 @@ from hf_rbe.core.rotation import hadamard
 from hf_rbe.core.spec import edit_stamp
 
 from .cpu_simd import (
-    HAS_VNNI,
-    bload64,
-    dpbusd,
+    HAS_AVX512,
     hload,
-    izero16,
-    join_digits,
-    ones_under,
+    iload16,
     sload,
     vadd,
+    vadd16,
     vbroadcast,
+    vbroadcast16,
     vfma,
-    vfma_int16,
+    vfma16,
     vload,
     vload16,
+    vlookup16,
     vmaskadd16,
     vmul,
     vstore,
+    vstore16,
     vstore_bf16,
     vsub,
     vsum,
@@ -320,112 +324,93 @@ def _bits_for(planes: int):  # noqa: ANN202
 #: Most b1 stages one ``_BITS`` call walks (a longer run takes several calls).
 BITS_MAX_PLANES = 4
 
-#: The int8 form's input digits: ``x = d * (128 * high + low)`` per block, ``|128 * high + low| <= DIGITS_MAX``.
-DIGITS_MAX = 127 * 128
-
-
-#: The exponent bits of an fp32: all set in a NaN or an infinity.
-_EXPONENT = np.int32(0x7F800000)
-
-
-@nb.njit(cache=True)
-def _digits(x: np.ndarray, steps: int, per_group: int, high: np.ndarray, low: np.ndarray, d: np.ndarray,
-            total: np.ndarray) -> bool:
-    """``x`` [K] as two int8 digits per weight with one fp32 step per block of ``steps`` x 64
-    weights (``d``), and the sum of the digits' values per scale group of ``per_group`` x 64
-    (``total``); ``False`` (nothing usable written) where x holds a NaN or an infinity."""
-    total[:] = 0
-    bits = x.view(np.int32)  # the check in integers: inlined into a fast-math kernel, a float one is dropped
-    for b in range(d.shape[0]):
-        lo, hi = b * steps * 64, (b + 1) * steps * 64
-        m = np.float32(0.0)
-        for i in range(lo, hi):
-            if bits[i] & _EXPONENT == _EXPONENT:
-                return False
-            m = max(m, abs(x[i]))
-        step = m / np.float32(DIGITS_MAX) if m > 0 else np.float32(1.0)
-        d[b] = step
-        g = lo // (per_group * 64)
-        for i in range(lo, hi):
-            v = np.rint(x[i] / step)
-            h = np.rint(v / np.float32(128.0))
-            high[i] = np.int8(h)
-            low[i] = np.int8(v - np.float32(128.0) * h)
-            total[g] += v * step
-    return True
+#: Each four inputs' sums under every sign pattern (bit i of the pattern negating input i), as four
+#: 16-lane vectors of +-1: the lookup form's tables are their sums weighted by the inputs.
+_PATTERN_SIGNS = np.array([[-1.0 if p >> i & 1 else 1.0 for p in range(16)] for i in range(4)],
+                          dtype=np.float32).reshape(-1)
 
 
 @nb.njit(inline="always")
-def _digit_step(words: np.ndarray, r0: int, r1: int, w: int, xh, xl, a, c, b, e):  # noqa: ANN001, ANN202
-    """One stage's 64 weights ``w`` of two rows (``r0``, ``r1``) against both digits of the input:
-    the four int32 accumulators (row one's high and low digit, then row two's) plus their products."""
-    m = ones_under(words, r0 + w)
-    a, c = dpbusd(a, m, xh), dpbusd(c, m, xl)
-    m = ones_under(words, r1 + w)
-    return a, c, dpbusd(b, m, xh), dpbusd(e, m, xl)
+def _sign_sums(x: np.ndarray, k: int, entry: np.ndarray, pattern_signs: np.ndarray, tables: np.ndarray) -> None:
+    """``tables[16 g + p]``: the sum of ``x[4g : 4g + 4]`` times the b1 table's ``entry`` under sign
+    pattern ``p``."""
+    s0, s1 = vload16(pattern_signs, 0), vload16(pattern_signs, 16)
+    s2, s3 = vload16(pattern_signs, 32), vload16(pattern_signs, 48)
+    for g in range(k >> 2):
+        i = g << 2
+        e = i & 7
+        v = vfma16(vbroadcast16(x[i] * entry[e]), s0, vfma16(vbroadcast16(x[i + 1] * entry[e + 1]), s1, vzero16()))
+        v = vfma16(vbroadcast16(x[i + 2] * entry[e + 2]), s2, v)
+        vstore16(tables, g << 4, vfma16(vbroadcast16(x[i + 3] * entry[e + 3]), s3, v))
 
 
 @nb.njit(inline="always")
-def _fold_digits(fa, fb, a, c, b, e, step: float):  # noqa: ANN001, ANN202
-    """A block's integer sums (both digits of both rows, as ``_digit_step`` leaves them) added to the
-    rows' fp32 sums at the block's step."""
-    return vfma_int16(fa, join_digits(a, c), step), vfma_int16(fb, join_digits(b, e), step)
+def _look_up_chunk(a, b, tables: np.ndarray, at: int, idx):  # noqa: ANN001, ANN202
+    """Two accumulators plus the lookups of one 32-weight chunk of sixteen rows: ``idx`` holds each row's
+    eight 4-bit patterns, ``at`` the chunk's first table; two chains halve the add latency."""
+    a = vadd16(a, vlookup16(tables, at, idx, 0))
+    b = vadd16(b, vlookup16(tables, at + 16, idx, 4))
+    a = vadd16(a, vlookup16(tables, at + 32, idx, 8))
+    b = vadd16(b, vlookup16(tables, at + 48, idx, 12))
+    a = vadd16(a, vlookup16(tables, at + 64, idx, 16))
+    b = vadd16(b, vlookup16(tables, at + 80, idx, 20))
+    a = vadd16(a, vlookup16(tables, at + 96, idx, 24))
+    return a, vadd16(b, vlookup16(tables, at + 112, idx, 28))
 
 
-def _bits8_for(planes: int):  # noqa: ANN202
+def _lookup_for(planes: int):  # noqa: ANN202
     @nb.njit(cache=True, parallel=True, fastmath=True)
-    def bits8(x_in: np.ndarray, rot: np.ndarray, block: int, h8: np.ndarray, x: np.ndarray, k: int,
-              words0: np.ndarray, scale0: np.ndarray, words1: np.ndarray, scale1: np.ndarray, words2: np.ndarray,
-              scale2: np.ndarray, words3: np.ndarray, scale3: np.ndarray, signs: np.ndarray, out: np.ndarray) -> bool:
-        """``_BITS`` in integers, for half-precision activations (AVX-512 VNNI): the rotated input
-        as two int8 digits per weight (``_digits``; its error below the bf16 rounding of each
-        block's largest input), the sign bits as 64-bit words, one ``vpdpbusd`` per 64 weights,
-        stage, row and digit. Exact for the digits' values; ``False`` (``out`` untouched) where the
-        input is not finite, for the fp32 form to take."""
-        n_rows = out.shape[1]
-        n_groups, cols, per_group = _one_row_walk(x_in, rot, block, h8, x, k, 64, scale0.shape[0], n_rows)
-        steps = 4 if per_group % 4 == 0 else (2 if per_group % 2 == 0 else 1)
-        high = np.empty(k, dtype=np.int8)
-        low = np.empty(k, dtype=np.int8)
-        d = np.empty(cols // steps, dtype=np.float32)
-        total = np.empty(n_groups, dtype=np.float32)
-        if not _digits(x, steps, per_group, high, low, d, total):
-            return False
-        for p in nb.prange((n_rows + 1) // 2):
-            n0, n1, r0, r1 = _row_pair(p, n_rows, cols)
-            t0 = np.float32(0.0)
-            t1 = np.float32(0.0)
+    def lookup(x_in: np.ndarray, rot: np.ndarray, block: int, h8: np.ndarray, x: np.ndarray, k: int,
+               tiles0: np.ndarray, scale0: np.ndarray, tiles1: np.ndarray, scale1: np.ndarray, tiles2: np.ndarray,
+               scale2: np.ndarray, tiles3: np.ndarray, scale3: np.ndarray, entry: np.ndarray,
+               pattern_signs: np.ndarray, signs: np.ndarray, out: np.ndarray) -> None:
+        """The GEMV of ``planes`` (1-4) b1 stages with the same scale groups and table at M = 1, by
+        table lookups (AVX-512): ``tiles*`` [N / 16, K / 32, 16] uint32 (each row's 32-bit word of
+        sign bits per 32 weights, sixteen rows side by side; rows past N zero), ``scale*`` fp32
+        [N / 16, groups, 16] (zero past N), ``entry`` the stages' one table entry. Per 32 weights
+        and stage, eight ``vpermps`` into the tables of ``_sign_sums``. The rotation as in ``gemv``;
+        ``signs`` is unused (the M = 1 calls share one form)."""
+        if block > 0:
+            _rotate_into(x_in, rot, block, h8, x)
+        chunks = k >> 5
+        n_tiles = tiles0.shape[0] // (chunks << 4)
+        n_groups = scale0.shape[0] // (n_tiles << 4)
+        per_group = chunks // n_groups
+        tables = np.empty(k << 2, dtype=np.float32)
+        _sign_sums(x, k, entry, pattern_signs, tables)
+        row = out[0]
+        n = row.shape[0]
+        for t in nb.prange(n_tiles):
+            acc = vzero16()
             for g in range(n_groups):
-                fa0 = fa1 = fa2 = fa3 = fb0 = fb1 = fb2 = fb3 = vzero16()
-                for b in range(g * per_group, (g + 1) * per_group, steps):
-                    a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = izero16()
-                    c0 = c1 = c2 = c3 = e0 = e1 = e2 = e3 = izero16()
-                    for w in range(b, b + steps):
-                        xh = bload64(high, w << 6)
-                        xl = bload64(low, w << 6)
-                        a0, c0, b0, e0 = _digit_step(words0, r0, r1, w, xh, xl, a0, c0, b0, e0)
-                        if planes >= 2:
-                            a1, c1, b1, e1 = _digit_step(words1, r0, r1, w, xh, xl, a1, c1, b1, e1)
-                        if planes >= 3:
-                            a2, c2, b2, e2 = _digit_step(words2, r0, r1, w, xh, xl, a2, c2, b2, e2)
-                        if planes >= 4:
-                            a3, c3, b3, e3 = _digit_step(words3, r0, r1, w, xh, xl, a3, c3, b3, e3)
-                    step = d[b // steps]
-                    fa0, fb0 = _fold_digits(fa0, fb0, a0, c0, b0, e0, step)
+                a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = vzero16()
+                for c in range(g * per_group, (g + 1) * per_group):
+                    at = (t * chunks + c) << 4
+                    a0, b0 = _look_up_chunk(a0, b0, tables, c << 7, iload16(tiles0, at))
                     if planes >= 2:
-                        fa1, fb1 = _fold_digits(fa1, fb1, a1, c1, b1, e1, step)
+                        a1, b1 = _look_up_chunk(a1, b1, tables, c << 7, iload16(tiles1, at))
                     if planes >= 3:
-                        fa2, fb2 = _fold_digits(fa2, fb2, a2, c2, b2, e2, step)
+                        a2, b2 = _look_up_chunk(a2, b2, tables, c << 7, iload16(tiles2, at))
                     if planes >= 4:
-                        fa3, fb3 = _fold_digits(fa3, fb3, a3, c3, b3, e3, step)
-                u0, u1 = _sign_terms(planes, total[g], n0 * n_groups + g, n1 * n_groups + g, scale0, scale1,
-                                     scale2, scale3, fa0, fa1, fa2, fa3, fb0, fb1, fb2, fb3)
-                t0 += u0
-                t1 += u1
-            _add_pair(out, n0, n1, t0, t1)
-        return True
+                        a3, b3 = _look_up_chunk(a3, b3, tables, c << 7, iload16(tiles3, at))
+                at = (t * n_groups + g) << 4
+                acc = vfma16(vload16(scale0, at), vadd16(a0, b0), acc)
+                if planes >= 2:
+                    acc = vfma16(vload16(scale1, at), vadd16(a1, b1), acc)
+                if planes >= 3:
+                    acc = vfma16(vload16(scale2, at), vadd16(a2, b2), acc)
+                if planes >= 4:
+                    acc = vfma16(vload16(scale3, at), vadd16(a3, b3), acc)
+            r = t << 4
+            if r + 16 <= n:
+                vstore16(row, r, vadd16(vload16(row, r), acc))
+            else:  # the last tile's rows past N are padding
+                part = np.empty(16, dtype=np.float32)
+                vstore16(part, 0, acc)
+                for i in range(n - r):
+                    row[r + i] += part[i]
 
-    return bits8
+    return lookup
 
 
 def _gemv4_for(plane: int):  # noqa: ANN202
@@ -537,7 +522,7 @@ _GEMV4 = _by_plane(_gemv4_for)
 _DECODE = _by_plane(_decode_for)
 _DECODE_BF16 = _by_plane(_decode_bf16_for, extra=(-1,))
 _BITS = {p: _bits_for(p) for p in range(1, BITS_MAX_PLANES + 1)}
-_BITS8 = {p: _bits8_for(p) for p in range(1, BITS_MAX_PLANES + 1)}
+_LOOKUP = {p: _lookup_for(p) for p in range(1, BITS_MAX_PLANES + 1)} if HAS_AVX512 else {}
 _SIGNS = e8p_sign_table().reshape(-1).clone().numpy()  # torch allocates 64-byte aligned: no row splits a line
 __getattr__ = renamed("hf_rbe.kernels.cpu_numba", {
     "sign_table": ("hf_rbe.core.format_v2.e8p_sign_table", lambda: e8p_sign_table().numpy().copy())})
@@ -587,21 +572,21 @@ def _b1_table(entry: tuple[float, ...]) -> np.ndarray:
 #: The checked arrays of each layer's last call, by the id of its first tensor (dropped when that
 #: tensor dies): the checks and conversions cost more than a small layer's product. A plan is
 #: reused while every tensor is the same object at the same address and version (shape, for
-#: inference tensors); it holds views only (a layer with a tensor that would need a copy gets no
-#: plan), so an in-place edit is seen.
+#: inference tensors, as every cache of ``edit_stamp`` reads it). It holds views, and for the
+#: lookup form a 16-row tiling of each b1 plane; a layer with a tensor that would need a copy
+#: gets no plan.
 _PLANS: dict[int, tuple] = {}
 
 
-def _plan(key: tuple[int, ...], tensors: list[torch.Tensor]) -> tuple[tuple, np.ndarray | None, int, tuple, tuple]:
+def _plan(key: tuple[int, ...], tensors: list[torch.Tensor]) -> tuple[tuple, np.ndarray | None, int, tuple]:
     """(stages as ``_stages`` gives them, fp32 rotation signs or ``None``, Hadamard block, the
-    kernel calls of M = 1 as ``_one_calls`` gives them for fp32 and for half-precision activations)
-    of a call."""
+    kernel calls of M = 1 as ``_one_calls`` gives them) of a call."""
     stamp = tuple((id(t), t.data_ptr(), edit_stamp(t)) for t in tensors)
     hit = _PLANS.get(id(tensors[0]))
     if hit is not None and hit[0] == key and hit[1] == stamp:
         return hit[2]
     spec, names, stage_specs = _parse(key)
-    k = key[2]
+    n, k = key[1], key[2]
     named = dict(zip(names, tensors))
     signs, block = None, 0
     if spec.rotation:
@@ -609,7 +594,7 @@ def _plan(key: tuple[int, ...], tensors: list[torch.Tensor]) -> tuple[tuple, np.
             raise ValueError(f"hf_rbe::linear: {SIGNS} has shape {list(named[SIGNS].shape)}, the layout needs [{k}]")
         signs, block = named[SIGNS].detach().float().numpy(), spec.hadamard_block(k)
     stages = tuple(_stages(stage_specs, named))
-    plan = (stages, signs, block, _one_calls(stages, k), _one_calls(stages, k, half=True))
+    plan = (stages, signs, block, _one_calls(stages, n, k))
     if all(t.is_contiguous() for t in tensors) and (signs is None or named[SIGNS].dtype == torch.float32):
         if id(tensors[0]) not in _PLANS:
             weakref.finalize(tensors[0], _PLANS.pop, id(tensors[0]), None)
@@ -619,7 +604,7 @@ def _plan(key: tuple[int, ...], tensors: list[torch.Tensor]) -> tuple[tuple, np.
 
 def rotation(tensors: list[torch.Tensor], layout: list[int]) -> tuple[np.ndarray | None, int]:
     """(fp32 rotation signs or ``None``, Hadamard block) of a layer, as :func:`linear` reads them."""
-    _, signs, block, _, _ = _plan(tuple(layout), tensors)
+    _, signs, block, _ = _plan(tuple(layout), tensors)
     return signs, block
 
 
@@ -631,44 +616,66 @@ def rotate_rows(x2: torch.Tensor, signs: np.ndarray, block: int) -> np.ndarray:
 _NO_SIGNS = np.ones(0, dtype=np.float32)
 
 
-def _words(stage: tuple, k: int, width: int) -> np.ndarray | None:
-    """A b1 stage's codes as ``width``-bit words (16 or 64 weights each) where a bits kernel can walk
-    them: rows and scale groups whole words, the array aligned; else ``None``."""
+def _walkable(stage: tuple, k: int, width: int) -> bool:
+    """Whether a stage is b1 with rows and scale groups of whole ``width``-weight words."""
     codes, scale, _, plane = stage
-    n_groups = scale.shape[0] // (codes.shape[0] // (k // 8))
-    if plane != _B1 or k % width or (k // width) % n_groups or codes.ctypes.data % (width // 8):
-        return None
-    return codes.view(np.uint16 if width == 16 else np.uint64)
+    if plane != _B1 or k % width:
+        return False
+    return (k // width) % (scale.shape[0] // (codes.shape[0] // (k // 8))) == 0
 
 
-def _b1_run(stages: tuple, i: int, k: int, width: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(words, scales) of the run of b1 stages from ``i`` one bits call walks at ``width``: up to
-    ``BITS_MAX_PLANES``, scales grouped alike; empty where stage ``i`` is not walkable so."""
-    run: list[tuple[np.ndarray, np.ndarray]] = []
-    while i + len(run) < len(stages) and len(run) < BITS_MAX_PLANES and (
-            not run or stages[i + len(run)][1].shape == stages[i][1].shape):
-        words = _words(stages[i + len(run)], k, width)
-        if words is None:
+def _b1_run(stages: tuple, i: int, k: int, width: int) -> list[tuple]:
+    """The run of b1 stages from ``i`` one bits or lookup call walks at ``width``: up to
+    ``BITS_MAX_PLANES``, scales grouped alike, one table entry; empty where stage ``i`` is not
+    walkable so."""
+    run: list[tuple] = []
+    while i + len(run) < len(stages) and len(run) < BITS_MAX_PLANES:
+        stage = stages[i + len(run)]
+        if not _walkable(stage, k, width) or run and (stage[1].shape != run[0][1].shape or
+                                                      not np.array_equal(stage[2][:8], run[0][2][:8])):
             break
-        run.append((words, stages[i + len(run)][1]))
+        run.append(stage)
     return run
 
 
-def _one_calls(stages: tuple, k: int, half: bool = False) -> tuple[tuple, ...]:
+def _tiles(stage: tuple, n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """A b1 stage as the lookup form reads it: (sign bits [N / 16, K / 32, 16] uint32, fp32 scales
+    [N / 16, groups, 16]), N rounded up to whole tiles with zeros."""
+    codes, scale, _, _ = stage
+    rows = -(-n // 16) * 16
+    words = np.zeros((rows, k // 32), dtype=np.uint32)
+    words[:n] = codes.reshape(n, k // 8).view(np.uint32)
+    fp32 = np.zeros((rows, scale.shape[0] // n), dtype=np.float32)
+    fp32[:n] = scale.view(np.float16).reshape(n, -1)
+    return (np.ascontiguousarray(words.reshape(rows // 16, 16, -1).transpose(0, 2, 1)).reshape(-1),
+            np.ascontiguousarray(fp32.reshape(rows // 16, 16, -1).transpose(0, 2, 1)).reshape(-1))
+
+
+def _bits_walk(stage: tuple) -> bool:
+    """Whether the bits kernel walks a b1 stage: its table's entry all ones (the kernel reads no
+    table) and its codes aligned as 16-bit words."""
+    return bool((stage[2][:8] == 1).all()) and stage[0].ctypes.data % 2 == 0
+
+
+def _one_calls(stages: tuple, n: int, k: int) -> tuple[tuple, ...]:
     """The kernel calls of M = 1, as (kernel, its stage arguments): an e8p stage and the next in
-    one ``_GEMV2`` call where their scales are grouped alike, a run of b1 stages with scales grouped
-    alike by one bits call (up to ``BITS_MAX_PLANES``), any other stage alone. ``half``: for bf16 /
-    fp16 activations, where a b1 run takes the int8 form (``_BITS8``) if this CPU has VNNI and its
-    rows are whole 64-bit words."""
+    one ``_GEMV2`` call where their scales are grouped alike; a run of b1 stages with scales grouped
+    alike and one table entry by one lookup call where the CPU has AVX-512 (up to
+    ``BITS_MAX_PLANES``), else by one bits call where that entry is all ones; any other stage alone."""
     calls, i = [], 0
     while i < len(stages):
-        run = _b1_run(stages, i, k, 64) if half and HAS_VNNI else []
-        kernels = _BITS8
-        if not run:
-            run, kernels = _b1_run(stages, i, k, 16), _BITS
+        run = _b1_run(stages, i, k, 32) if HAS_AVX512 else []
         if run:
-            args = [a for pair in run + [run[0]] * (BITS_MAX_PLANES - len(run)) for a in pair]
-            calls.append((kernels[len(run)], tuple(args)))
+            tiles = [_tiles(stage, n, k) for stage in run]
+            args = [a for pair in tiles + [tiles[0]] * (BITS_MAX_PLANES - len(run)) for a in pair]
+            calls.append((_LOOKUP[len(run)], (*args, run[0][2][:8].copy(), _PATTERN_SIGNS)))
+            i += len(run)
+            continue
+        run = list(itertools.takewhile(_bits_walk, _b1_run(stages, i, k, 16)))
+        if run:
+            words = [(stage[0].view(np.uint16), stage[1]) for stage in run]
+            args = [a for pair in words + [words[0]] * (BITS_MAX_PLANES - len(run)) for a in pair]
+            calls.append((_BITS[len(run)], tuple(args)))
             i += len(run)
         elif i + 1 < len(stages) and stages[i][3] == 0 and stages[i][1].shape == stages[i + 1][1].shape:
             (c0, s0, t0, _), (c1, s1, t1, p1) = stages[i:i + 2]
@@ -681,10 +688,9 @@ def _one_calls(stages: tuple, k: int, half: bool = False) -> tuple[tuple, ...]:
     return tuple(calls)
 
 
-def _gemv_one(x: np.ndarray, calls: tuple, signs: np.ndarray | None, block: int, n: int) -> np.ndarray | None:
+def _gemv_one(x: np.ndarray, calls: tuple, signs: np.ndarray | None, block: int, n: int) -> np.ndarray:
     """[1, N] output of one flat [K] input row (decoding). The first kernel call also rotates the
-    row, the later ones read what it wrote. ``None`` where an int8 call refused the input (not
-    finite)."""
+    row, the later ones read what it wrote."""
     k = x.shape[0]
     out = np.zeros((1, n), dtype=np.float32)
     if signs is None:
@@ -692,8 +698,7 @@ def _gemv_one(x: np.ndarray, calls: tuple, signs: np.ndarray | None, block: int,
     else:
         xr = np.empty(k, dtype=np.float32)
     for kernel, args in calls:
-        if kernel(x, signs, block, _H8, xr, k, *args, _SIGNS, out) is False:
-            return None
+        kernel(x, signs, block, _H8, xr, k, *args, _SIGNS, out)
         block = 0  # rotated once
     return out
 
@@ -712,14 +717,12 @@ def linear(x: torch.Tensor, tensors: list[torch.Tensor], layout: list[int], bias
     n, k = layout[1], layout[2]
     if x.shape[-1] != k:
         raise ValueError(f"hf_rbe::linear: x has {x.shape[-1]} features, the layer takes {k}")
-    stages, signs, block, calls, half_calls = _plan(tuple(layout), tensors)
+    stages, signs, block, calls = _plan(tuple(layout), tensors)
     if x.numel() == k:  # one row (decoding): as few tensor operations around the kernels as can be
         row = x.detach() if x.requires_grad else x
         if row.dtype != torch.float32 or not row.is_contiguous():
             row = row.float().contiguous()
-        flat = row.numpy().reshape(k)
-        out = None if x.dtype == torch.float32 else _gemv_one(flat, half_calls, signs, block, n)
-        y = torch.from_numpy(_gemv_one(flat, calls, signs, block, n) if out is None else out)
+        y = torch.from_numpy(_gemv_one(row.numpy().reshape(k), calls, signs, block, n))
         return y.view(*x.shape[:-1], n) if bias is None and x.dtype == torch.float32 else _finish(y, x, bias)
     x2 = x.detach().reshape(-1, k).float().contiguous()
     m = x2.shape[0]

@@ -1,5 +1,5 @@
 """Eight-lane fp32 vectors for numba kernels: a numba type backed by LLVM's ``<8 x float>`` (and a
-sixteen-lane one for the sign planes' masked adds, and 64 int8 lanes for their integer form, at the end).
+sixteen-lane one for the sign planes' masked adds and table lookups, at the end).
 
 Why: numba has no SIMD types, and LLVM does not find the vector form of an RBE decode by
 itself. Given ``acc += table[idx] * signs[s] * x[8v:8v+8]`` as scalar code, it either stays
@@ -239,80 +239,82 @@ def vsum16(typingctx, a):
     return types.float32(a), lambda context, builder, sig, args: _tree_sum(builder, args[0], LANES16)
 
 
-# ----------------------------------------------------------------------------- 64 int8 lanes, a dot product
-# The integer form of the sign planes: the input as int8 digits, 64 weights' sign bits as 64 bytes of
-# 0 / 1, and one ``vpdpbusd`` (AVX-512 VNNI) summing the 64 products into sixteen int32 lanes. The
-# instruction is x86's own (an LLVM x86 intrinsic, not plain IR): a kernel that uses ``dpbusd`` is
-# compiled and called only where ``HAS_VNNI`` holds.
+# ----------------------------------------------------------------------------- sixteen lanes, table lookups
+# The b1 planes' lookup form (T-MAC's idea, in fp32): per four inputs a 16-entry table of their sums under
+# every sign pattern, and one ``vpermps`` (AVX-512) looking up sixteen rows' 4-bit patterns at once. The
+# instruction is x86's own (an LLVM x86 intrinsic, not plain IR): a kernel that uses ``vlookup16`` is
+# compiled and called only where ``HAS_AVX512`` holds.
 
-HAS_VNNI = bool(get_host_cpu_features().get("avx512vnni"))
-_I8, _I32 = ir.IntType(8), ir.IntType(32)
-i8x64, _B64 = _lanes_type(64, _I8, "I8")
+HAS_AVX512 = bool(get_host_cpu_features().get("avx512f"))
+_I32 = ir.IntType(32)
 i32x16, _D16 = _lanes_type(16, _I32, "I32")
 
 
+def _splat16(builder: ir.IRBuilder, value: ir.Value, vec: ir.VectorType) -> ir.Value:
+    one = builder.insert_element(ir.Constant(vec, ir.Undefined), value, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(one, one, ir.Constant(ir.VectorType(_I32, LANES16), [0] * LANES16))
+
+
 @intrinsic
-def bload64(typingctx, arr, offset):
-    """``arr[offset : offset + 64]`` of a contiguous 1-D int8 or uint8 array, as 64 bytes."""
-    if not (isinstance(arr, types.Array) and arr.ndim == 1 and arr.dtype in (types.int8, types.uint8)):
+def iload16(typingctx, arr, offset):
+    """``arr[offset : offset + 16]`` of a contiguous 1-D uint32 array, as sixteen int32 lanes."""
+    if not (isinstance(arr, types.Array) and arr.ndim == 1 and arr.dtype == types.uint32):
         return None
 
     def codegen(context, builder, sig, args):
-        return _load(builder, _pointer(context, builder, sig.args[0], args[0], args[1], _B64), 1)
+        return _load(builder, _pointer(context, builder, sig.args[0], args[0], args[1], _D16), 4)
 
-    return i8x64(arr, offset), codegen
+    return i32x16(arr, offset), codegen
 
 
 @intrinsic
-def ones_under(typingctx, words, offset):
-    """64 bytes, byte j 1 where bit j of ``words[offset]`` (a 1-D uint64 array) is set, else 0."""
-    if not (isinstance(words, types.Array) and words.ndim == 1 and words.dtype == types.uint64):
+def vlookup16(typingctx, tables, offset, idx, shift):
+    """Lane l: ``tables[offset + ((idx[l] >> shift) & 15)]`` (``tables`` a 1-D float32 array, ``shift``
+    a constant-folded integer): one ``vpermps``, which reads only the low four bits of each index."""
+    if not (isinstance(tables, types.Array) and tables.ndim == 1 and tables.dtype == types.float32):
         return None
 
     def codegen(context, builder, sig, args):
-        data = context.make_array(sig.args[0])(context, builder, args[0]).data
-        mask = builder.bitcast(builder.load(builder.gep(data, [args[1]])), ir.VectorType(ir.IntType(1), 64))
-        return builder.select(mask, ir.Constant(_B64, [1] * 64), ir.Constant(_B64, [0] * 64))
+        table = _load(builder, _pointer(context, builder, sig.args[0], args[0], args[1], _VEC16), 4)
+        lanes = builder.lshr(args[2], _splat16(builder, builder.trunc(args[3], _I32), _D16))
+        fn = builder.module.declare_intrinsic("llvm.x86.avx512.permvar.sf.512",
+                                              fnty=ir.FunctionType(_VEC16, [_VEC16, _D16]))
+        return builder.call(fn, [table, lanes])
 
-    return i8x64(words, offset), codegen
-
-
-@intrinsic
-def izero16(typingctx):
-    """(0, ..., 0), sixteen int32 lanes."""
-    return i32x16(), lambda context, builder, sig, args: ir.Constant(_D16, [0] * 16)
+    return f32x16(tables, offset, idx, types.int64), codegen
 
 
 @intrinsic
-def dpbusd(typingctx, acc, u, s):
-    """``acc`` plus, in each int32 lane, the four products of its bytes of ``u`` (unsigned) and ``s``
-    (signed): ``vpdpbusd``."""
+def vbroadcast16(typingctx, value):
+    """(value, ..., value) of a float32, sixteen lanes."""
+    return f32x16(types.float32), lambda context, builder, sig, args: _splat16(builder, args[0], _VEC16)
+
+
+@intrinsic
+def vadd16(typingctx, a, b):
+    """Lane-wise ``a + b``, sixteen lanes."""
+    return f32x16(a, b), lambda context, builder, sig, args: builder.fadd(args[0], args[1], flags=_FAST)
+
+
+@intrinsic
+def vfma16(typingctx, a, b, c):
+    """Lane-wise ``a * b + c``, sixteen lanes (fast-math: one fused instruction)."""
 
     def codegen(context, builder, sig, args):
-        fn = builder.module.declare_intrinsic("llvm.x86.avx512.vpdpbusd.512",
-                                              fnty=ir.FunctionType(_D16, [_D16, _B64, _B64]))
-        return builder.call(fn, list(args))
+        return builder.fadd(builder.fmul(args[0], args[1], flags=_FAST), args[2], flags=_FAST)
 
-    return i32x16(acc, u, s), codegen
+    return f32x16(a, b, c), codegen
 
 
 @intrinsic
-def join_digits(typingctx, high, low):
-    """``high * 128 + low``, lane-wise (two int8 digits' sums back to one integer)."""
+def vstore16(typingctx, arr, offset, value):
+    """``arr[offset : offset + 16] = value``."""
+    if not (isinstance(arr, types.Array) and arr.dtype == types.float32 and arr.ndim == 1):
+        return None
 
     def codegen(context, builder, sig, args):
-        return builder.add(builder.shl(args[0], ir.Constant(_D16, [7] * 16)), args[1])
+        store = builder.store(args[2], _pointer(context, builder, sig.args[0], args[0], args[1], _VEC16))
+        store.align = 4
+        return context.get_dummy_value()
 
-    return i32x16(high, low), codegen
-
-
-@intrinsic
-def vfma_int16(typingctx, acc, ints, scale):
-    """``acc + float(ints) * scale``: sixteen int32 lanes into sixteen fp32 lanes, ``scale`` a float32."""
-
-    def codegen(context, builder, sig, args):
-        one = builder.insert_element(ir.Constant(_VEC16, ir.Undefined), args[2], ir.Constant(_I32, 0))
-        wide = builder.shuffle_vector(one, one, ir.Constant(ir.VectorType(_I32, LANES16), [0] * LANES16))
-        return builder.fadd(builder.fmul(builder.sitofp(args[1], _VEC16), wide, flags=_FAST), args[0], flags=_FAST)
-
-    return f32x16(acc, ints, types.float32), codegen
+    return types.none(arr, offset, value), codegen
