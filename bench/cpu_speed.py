@@ -46,8 +46,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
+import gc
 import logging
 import os
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -388,16 +391,19 @@ def decoder_rows(shape: dict, depths: tuple[int, ...], layers: int, presets: lis
     tokens/s extrapolated to ``layers`` decoder layers (llama.cpp's families from its GGUF files)."""
     models = _decoders(shape, depths, presets)
     secs = _decode_steps({f"{n}@{d}": m for (n, d), m in models.items()}, 4, rounds)
+    lo, hi = depths
+    heads = {name: m.lm_head for (name, d), m in models.items() if d == lo}  # llama.cpp's: its file's
+    del models  # the torch models (several GB at 8B widths) are gone before llama.cpp's files load
+    gc.collect()
     secs.update(_llama_seconds({f"llama.cpp {t}@{d}": p for (t, d), p in (llama or {}).items()}, threads,
                                4 + rounds + 8, repack, lambda ss: llama_cpp_rows.step_candidates(ss, 4), rounds))
     rows = []
-    lo, hi = depths
     families = ["bf16", *presets, *dict.fromkeys(f"llama.cpp {t}" for t, _ in (llama or {}))]
     for name in families:
         per_token = {d: secs[f"{name}@{d}"] for d in depths}
         per_layer = (per_token[hi] - per_token[lo]) / (hi - lo)
         fixed = per_token[lo] - lo * per_layer
-        head = models[(name, lo)].lm_head if (name, lo) in models else None  # llama.cpp's: its file's
+        head = heads.get(name)
         head_bpw = None if head is None else head.bits_per_weight if isinstance(head, RBELinear) else 16.0
         rows.append({"weights": name, "per_layer_ms": per_layer * 1e3, "fixed_ms": fixed * 1e3, "head_bpw": head_bpw,
                      **{f"tokens_per_s_{d}_layers": 1 / per_token[d] for d in depths},
@@ -408,6 +414,17 @@ def decoder_rows(shape: dict, depths: tuple[int, ...], layers: int, presets: lis
         r["vs_bf16"] = r[f"tokens_per_s_{layers}_layers"] / bf16[f"tokens_per_s_{layers}_layers"]
         r["per_layer_vs_bf16"] = bf16["per_layer_ms"] / r["per_layer_ms"]
     return rows
+
+
+def _hand_back_freed_memory() -> None:
+    """Return the C heap's freed pages to the system (glibc's ``malloc_trim``; nothing elsewhere): the
+    layer rows make and drop thousands of layer copies and their kernel plans, whose freed memory
+    glibc otherwise keeps, and the 8B-shaped decoder's models need it after them."""
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def add_fractions(rows: list[dict], bw: dict[str, float]) -> None:
@@ -471,7 +488,8 @@ def table(res: dict) -> str:
     m, names = res["meta"], res.get("layer_columns", res["presets"])
     bw = res["bandwidth"]
     lines = [f"`{m['command']}` on {m['machine']}, numba {m['numba_threads']} threads, load average before "
-             f"{m['load_before']}, after {m['load_after']}, {m['date']}", "",
+             f"{m['load_before']}, after {m['load_after']}, {m['date']}"
+             + (f", peak resident memory {m['peak_rss_gib']:.1f} GiB" if "peak_rss_gib" in m else ""), "",
              f"Bandwidth (STREAM-like, same process, best of rounds): copy {bw['copy_gbs']:.1f} GB/s, triad "
              f"{bw['triad_gbs']:.1f}, read {bw['read_gbs']:.1f}. The 100% below is **{bw['peak_gbs']:.1f} GB/s**: "
              + ("the largest of these." if bw["peak_from"] == "STREAM-like" else
@@ -593,12 +611,15 @@ def main() -> None:
     else:
         bw = bandwidth(BANDWIDTH_BYTES, 10)
         layers = layer_rows(SHAPES, presets, args.rounds, STREAM_BYTES)
+        _hand_back_freed_memory()
         model_presets = presets if args.model_presets is None else args.model_presets
         models = model_rows(False, model_presets, args.tokens, 512, args.repeats, lm_files, args.threads, repack)
+        _hand_back_freed_memory()
         decoder = decoder_rows(shape, depths, n_layers, DECODER_PRESETS, 12, dec_files, args.threads, repack)
     add_fractions(layers, bw)
     meta = {**run_meta(), "numba_threads": numba.get_num_threads(), "load_before": load_before,
-            "load_after": "%.2f %.2f %.2f" % os.getloadavg()}
+            "load_after": "%.2f %.2f %.2f" % os.getloadavg(),
+            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
     res = {"meta": meta, "presets": presets, "bandwidth": bw,
            "layer_columns": presets + [p + HALF_X for p in HALF_X_PRESETS if p in presets], "layers": layers, "models": models,
            "llama_cpp": {"version": llama_cpp.version(), "repack": repack} if llama else None,
