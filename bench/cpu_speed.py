@@ -176,6 +176,17 @@ def random_rbe_layer(spec: object, k: int, n: int, seed: int, dtype: torch.dtype
     return layer
 
 
+def _hand_back_freed_memory() -> None:
+    """Return the C heap's freed pages to the system (glibc's ``malloc_trim``; nothing elsewhere): each
+    shape's layer rows make and drop thousands of layer copies and their kernel plans, whose freed
+    memory glibc otherwise keeps, and the next shape and the 8B-shaped decoder's models need it."""
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def layer_rows(shapes: list[tuple[int, int]], presets: list[str], rounds: int, stream_bytes: int) -> list[dict]:
     """Every candidate cycles through its own copies, ``stream_bytes`` of them in all (fp32's and
     each RBE preset's alike), so that none of them runs from cache. The layers of
@@ -216,6 +227,7 @@ def layer_rows(shapes: list[tuple[int, int]], presets: list[str], rounds: int, s
         rows.append(row)
         logging.info("%s", row)
         del weights, cands
+        _hand_back_freed_memory()
     return rows
 
 
@@ -416,17 +428,6 @@ def decoder_rows(shape: dict, depths: tuple[int, ...], layers: int, presets: lis
     return rows
 
 
-def _hand_back_freed_memory() -> None:
-    """Return the C heap's freed pages to the system (glibc's ``malloc_trim``; nothing elsewhere): the
-    layer rows make and drop thousands of layer copies and their kernel plans, whose freed memory
-    glibc otherwise keeps, and the 8B-shaped decoder's models need it after them."""
-    gc.collect()
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def add_fractions(rows: list[dict], bw: dict[str, float]) -> None:
     """Each layer's share of the machine's bandwidth. The denominator (``bw["peak_gbs"]``) is the
     STREAM-like figure, or the rate a torch GEMV read its weights at where that was higher (a
@@ -611,7 +612,6 @@ def main() -> None:
     else:
         bw = bandwidth(BANDWIDTH_BYTES, 10)
         layers = layer_rows(SHAPES, presets, args.rounds, STREAM_BYTES)
-        _hand_back_freed_memory()
         model_presets = presets if args.model_presets is None else args.model_presets
         models = model_rows(False, model_presets, args.tokens, 512, args.repeats, lm_files, args.threads, repack)
         _hand_back_freed_memory()
