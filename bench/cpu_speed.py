@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
 import gc
 import logging
 import os
@@ -67,6 +66,7 @@ from hf_rbe.core.packed import packed_size
 from hf_rbe.core.rbe_codecs import codec_for
 from hf_rbe.evaluation import llama_cpp
 from hf_rbe.evaluation.results import run_meta, write_results
+from hf_rbe.hf.calibration import heap
 from hf_rbe.hf.config import PRESETS
 from hf_rbe.kernels.cpu_simd import vadd, vload, vsum, vzero
 
@@ -177,14 +177,11 @@ def random_rbe_layer(spec: object, k: int, n: int, seed: int, dtype: torch.dtype
 
 
 def _hand_back_freed_memory() -> None:
-    """Return the C heap's freed pages to the system (glibc's ``malloc_trim``; nothing elsewhere): each
-    shape's layer rows make and drop thousands of layer copies and their kernel plans, whose freed
-    memory glibc otherwise keeps, and the next shape and the 8B-shaped decoder's models need it."""
+    """Return the C heap's freed pages to the system (``heap.trim``, calibration's): each shape's layer
+    rows make and drop thousands of layer copies and their kernel plans, whose freed memory glibc
+    otherwise keeps, and the next shape and the 8B-shaped decoder's models need it."""
     gc.collect()
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    heap.trim(0)
 
 
 def layer_rows(shapes: list[tuple[int, int]], presets: list[str], rounds: int, stream_bytes: int) -> list[dict]:

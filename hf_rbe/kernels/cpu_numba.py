@@ -57,18 +57,15 @@ from .cpu_simd import (
     iload16,
     sload,
     vadd,
-    vadd16,
     vbroadcast,
     vbroadcast16,
     vfma,
-    vfma16,
     vload,
     vload16,
     vlookup16,
     vmaskadd16,
     vmul,
     vstore,
-    vstore16,
     vstore_bf16,
     vsub,
     vsum,
@@ -339,23 +336,23 @@ def _sign_sums(x: np.ndarray, k: int, entry: np.ndarray, pattern_signs: np.ndarr
     for g in range(k >> 2):
         i = g << 2
         e = i & 7
-        v = vfma16(vbroadcast16(x[i] * entry[e]), s0, vfma16(vbroadcast16(x[i + 1] * entry[e + 1]), s1, vzero16()))
-        v = vfma16(vbroadcast16(x[i + 2] * entry[e + 2]), s2, v)
-        vstore16(tables, g << 4, vfma16(vbroadcast16(x[i + 3] * entry[e + 3]), s3, v))
+        v = vfma(vbroadcast16(x[i] * entry[e]), s0, vfma(vbroadcast16(x[i + 1] * entry[e + 1]), s1, vzero16()))
+        v = vfma(vbroadcast16(x[i + 2] * entry[e + 2]), s2, v)
+        vstore(tables, g << 4, vfma(vbroadcast16(x[i + 3] * entry[e + 3]), s3, v))
 
 
 @nb.njit(inline="always")
 def _look_up_chunk(a, b, tables: np.ndarray, at: int, idx):  # noqa: ANN001, ANN202
     """Two accumulators plus the lookups of one 32-weight chunk of sixteen rows: ``idx`` holds each row's
     eight 4-bit patterns, ``at`` the chunk's first table; two chains halve the add latency."""
-    a = vadd16(a, vlookup16(tables, at, idx, 0))
-    b = vadd16(b, vlookup16(tables, at + 16, idx, 4))
-    a = vadd16(a, vlookup16(tables, at + 32, idx, 8))
-    b = vadd16(b, vlookup16(tables, at + 48, idx, 12))
-    a = vadd16(a, vlookup16(tables, at + 64, idx, 16))
-    b = vadd16(b, vlookup16(tables, at + 80, idx, 20))
-    a = vadd16(a, vlookup16(tables, at + 96, idx, 24))
-    return a, vadd16(b, vlookup16(tables, at + 112, idx, 28))
+    a = vadd(a, vlookup16(tables, at, idx, 0))
+    b = vadd(b, vlookup16(tables, at + 16, idx, 4))
+    a = vadd(a, vlookup16(tables, at + 32, idx, 8))
+    b = vadd(b, vlookup16(tables, at + 48, idx, 12))
+    a = vadd(a, vlookup16(tables, at + 64, idx, 16))
+    b = vadd(b, vlookup16(tables, at + 80, idx, 20))
+    a = vadd(a, vlookup16(tables, at + 96, idx, 24))
+    return a, vadd(b, vlookup16(tables, at + 112, idx, 28))
 
 
 def _lookup_for(planes: int):  # noqa: ANN202
@@ -394,19 +391,19 @@ def _lookup_for(planes: int):  # noqa: ANN202
                     if planes >= 4:
                         a3, b3 = _look_up_chunk(a3, b3, tables, c << 7, iload16(tiles3, at))
                 at = (t * n_groups + g) << 4
-                acc = vfma16(vload16(scale0, at), vadd16(a0, b0), acc)
+                acc = vfma(vload16(scale0, at), vadd(a0, b0), acc)
                 if planes >= 2:
-                    acc = vfma16(vload16(scale1, at), vadd16(a1, b1), acc)
+                    acc = vfma(vload16(scale1, at), vadd(a1, b1), acc)
                 if planes >= 3:
-                    acc = vfma16(vload16(scale2, at), vadd16(a2, b2), acc)
+                    acc = vfma(vload16(scale2, at), vadd(a2, b2), acc)
                 if planes >= 4:
-                    acc = vfma16(vload16(scale3, at), vadd16(a3, b3), acc)
+                    acc = vfma(vload16(scale3, at), vadd(a3, b3), acc)
             r = t << 4
             if r + 16 <= n:
-                vstore16(row, r, vadd16(vload16(row, r), acc))
+                vstore(row, r, vadd(vload16(row, r), acc))
             else:  # the last tile's rows past N are padding
                 part = np.empty(16, dtype=np.float32)
-                vstore16(part, 0, acc)
+                vstore(part, 0, acc)
                 for i in range(n - r):
                     row[r + i] += part[i]
 
@@ -624,6 +621,11 @@ def _walkable(stage: tuple, k: int, width: int) -> bool:
     return (k // width) % (scale.shape[0] // (codes.shape[0] // (k // 8))) == 0
 
 
+def _entry(stage: tuple) -> np.ndarray:
+    """A b1 stage's one table entry: the first row of its expanded table (the pattern of no signs)."""
+    return stage[2][:8]
+
+
 def _b1_run(stages: tuple, i: int, k: int, width: int) -> list[tuple]:
     """The run of b1 stages from ``i`` one bits or lookup call walks at ``width``: up to
     ``BITS_MAX_PLANES``, scales grouped alike, one table entry; empty where stage ``i`` is not
@@ -632,7 +634,7 @@ def _b1_run(stages: tuple, i: int, k: int, width: int) -> list[tuple]:
     while i + len(run) < len(stages) and len(run) < BITS_MAX_PLANES:
         stage = stages[i + len(run)]
         if not _walkable(stage, k, width) or run and (stage[1].shape != run[0][1].shape or
-                                                      not np.array_equal(stage[2][:8], run[0][2][:8])):
+                                                      not np.array_equal(_entry(stage), _entry(run[0]))):
             break
         run.append(stage)
     return run
@@ -654,7 +656,13 @@ def _tiles(stage: tuple, n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
 def _bits_walk(stage: tuple) -> bool:
     """Whether the bits kernel walks a b1 stage: its table's entry all ones (the kernel reads no
     table) and its codes aligned as 16-bit words."""
-    return bool((stage[2][:8] == 1).all()) and stage[0].ctypes.data % 2 == 0
+    return bool((_entry(stage) == 1).all()) and stage[0].ctypes.data % 2 == 0
+
+
+def _padded(pairs: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, ...]:
+    """A run's (codes, scales) per stage, flat, padded to ``BITS_MAX_PLANES`` stages by repeating the
+    first (the kernels' unused arguments)."""
+    return tuple(a for pair in pairs + [pairs[0]] * (BITS_MAX_PLANES - len(pairs)) for a in pair)
 
 
 def _one_calls(stages: tuple, n: int, k: int) -> tuple[tuple, ...]:
@@ -666,16 +674,13 @@ def _one_calls(stages: tuple, n: int, k: int) -> tuple[tuple, ...]:
     while i < len(stages):
         run = _b1_run(stages, i, k, 32) if HAS_AVX512 else []
         if run:
-            tiles = [_tiles(stage, n, k) for stage in run]
-            args = [a for pair in tiles + [tiles[0]] * (BITS_MAX_PLANES - len(run)) for a in pair]
-            calls.append((_LOOKUP[len(run)], (*args, run[0][2][:8].copy(), _PATTERN_SIGNS)))
+            args = _padded([_tiles(stage, n, k) for stage in run])
+            calls.append((_LOOKUP[len(run)], (*args, _entry(run[0]).copy(), _PATTERN_SIGNS)))
             i += len(run)
             continue
         run = list(itertools.takewhile(_bits_walk, _b1_run(stages, i, k, 16)))
         if run:
-            words = [(stage[0].view(np.uint16), stage[1]) for stage in run]
-            args = [a for pair in words + [words[0]] * (BITS_MAX_PLANES - len(run)) for a in pair]
-            calls.append((_BITS[len(run)], tuple(args)))
+            calls.append((_BITS[len(run)], _padded([(stage[0].view(np.uint16), stage[1]) for stage in run])))
             i += len(run)
         elif i + 1 < len(stages) and stages[i][3] == 0 and stages[i][1].shape == stages[i + 1][1].shape:
             (c0, s0, t0, _), (c1, s1, t1, p1) = stages[i:i + 2]

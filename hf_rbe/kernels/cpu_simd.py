@@ -99,14 +99,25 @@ def hload(typingctx, arr, offset):
     return types.float32(arr, offset), codegen
 
 
+def _fp32_lanes(*ts: types.Type) -> bool:
+    """Whether every type is one of this module's fp32 vectors (eight or sixteen lanes)."""
+    return all(t in (f32x8, f32x16) for t in ts)
+
+
+def _splat(builder: ir.IRBuilder, value: ir.Value, vec: ir.VectorType) -> ir.Value:
+    """``value`` in every lane of ``vec``."""
+    one = builder.insert_element(ir.Constant(vec, ir.Undefined), value, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(one, one, ir.Constant(ir.VectorType(ir.IntType(32), vec.count), [0] * vec.count))
+
+
 @intrinsic
 def vstore(typingctx, arr, offset, value):
-    """``arr[offset : offset + 8] = value``."""
-    if not (isinstance(arr, types.Array) and arr.dtype == types.float32 and arr.ndim == 1):
+    """``arr[offset : offset + lanes] = value`` (eight or sixteen fp32 lanes)."""
+    if not (isinstance(arr, types.Array) and arr.dtype == types.float32 and arr.ndim == 1 and _fp32_lanes(value)):
         return None
 
     def codegen(context, builder, sig, args):
-        store = builder.store(args[2], _pointer(context, builder, sig.args[0], args[0], args[1]))
+        store = builder.store(args[2], _pointer(context, builder, sig.args[0], args[0], args[1], args[2].type))
         store.align = 4
         return context.get_dummy_value()
 
@@ -138,12 +149,7 @@ def vstore_bf16(typingctx, arr, offset, value):
 @intrinsic
 def vbroadcast(typingctx, value):
     """(value, ..., value) of a float32."""
-
-    def codegen(context, builder, sig, args):
-        one = builder.insert_element(ir.Constant(_VEC, ir.Undefined), args[0], ir.Constant(ir.IntType(32), 0))
-        return builder.shuffle_vector(one, one, ir.Constant(ir.VectorType(ir.IntType(32), LANES), [0] * LANES))
-
-    return f32x8(types.float32), codegen
+    return f32x8(types.float32), lambda context, builder, sig, args: _splat(builder, args[0], _VEC)
 
 
 @intrinsic
@@ -154,8 +160,10 @@ def vmul(typingctx, a, b):
 
 @intrinsic
 def vadd(typingctx, a, b):
-    """Lane-wise ``a + b``."""
-    return f32x8(a, b), lambda context, builder, sig, args: builder.fadd(args[0], args[1], flags=_FAST)
+    """Lane-wise ``a + b`` (eight or sixteen lanes)."""
+    if not (_fp32_lanes(a) and a == b):
+        return None
+    return a(a, b), lambda context, builder, sig, args: builder.fadd(args[0], args[1], flags=_FAST)
 
 
 @intrinsic
@@ -166,12 +174,15 @@ def vsub(typingctx, a, b):
 
 @intrinsic
 def vfma(typingctx, a, b, c):
-    """Lane-wise ``a * b + c`` (fast-math: one fused instruction where the CPU has FMA)."""
+    """Lane-wise ``a * b + c``, eight or sixteen lanes (fast-math: one fused instruction where the CPU
+    has FMA)."""
+    if not (_fp32_lanes(a) and a == b == c):
+        return None
 
     def codegen(context, builder, sig, args):
         return builder.fadd(builder.fmul(args[0], args[1], flags=_FAST), args[2], flags=_FAST)
 
-    return f32x8(a, b, c), codegen
+    return a(a, b, c), codegen
 
 
 @intrinsic
@@ -250,11 +261,6 @@ _I32 = ir.IntType(32)
 i32x16, _D16 = _lanes_type(16, _I32, "I32")
 
 
-def _splat16(builder: ir.IRBuilder, value: ir.Value, vec: ir.VectorType) -> ir.Value:
-    one = builder.insert_element(ir.Constant(vec, ir.Undefined), value, ir.Constant(_I32, 0))
-    return builder.shuffle_vector(one, one, ir.Constant(ir.VectorType(_I32, LANES16), [0] * LANES16))
-
-
 @intrinsic
 def iload16(typingctx, arr, offset):
     """``arr[offset : offset + 16]`` of a contiguous 1-D uint32 array, as sixteen int32 lanes."""
@@ -276,7 +282,7 @@ def vlookup16(typingctx, tables, offset, idx, shift):
 
     def codegen(context, builder, sig, args):
         table = _load(builder, _pointer(context, builder, sig.args[0], args[0], args[1], _VEC16), 4)
-        lanes = builder.lshr(args[2], _splat16(builder, builder.trunc(args[3], _I32), _D16))
+        lanes = builder.lshr(args[2], _splat(builder, builder.trunc(args[3], _I32), _D16))
         fn = builder.module.declare_intrinsic("llvm.x86.avx512.permvar.sf.512",
                                               fnty=ir.FunctionType(_VEC16, [_VEC16, _D16]))
         return builder.call(fn, [table, lanes])
@@ -287,34 +293,4 @@ def vlookup16(typingctx, tables, offset, idx, shift):
 @intrinsic
 def vbroadcast16(typingctx, value):
     """(value, ..., value) of a float32, sixteen lanes."""
-    return f32x16(types.float32), lambda context, builder, sig, args: _splat16(builder, args[0], _VEC16)
-
-
-@intrinsic
-def vadd16(typingctx, a, b):
-    """Lane-wise ``a + b``, sixteen lanes."""
-    return f32x16(a, b), lambda context, builder, sig, args: builder.fadd(args[0], args[1], flags=_FAST)
-
-
-@intrinsic
-def vfma16(typingctx, a, b, c):
-    """Lane-wise ``a * b + c``, sixteen lanes (fast-math: one fused instruction)."""
-
-    def codegen(context, builder, sig, args):
-        return builder.fadd(builder.fmul(args[0], args[1], flags=_FAST), args[2], flags=_FAST)
-
-    return f32x16(a, b, c), codegen
-
-
-@intrinsic
-def vstore16(typingctx, arr, offset, value):
-    """``arr[offset : offset + 16] = value``."""
-    if not (isinstance(arr, types.Array) and arr.dtype == types.float32 and arr.ndim == 1):
-        return None
-
-    def codegen(context, builder, sig, args):
-        store = builder.store(args[2], _pointer(context, builder, sig.args[0], args[0], args[1], _VEC16))
-        store.align = 4
-        return context.get_dummy_value()
-
-    return types.none(arr, offset, value), codegen
+    return f32x16(types.float32), lambda context, builder, sig, args: _splat(builder, args[0], _VEC16)
