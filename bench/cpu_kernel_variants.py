@@ -226,9 +226,9 @@ def _call(variant: str, stages: int, L: dict, k: int, out: np.ndarray) -> None:
     bits = {s: L[f"{s}b"] for s in ("s0", "s1")}
     if variant == "product":
         if stages == 1:
-            cn._GEMV[0](L["x"], cn._NO_SIGNS, 0, cn._H8, L["x"], k, flat["c0"], bits["s0"], L["t0"], S, out)
+            cn._GEMV[0](L["x"], cn._NO_SIGNS, 0, L["x"], k, flat["c0"], bits["s0"], L["t0"], S, out)
         else:
-            cn._GEMV2[1](L["x"], cn._NO_SIGNS, 0, cn._H8, L["x"], k, flat["c0"], bits["s0"], L["t0"], flat["c1"], bits["s1"], L["t1"], S, out)
+            cn._GEMV2[1](L["x"], cn._NO_SIGNS, 0, L["x"], k, flat["c0"], bits["s0"], L["t0"], flat["c1"], bits["s1"], L["t1"], S, out)
     elif variant == "indexed":
         f32 = {s: L[s].astype(np.float32) for s in ("s0", "s1")}  # the per-call conversion it made
         if stages == 1:

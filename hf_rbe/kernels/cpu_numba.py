@@ -48,7 +48,6 @@ from hf_rbe.core.format_v2 import (
 )
 from hf_rbe.core.moved import renamed
 from hf_rbe.core.op_layout import SIGNS, op_tensor_names
-from hf_rbe.core.rotation import hadamard
 from hf_rbe.core.spec import edit_stamp
 
 from .cpu_simd import (
@@ -60,8 +59,10 @@ from .cpu_simd import (
     vbroadcast,
     vbroadcast16,
     vfma,
+    vhadamard8,
     vload,
     vload16,
+    vload_bf16,
     vlookup16,
     vmaskadd16,
     vmul,
@@ -81,16 +82,26 @@ _E8P_IDX = PLANES["e8p"].table_size - 1  # the idx field's mask
 _NIBBLE = PLANES["vq4"].table_size - 1
 
 
-#: Sylvester H_8 (entries +-1), row j at [8j, 8j + 8): a Hadamard block's first three butterfly
-#: stages pair lanes inside one 8-vector, so they are applied as eight broadcast multiply-adds.
-_H8 = hadamard(8).mul(math.sqrt(8)).reshape(-1).float().clone().numpy()
+@nb.njit(inline="always", fastmath=True)
+def _butterflies(out: np.ndarray, k: int, block: int) -> None:
+    """The stages of a Walsh-Hadamard transform per block of ``block`` columns past the first three
+    (pairs eight or more lanes apart), in place on one flat [K] row, in 8-lane vectors."""
+    h = 8
+    while h < block:
+        for start in range(0, k, 2 * h):
+            for j in range(start, start + h, 8):
+                a = vload(out, j)
+                b = vload(out, j + h)
+                vstore(out, j, vadd(a, b))
+                vstore(out, j + h, vsub(a, b))
+        h *= 2
 
 
 @nb.njit(cache=True, inline="always", fastmath=True)
-def _rotate_into(x: np.ndarray, signs: np.ndarray, block: int, h8: np.ndarray, out: np.ndarray) -> None:
+def _rotate_into(x: np.ndarray, signs: np.ndarray, block: int, out: np.ndarray) -> None:
     """``out = x S H`` per block of ``block`` columns for one flat [K] row: a fast Walsh-Hadamard
-    transform, in 8-lane vectors from the fourth stage on (``K log B`` adds, where a matmul by the
-    block costs ``K B`` multiply-adds)."""
+    transform (``K log B`` adds, where a matmul by the block costs ``K B`` multiply-adds), its first
+    three stages inside each 8-vector's registers."""
     k = x.shape[0]
     norm = np.float32(1.0 / math.sqrt(block))
     if block < 8:  # a block inside one vector (only a tiny ``rotation_block`` gives one): scalar butterflies
@@ -106,39 +117,53 @@ def _rotate_into(x: np.ndarray, signs: np.ndarray, block: int, h8: np.ndarray, o
                     out[j + h] = a - b
             h *= 2
         return
+    n = vbroadcast(norm)
     for c in range(0, k, 8):
-        v = vzero()
-        for j in range(8):
-            v = vfma(vbroadcast(x[c + j] * signs[c + j] * norm), vload(h8, 8 * j), v)
-        vstore(out, c, v)
-    h = 8
-    while h < block:
-        for start in range(0, k, 2 * h):
-            for j in range(start, start + h, 8):
-                a = vload(out, j)
-                b = vload(out, j + h)
-                vstore(out, j, vadd(a, b))
-                vstore(out, j + h, vsub(a, b))
-        h *= 2
+        vstore(out, c, vhadamard8(vmul(vmul(vload(x, c), vload(signs, c)), n)))
+    _butterflies(out, k, block)
 
 
 # Two functions, not one compiled twice: numba's disk cache keys on the function, not on
 # ``parallel``, so one body under two decorators would load either's machine code for both.
 @nb.njit(cache=True, fastmath=True)
-def _rotate_few(x: np.ndarray, signs: np.ndarray, block: int, h8: np.ndarray) -> np.ndarray:
+def _rotate_few(x: np.ndarray, signs: np.ndarray, block: int) -> np.ndarray:
     """``x S H`` of a few rows [M, K] on this thread (a thread launch costs more than they do)."""
     out = np.empty_like(x)
     for r in range(x.shape[0]):
-        _rotate_into(x[r], signs, block, h8, out[r])
+        _rotate_into(x[r], signs, block, out[r])
     return out
 
 
 @nb.njit(cache=True, parallel=True, fastmath=True)
-def _rotate_many(x: np.ndarray, signs: np.ndarray, block: int, h8: np.ndarray) -> np.ndarray:
+def _rotate_many(x: np.ndarray, signs: np.ndarray, block: int) -> np.ndarray:
     """``x S H`` of many rows [M, K], rows over the threads."""
     out = np.empty_like(x)
     for r in nb.prange(x.shape[0]):
-        _rotate_into(x[r], signs, block, h8, out[r])
+        _rotate_into(x[r], signs, block, out[r])
+    return out
+
+
+#: Rows per task of ``_rotate_many_bf16``: each task's fp32 row buffer is allocated once.
+_BF16_ROWS = 16
+
+
+@nb.njit(cache=True, parallel=True, fastmath=True)
+def _rotate_many_bf16(x: np.ndarray, signs: np.ndarray, block: int) -> np.ndarray:
+    """``x S H`` of many bf16 rows (int16 bits [M, K], ``block`` >= 8) in bf16 bits: read, rotated
+    in fp32 and rounded once, as the fp32 transform and torch's cast give it, without either
+    pass over the rows in fp32."""
+    m, k = x.shape
+    out = np.empty_like(x)
+    n = vbroadcast(np.float32(1.0 / math.sqrt(block)))
+    for task in nb.prange((m + _BF16_ROWS - 1) // _BF16_ROWS):
+        row = np.empty(k, dtype=np.float32)
+        for r in range(task * _BF16_ROWS, min(m, (task + 1) * _BF16_ROWS)):
+            src, dst = x[r], out[r]
+            for c in range(0, k, 8):
+                vstore(row, c, vhadamard8(vmul(vmul(vload_bf16(src, c), vload(signs, c)), n)))
+            _butterflies(row, k, block)
+            for c in range(0, k, 8):
+                vstore_bf16(dst, c, vload(row, c))
     return out
 
 
@@ -168,12 +193,12 @@ def _row_pair(p: int, n_rows: int, cols: int) -> tuple[int, int, int, int]:
 
 
 @nb.njit(inline="always")
-def _one_row_walk(x_in: np.ndarray, rot: np.ndarray, block: int, h8: np.ndarray, x: np.ndarray, k: int,
+def _one_row_walk(x_in: np.ndarray, rot: np.ndarray, block: int, x: np.ndarray, k: int,
                   width: int, n_scales: int, n_rows: int) -> tuple[int, int, int]:
     """The start of every M = 1 kernel: the input rotated into ``x`` when ``block`` > 0, then
     (scale groups per row, ``width``-weight steps per row, steps per group)."""
     if block > 0:
-        _rotate_into(x_in, rot, block, h8, x)
+        _rotate_into(x_in, rot, block, x)
     n_groups = n_scales // n_rows
     cols = k // width
     return n_groups, cols, cols // n_groups
@@ -194,7 +219,7 @@ def _add_pair(out: np.ndarray, n0: int, n1: int, t0: float, t1: float) -> None:
 
 def _gemv_for(plane: int):  # noqa: ANN202
     @nb.njit(cache=True, parallel=True, fastmath=True)
-    def gemv(x_in: np.ndarray, rot: np.ndarray, block: int, h8: np.ndarray, x: np.ndarray, k: int, codes: np.ndarray,
+    def gemv(x_in: np.ndarray, rot: np.ndarray, block: int, x: np.ndarray, k: int, codes: np.ndarray,
              scale: np.ndarray, table: np.ndarray, signs: np.ndarray, out: np.ndarray) -> None:
         """out[0, n] += sum_g scale[n, g] * (x . the stage's codewords of row n in group g), at M = 1.
         ``x`` is the flat [K] rotated input: with ``block`` > 0 this call first writes it, ``x_in``
@@ -203,7 +228,7 @@ def _gemv_for(plane: int):  # noqa: ANN202
         Two output rows per iteration share each x load (an odd last row is computed twice and
         written once)."""
         n_rows = out.shape[1]
-        n_groups, cols, per_group = _one_row_walk(x_in, rot, block, h8, x, k, 8, scale.shape[0], n_rows)
+        n_groups, cols, per_group = _one_row_walk(x_in, rot, block, x, k, 8, scale.shape[0], n_rows)
         for p in nb.prange((n_rows + 1) // 2):
             n0, n1, r0, r1 = _row_pair(p, n_rows, cols)
             t0 = np.float32(0.0)
@@ -224,14 +249,14 @@ def _gemv_for(plane: int):  # noqa: ANN202
 
 def _gemv2_for(plane1: int):  # noqa: ANN202
     @nb.njit(cache=True, parallel=True, fastmath=True)
-    def gemv2(x_in: np.ndarray, rot: np.ndarray, block: int, h8: np.ndarray, x: np.ndarray, k: int, codes0: np.ndarray,
+    def gemv2(x_in: np.ndarray, rot: np.ndarray, block: int, x: np.ndarray, k: int, codes0: np.ndarray,
               scale0: np.ndarray, table0: np.ndarray, codes1: np.ndarray, scale1: np.ndarray, table1: np.ndarray,
               signs: np.ndarray, out: np.ndarray) -> None:
         """The GEMV of an e8p stage and the next (plane ``plane1``, same scale groups) in one pass
         at M = 1: each x load feeds both stages' accumulators of two output rows, and the output
         is written once. The rotation as in ``gemv``."""
         n_rows = out.shape[1]
-        n_groups, cols, per_group = _one_row_walk(x_in, rot, block, h8, x, k, 8, scale0.shape[0], n_rows)
+        n_groups, cols, per_group = _one_row_walk(x_in, rot, block, x, k, 8, scale0.shape[0], n_rows)
         for p in nb.prange((n_rows + 1) // 2):
             n0, n1, r0, r1 = _row_pair(p, n_rows, cols)
             t0 = np.float32(0.0)
@@ -277,7 +302,7 @@ def _sign_terms(planes: int, tg: float, at0: int, at1: int, scale0: np.ndarray, 
 
 def _bits_for(planes: int):  # noqa: ANN202
     @nb.njit(cache=True, parallel=True, fastmath=True)
-    def bits(x_in: np.ndarray, rot: np.ndarray, block: int, h8: np.ndarray, x: np.ndarray, k: int,
+    def bits(x_in: np.ndarray, rot: np.ndarray, block: int, x: np.ndarray, k: int,
              words0: np.ndarray, scale0: np.ndarray, words1: np.ndarray, scale1: np.ndarray, words2: np.ndarray,
              scale2: np.ndarray, words3: np.ndarray, scale3: np.ndarray, signs: np.ndarray, out: np.ndarray) -> None:
         """The GEMV of ``planes`` (1-4) b1 stages with the same scale groups at M = 1, in one pass,
@@ -286,7 +311,7 @@ def _bits_for(planes: int):  # noqa: ANN202
         bits)``. Two output rows per iteration share each x load. The rotation as in ``gemv``;
         ``signs`` is unused (the M = 1 calls share one form)."""
         n_rows = out.shape[1]
-        n_groups, cols, per_group = _one_row_walk(x_in, rot, block, h8, x, k, 16, scale0.shape[0], n_rows)
+        n_groups, cols, per_group = _one_row_walk(x_in, rot, block, x, k, 16, scale0.shape[0], n_rows)
         total = np.zeros(n_groups, dtype=np.float32)  # sum of x over each group
         for i in range(k):
             total[i // (per_group * 16)] += x[i]
@@ -357,7 +382,7 @@ def _look_up_chunk(a, b, tables: np.ndarray, at: int, idx):  # noqa: ANN001, ANN
 
 def _lookup_for(planes: int):  # noqa: ANN202
     @nb.njit(cache=True, parallel=True, fastmath=True)
-    def lookup(x_in: np.ndarray, rot: np.ndarray, block: int, h8: np.ndarray, x: np.ndarray, k: int,
+    def lookup(x_in: np.ndarray, rot: np.ndarray, block: int, x: np.ndarray, k: int,
                tiles0: np.ndarray, scale0: np.ndarray, tiles1: np.ndarray, scale1: np.ndarray, tiles2: np.ndarray,
                scale2: np.ndarray, tiles3: np.ndarray, scale3: np.ndarray, entry: np.ndarray,
                pattern_signs: np.ndarray, signs: np.ndarray, out: np.ndarray) -> None:
@@ -368,7 +393,7 @@ def _lookup_for(planes: int):  # noqa: ANN202
         and stage, eight ``vpermps`` into the tables of ``_sign_sums``. The rotation as in ``gemv``;
         ``signs`` is unused (the M = 1 calls share one form)."""
         if block > 0:
-            _rotate_into(x_in, rot, block, h8, x)
+            _rotate_into(x_in, rot, block, x)
         chunks = k >> 5
         n_tiles = tiles0.shape[0] // (chunks << 4)
         n_groups = scale0.shape[0] // (n_tiles << 4)
@@ -467,13 +492,13 @@ def _decode_for(plane: int):  # noqa: ANN202
         per_group = cols // n_groups
         for n in nb.prange(n_rows):
             row = n * cols
-            for v in range(cols):
-                val = vmul(_codeword(codes, row + v, table, signs, plane),
-                           vbroadcast(hload(scale, n * n_groups + v // per_group)))
-                at = (row + v) << 3
-                if accumulate:
-                    val = vadd(val, vload(w, at))
-                vstore(w, at, val)
+            for g in range(n_groups):  # groups outside: no division per vector
+                s = vbroadcast(hload(scale, n * n_groups + g))
+                for v in range(row + g * per_group, row + (g + 1) * per_group):
+                    val = vmul(_codeword(codes, v, table, signs, plane), s)
+                    if accumulate:
+                        val = vadd(val, vload(w, v << 3))
+                    vstore(w, v << 3, val)
 
     return decode
 
@@ -489,15 +514,27 @@ def _decode_bf16_for(plane1: int):  # noqa: ANN202
         n_rows = w.shape[0] // k
         groups0 = scale0.shape[0] // n_rows
         groups1 = scale1.shape[0] // n_rows if plane1 >= 0 else 1
+        per0 = cols // groups0
+        per1 = cols // groups1
         for n in nb.prange(n_rows):
             row = n * cols
-            for v in range(cols):
-                val = vmul(_e8p_vector(codes0, row + v, table0, signs),
-                           vbroadcast(hload(scale0, n * groups0 + v // (cols // groups0))))
+            # each stage's scale group by a counter: a division per vector cost more than its decode
+            at0, left0, at1, left1 = n * groups0, per0, n * groups1, per1
+            s0 = vbroadcast(hload(scale0, at0))
+            s1 = vbroadcast(hload(scale1, at1))
+            for v in range(row, row + cols):
+                if left0 == 0:
+                    at0, left0 = at0 + 1, per0
+                    s0 = vbroadcast(hload(scale0, at0))
+                val = vmul(_e8p_vector(codes0, v, table0, signs), s0)
+                left0 -= 1
                 if plane1 >= 0:
-                    val = vfma(_codeword(codes1, row + v, table1, signs, plane1),
-                               vbroadcast(hload(scale1, n * groups1 + v // (cols // groups1))), val)
-                vstore_bf16(w, (row + v) << 3, val)
+                    if left1 == 0:
+                        at1, left1 = at1 + 1, per1
+                        s1 = vbroadcast(hload(scale1, at1))
+                    val = vfma(_codeword(codes1, v, table1, signs, plane1), s1, val)
+                    left1 -= 1
+                vstore_bf16(w, v << 3, val)
 
     return decode_bf16
 
@@ -607,7 +644,7 @@ def rotation(tensors: list[torch.Tensor], layout: list[int]) -> tuple[np.ndarray
 
 def rotate_rows(x2: torch.Tensor, signs: np.ndarray, block: int) -> np.ndarray:
     """The rotated input rows the kernels take (fp32 [M, K] contiguous in)."""
-    return (_rotate_few if x2.shape[0] <= GEMV_MAX_M else _rotate_many)(x2.numpy(), signs, block, _H8)
+    return (_rotate_few if x2.shape[0] <= GEMV_MAX_M else _rotate_many)(x2.numpy(), signs, block)
 
 
 _NO_SIGNS = np.ones(0, dtype=np.float32)
@@ -703,7 +740,7 @@ def _gemv_one(x: np.ndarray, calls: tuple, signs: np.ndarray | None, block: int,
     else:
         xr = np.empty(k, dtype=np.float32)
     for kernel, args in calls:
-        kernel(x, signs, block, _H8, xr, k, *args, _SIGNS, out)
+        kernel(x, signs, block, xr, k, *args, _SIGNS, out)
         block = 0  # rotated once
     return out
 
@@ -729,8 +766,15 @@ def linear(x: torch.Tensor, tensors: list[torch.Tensor], layout: list[int], bias
             row = row.float().contiguous()
         y = torch.from_numpy(_gemv_one(row.numpy().reshape(k), calls, signs, block, n))
         return y.view(*x.shape[:-1], n) if bias is None and x.dtype == torch.float32 else _finish(y, x, bias)
-    x2 = x.detach().reshape(-1, k).float().contiguous()
-    m = x2.shape[0]
+    m = x.numel() // k
+    if x.dtype == torch.bfloat16 and m > GEMV_MAX_M and len(stages) <= 2 and stages[0][3] == 0:
+        xb = x.detach().reshape(m, k).contiguous()  # a bf16 model's own precision, in and out
+        if signs is not None and block >= 8:
+            xb = torch.from_numpy(_rotate_many_bf16(xb.view(torch.int16).numpy(), signs, block)).view(torch.bfloat16)
+        elif signs is not None:
+            xb = torch.from_numpy(rotate_rows(xb.float(), signs, block)).bfloat16()
+        return _finish(xb @ _decoded_bf16(stages, n, k).T, x, bias)
+    x2 = x.detach().reshape(m, k).float().contiguous()
     xr = x2.numpy() if signs is None else rotate_rows(x2, signs, block)
     if m <= GEMV_MAX_M:
         out = np.zeros((m, n), dtype=np.float32)
@@ -738,8 +782,6 @@ def linear(x: torch.Tensor, tensors: list[torch.Tensor], layout: list[int], bias
         for codes, scale, table, plane in stages:
             _GEMV4[plane](flat, k, codes, scale, table, _SIGNS, out)
         y = torch.from_numpy(out)
-    elif x.dtype == torch.bfloat16 and len(stages) <= 2 and stages[0][3] == 0:
-        y = torch.from_numpy(xr).bfloat16() @ _decoded_bf16(stages, n, k).T  # a bf16 model's own precision
     else:
         w = np.empty(n * k, dtype=np.float32)  # per call: a buffer kept per shape would live as long as the process
         for i, (codes, scale, table, plane) in enumerate(stages):

@@ -147,6 +147,42 @@ def vstore_bf16(typingctx, arr, offset, value):
 
 
 @intrinsic
+def vload_bf16(typingctx, arr, offset):
+    """``arr[offset : offset + 8]`` of a 1-D int16/uint16 array of bf16 bits, as fp32 (exact)."""
+    if not (isinstance(arr, types.Array) and arr.ndim == 1 and arr.dtype in (types.int16, types.uint16)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        i32 = ir.VectorType(ir.IntType(32), LANES)
+        half = _load(builder, _pointer(context, builder, sig.args[0], args[0], args[1],
+                                       ir.VectorType(ir.IntType(16), LANES)), 2)
+        bits = builder.shl(builder.zext(half, i32), ir.Constant(i32, [16] * LANES))
+        return builder.bitcast(bits, _VEC)
+
+    return f32x8(arr, offset), codegen
+
+
+@intrinsic
+def vhadamard8(typingctx, v):
+    """``H_8 v`` (Sylvester order, unnormalized) of one 8-lane vector: three butterfly stages in
+    registers, each a lane swap and a multiply-add by +-1 (lane i: ``v[i ^ d] + v[i]`` where bit
+    ``d`` of i is clear, ``v[i ^ d] - v[i]`` where it is set)."""
+    if v != f32x8:
+        return None
+
+    def codegen(context, builder, sig, args):
+        out = args[0]
+        for d in (1, 2, 4):
+            swapped = builder.shuffle_vector(out, out, ir.Constant(ir.VectorType(ir.IntType(32), LANES),
+                                                                   [i ^ d for i in range(LANES)]))
+            sign = ir.Constant(_VEC, [-1.0 if i & d else 1.0 for i in range(LANES)])
+            out = builder.fadd(builder.fmul(out, sign, flags=_FAST), swapped, flags=_FAST)
+        return out
+
+    return f32x8(v), codegen
+
+
+@intrinsic
 def vbroadcast(typingctx, value):
     """(value, ..., value) of a float32."""
     return f32x8(types.float32), lambda context, builder, sig, args: _splat(builder, args[0], _VEC)

@@ -68,16 +68,31 @@ def test_small_hadamard_blocks(block, m):
     assert _error(layer, torch.randn(m, 96)) < TOL, f"seed {SEED}: block {block}"
 
 
+@pytest.mark.parametrize("block", [8, 16, 64, 256])
+def test_bf16_rows_rotate_as_the_fp32_transform_rounds(block):
+    """Prefill on bf16 activations rotates bf16 rows straight to bf16: bit for bit the fp32 transform
+    of the same rows rounded by torch (row counts that leave the last task part full)."""
+    k = block * RNG.randint(1, 4)
+    m = RNG.randint(C.GEMV_MAX_M + 1, 70)
+    x = (torch.randn(m, k) * 10 ** RNG.uniform(-3, 3)).bfloat16()
+    signs = (torch.randint(0, 2, (k,)) * 2 - 1).float().numpy()
+    got = torch.from_numpy(C._rotate_many_bf16(x.view(torch.int16).numpy(), signs, block)).view(torch.bfloat16)
+    want = torch.from_numpy(C.rotate_rows(x.float(), signs, block)).bfloat16()
+    assert torch.equal(got, want), f"seed {SEED}: m={m} k={k}"
+
+
+@pytest.mark.parametrize("k,group", [(128, 32), (768, 128), (1536, 64)])
 @pytest.mark.parametrize("second", [None, "e8p", "vq8", "vq4", "b1"])
-def test_the_bf16_decode_rounds_the_fp32_decode_to_nearest_even(second):
+def test_the_bf16_decode_rounds_the_fp32_decode_to_nearest_even(second, k, group):
     """What the bf16 GEMM of prefill multiplies: the fp32 decode rounded as torch rounds (a second
-    stage is summed by a fused multiply-add, so a rare last-bit tie may round the other way)."""
-    stages = (StageV2("e8p", 32),) + (() if second is None else (StageV2(second, 64),))
-    layer = _layer(LayerSpecV2(stages, rotation=False), 128, 24)
+    stage is summed by a fused multiply-add, so a rare last-bit tie may round the other way); the
+    stages' scale groups of different sizes, so each walks its own."""
+    stages = (StageV2("e8p", group),) + (() if second is None else (StageV2(second, 2 * group),))
+    layer = _layer(LayerSpecV2(stages, rotation=False), k, 24)
     tensors, layout = layer.op_args()
     plan = C._plan(tuple(layout), tensors)[0]
     want = layer.decode_rotated().bfloat16()
-    got = C._decoded_bf16(plan, 24, 128)
+    got = C._decoded_bf16(plan, 24, k)
     if second is None:
         assert torch.equal(got, want), f"seed {SEED}"
     else:
