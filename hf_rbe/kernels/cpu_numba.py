@@ -539,6 +539,36 @@ def _decode_bf16_for(plane1: int):  # noqa: ANN202
     return decode_bf16
 
 
+def _decode_bf16_signs_for(planes: int):  # noqa: ANN202
+    @nb.njit(cache=True, parallel=True, fastmath=True)
+    def decode_bf16_signs(codes0: np.ndarray, scale0: np.ndarray, codes1: np.ndarray, scale1: np.ndarray,
+                          codes2: np.ndarray, scale2: np.ndarray, codes3: np.ndarray, scale3: np.ndarray,
+                          table: np.ndarray, w: np.ndarray, k: int) -> None:
+        """The flat [N * K] bf16 bits ``w`` = the decoded, still rotated weight of a run of ``planes``
+        (1-4) b1 stages with the same scale groups and expanded ``table`` (a byte of signs per 8
+        weights), summed in fp32 and rounded once, as ``decode_bf16`` does for e8p."""
+        cols = k // 8
+        n_rows = w.shape[0] // k
+        n_groups = scale0.shape[0] // n_rows
+        per_group = cols // n_groups
+        for n in nb.prange(n_rows):
+            for g in range(n_groups):
+                at = n * n_groups + g
+                s0, s1 = vbroadcast(hload(scale0, at)), vbroadcast(hload(scale1, at))
+                s2, s3 = vbroadcast(hload(scale2, at)), vbroadcast(hload(scale3, at))
+                for v in range(n * cols + g * per_group, n * cols + (g + 1) * per_group):
+                    val = vmul(_codeword(codes0, v, table, table, 1), s0)
+                    if planes >= 2:
+                        val = vfma(_codeword(codes1, v, table, table, 1), s1, val)
+                    if planes >= 3:
+                        val = vfma(_codeword(codes2, v, table, table, 1), s2, val)
+                    if planes >= 4:
+                        val = vfma(_codeword(codes3, v, table, table, 1), s3, val)
+                    vstore_bf16(w, v << 3, val)
+
+    return decode_bf16_signs
+
+
 _PLANE_IDS = {"e8p": 0, "vq8": 1, "vq4": 2, "b1": 3}
 _B1 = _PLANE_IDS["b1"]
 _FORMS = (0, 1, 2, 1)  # the kernel form of each plane id: b1 walks as vq8, on its expanded table
@@ -555,6 +585,7 @@ _GEMV2 = _by_plane(_gemv2_for)
 _GEMV4 = _by_plane(_gemv4_for)
 _DECODE = _by_plane(_decode_for)
 _DECODE_BF16 = _by_plane(_decode_bf16_for, extra=(-1,))
+_DECODE_BF16_SIGNS = {p: _decode_bf16_signs_for(p) for p in range(1, BITS_MAX_PLANES + 1)}
 _BITS = {p: _bits_for(p) for p in range(1, BITS_MAX_PLANES + 1)}
 _LOOKUP = {p: _lookup_for(p) for p in range(1, BITS_MAX_PLANES + 1)} if HAS_AVX512 else {}
 _SIGNS = e8p_sign_table().reshape(-1).clone().numpy()  # torch allocates 64-byte aligned: no row splits a line
@@ -745,12 +776,24 @@ def _gemv_one(x: np.ndarray, calls: tuple, signs: np.ndarray | None, block: int,
     return out
 
 
-def _decoded_bf16(stages: tuple, n: int, k: int) -> torch.Tensor:
-    """The bf16 [N, K] rotated weight of one e8p stage or an e8p stage and the next."""
+def _bf16_decode(stages: tuple, k: int) -> tuple | None:
+    """(kernel, its stage arguments) that decodes a layer's weight straight to bf16: one e8p stage
+    or an e8p stage and the next, or a run of b1 stages (all of the layer's); ``None`` for others."""
+    if len(stages) <= 2 and stages[0][3] == 0:
+        c0, s0, t0, _ = stages[0]
+        c1, s1, t1, p1 = stages[1] if len(stages) == 2 else (c0, s0, t0, -1)
+        return _DECODE_BF16[p1], (c0, s0, t0, c1, s1, t1, _SIGNS)
+    run = _b1_run(stages, 0, k, 8)
+    if len(run) == len(stages):
+        return _DECODE_BF16_SIGNS[len(run)], (*_padded([stage[:2] for stage in run]), run[0][2])
+    return None
+
+
+def _decoded_bf16(decode: tuple, n: int, k: int) -> torch.Tensor:
+    """The bf16 [N, K] rotated weight by a ``_bf16_decode`` call."""
     w = np.empty(n * k, dtype=np.int16)
-    c0, s0, t0, _ = stages[0]
-    c1, s1, t1, p1 = stages[1] if len(stages) == 2 else (c0, s0, t0, -1)
-    _DECODE_BF16[p1](c0, s0, t0, c1, s1, t1, _SIGNS, w, k)
+    kernel, args = decode
+    kernel(*args, w, k)
     return torch.from_numpy(w).view(torch.bfloat16).view(n, k)
 
 
@@ -767,13 +810,14 @@ def linear(x: torch.Tensor, tensors: list[torch.Tensor], layout: list[int], bias
         y = torch.from_numpy(_gemv_one(row.numpy().reshape(k), calls, signs, block, n))
         return y.view(*x.shape[:-1], n) if bias is None and x.dtype == torch.float32 else _finish(y, x, bias)
     m = x.numel() // k
-    if x.dtype == torch.bfloat16 and m > GEMV_MAX_M and len(stages) <= 2 and stages[0][3] == 0:
-        xb = x.detach().reshape(m, k).contiguous()  # a bf16 model's own precision, in and out
+    decode = _bf16_decode(stages, k) if x.dtype == torch.bfloat16 and m > GEMV_MAX_M else None
+    if decode is not None:  # a bf16 model's own precision, in and out
+        xb = x.detach().reshape(m, k).contiguous()
         if signs is not None and block >= 8:
             xb = torch.from_numpy(_rotate_many_bf16(xb.view(torch.int16).numpy(), signs, block)).view(torch.bfloat16)
         elif signs is not None:
             xb = torch.from_numpy(rotate_rows(xb.float(), signs, block)).bfloat16()
-        return _finish(xb @ _decoded_bf16(stages, n, k).T, x, bias)
+        return _finish(xb @ _decoded_bf16(decode, n, k).T, x, bias)
     x2 = x.detach().reshape(m, k).float().contiguous()
     xr = x2.numpy() if signs is None else rotate_rows(x2, signs, block)
     if m <= GEMV_MAX_M:
@@ -787,7 +831,7 @@ def linear(x: torch.Tensor, tensors: list[torch.Tensor], layout: list[int], bias
         for i, (codes, scale, table, plane) in enumerate(stages):
             _DECODE[plane](codes, scale, table, _SIGNS, w, k, i > 0)
         wt = torch.from_numpy(w).view(n, k)
-        if x.dtype == torch.bfloat16:  # a third stage: decoded in fp32 first, then the same bf16 GEMM
+        if x.dtype == torch.bfloat16:  # stages no bf16 decode takes: decoded in fp32 first, then the same bf16 GEMM
             y = torch.from_numpy(xr).bfloat16() @ wt.bfloat16().T
         else:
             y = torch.from_numpy(xr) @ wt.T

@@ -90,14 +90,28 @@ def test_the_bf16_decode_rounds_the_fp32_decode_to_nearest_even(second, k, group
     stages = (StageV2("e8p", group),) + (() if second is None else (StageV2(second, 2 * group),))
     layer = _layer(LayerSpecV2(stages, rotation=False), k, 24)
     tensors, layout = layer.op_args()
-    plan = C._plan(tuple(layout), tensors)[0]
-    want = layer.decode_rotated().bfloat16()
-    got = C._decoded_bf16(plan, 24, k)
-    if second is None:
+    got = C._decoded_bf16(C._bf16_decode(C._plan(tuple(layout), tensors)[0], k), 24, k)
+    _rounded_alike(got, layer.decode_rotated().bfloat16(), exact=second is None)
+
+
+def _rounded_alike(got: torch.Tensor, want: torch.Tensor, exact: bool) -> None:
+    """``got`` is ``want`` (bf16), or where stages were summed by fused multiply-adds within a last-bit
+    tie of it."""
+    if exact:
         assert torch.equal(got, want), f"seed {SEED}"
     else:
         step = (want.float().abs() * 2.0**-7).clamp_min(1e-30)  # one bf16 ulp, about
         assert ((got.float() - want.float()).abs() <= step).all() and (got == want).float().mean() > 0.97
+
+
+@pytest.mark.parametrize("planes", range(1, C.BITS_MAX_PLANES + 1))
+def test_the_bf16_decode_of_sign_planes(planes):
+    """A run of b1 stages decodes straight to bf16 too (the sign-plane presets' prefill)."""
+    layer = _layer(LayerSpecV2(tuple(StageV2("b1", 64) for _ in range(planes)), rotation=False), 256, 21)
+    tensors, layout = layer.op_args()
+    decode = C._bf16_decode(C._plan(tuple(layout), tensors)[0], 256)
+    assert decode is not None
+    _rounded_alike(C._decoded_bf16(decode, 21, 256), layer.decode_rotated().bfloat16(), exact=planes == 1)
 
 
 @pytest.mark.parametrize("plane", ["e8p", "vq8", "vq4", "b1"])
@@ -184,9 +198,10 @@ def test_sign_plane_lookups_at_random_shapes(planes, k, group, dtype):
     assert ((y - ref).abs()[0] <= 1e-5 * bound).all(), f"seed {SEED}: {spec} k={k} n={n}"
 
 
+@pytest.mark.parametrize("stages", [("e8p", "vq8"), ("b1", "b1", "b1"), ("e8p", "vq8", "vq4")])  # the last: no bf16 decode
 @pytest.mark.parametrize("m", [1, 12, C.GEMV_MAX_M + 25])  # the last: decode + a bf16 GEMM
-def test_bf16_activations_leading_dims_and_strides(m):
-    layer = _layer(LayerSpecV2((StageV2("e8p"), StageV2("vq8"))), 256, 40)
+def test_bf16_activations_leading_dims_and_strides(m, stages):
+    layer = _layer(LayerSpecV2(tuple(StageV2(p) for p in stages)), 256, 40)
     x = torch.randn(2, m, 512)[..., ::2].bfloat16()  # non-contiguous last dim
     tensors, layout = layer.op_args()
     y = C.linear(x, tensors, layout, layer.bias)
