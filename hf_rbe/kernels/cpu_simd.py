@@ -330,3 +330,22 @@ def vlookup16(typingctx, tables, offset, idx, shift):
 def vbroadcast16(typingctx, value):
     """(value, ..., value) of a float32, sixteen lanes."""
     return f32x16(types.float32), lambda context, builder, sig, args: _splat(builder, args[0], _VEC16)
+
+
+@intrinsic
+def prefetch(typingctx, arr, offset):
+    """A hint to bring the cache line of ``arr[offset]`` (a 1-D array) into the caches; no fault
+    past the end (a prefetch of an unmapped address is dropped)."""
+    if not (isinstance(arr, types.Array) and arr.ndim == 1):
+        return None
+
+    def codegen(context, builder, sig, args):
+        data = context.make_array(sig.args[0])(context, builder, args[0]).data
+        ptr = builder.bitcast(builder.gep(data, [args[1]]), ir.IntType(8).as_pointer())
+        fn = builder.module.declare_intrinsic("llvm.prefetch", fnty=ir.FunctionType(
+            ir.VoidType(), [ir.IntType(8).as_pointer(), ir.IntType(32), ir.IntType(32), ir.IntType(32)]))
+        builder.call(fn, [ptr, ir.Constant(ir.IntType(32), 0), ir.Constant(ir.IntType(32), 3),
+                          ir.Constant(ir.IntType(32), 1)])
+        return context.get_dummy_value()
+
+    return types.none(arr, offset), codegen
