@@ -8,7 +8,9 @@ Bandwidth: a STREAM-like figure measured first, in the same process (the bench's
 arrays 5x the last-level cache): copy and triad with torch, and a read-only pass (the sum of an
 array by a numba kernel: what a GEMV does to its weights). The denominator of every "% of
 bandwidth" is the largest of these or, where a torch GEMV read its weights faster (it can, on a
-shared VM), that rate: none flatters a kernel.
+shared VM), that rate: none flatters a kernel. Machine state: one fixed torch product in fp32 and
+bf16 timed at the start, between the parts and at the end (``state_probe``), since on a virtual
+machine torch's bf16 products moved by 2x between moments while fp32's held.
 
 Layers: ``y = x W^T`` at M = 1 (decoding) for SmolLM2's 576->1536 and 1536->576 and the layer
 shapes of an 8B model (4096x4096, 4096x14336, 14336x4096). Every timing cycles through enough
@@ -145,6 +147,20 @@ def bandwidth(nbytes: int, rounds: int) -> dict[str, float]:
         out[f"{name}_gbs"] = arrays * n * 4 / best / 1e9
     out["gbs"] = max(out.values())
     logging.info("bandwidth %s", out)
+    return out
+
+
+def state_probe(at: str) -> dict[str, object]:
+    """Microseconds of one fixed torch product (512x576 by 576x1536, a SmolLM2 prefill's shape) in
+    fp32 and bf16, median of 30: on a virtual machine torch's bf16 products (AMX) ran 2x slower in
+    some processes and moments than in others while fp32's held (``hf_rbe/kernels/NOTES.md``), so
+    the bench records where it stood between its parts."""
+    out: dict[str, object] = {"at": at}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(512, 576, dtype=dtype), torch.randn(1536, 576, dtype=dtype)
+        a @ b.T
+        out[f"{name}_us"] = statistics.median(_seconds(lambda: a @ b.T) for _ in range(30)) * 1e6
+    logging.info("state %s", out)
     return out
 
 
@@ -492,6 +508,10 @@ def table(res: dict) -> str:
              f"{bw['triad_gbs']:.1f}, read {bw['read_gbs']:.1f}. The 100% below is **{bw['peak_gbs']:.1f} GB/s**: "
              + ("the largest of these." if bw["peak_from"] == "STREAM-like" else
                 "the rate a torch GEMV read its weights at, above every STREAM-like figure."), "",
+             *([("Machine state (one 512x576 by 576x1536 torch product, us, fp32 / bf16): "
+                 + ", ".join(f"{p['at']} {p['fp32_us']:.0f} / {p['bf16_us']:.0f}" for p in res["state_probes"])
+                 + ". Where the bf16 figure moves, ratios to torch bf16 in the rows between move with it."), ""]
+               if "state_probes" in res else []),
              "Layer GEMV, M=1, weights streamed: microseconds per call (GB/s of weights read, % of bandwidth):", "",
              "| in x out | fp32 | bf16 | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
     for r in res["layers"]:
@@ -601,23 +621,29 @@ def main() -> None:
     dec_files = llama_cpp_rows.decoder_files(gguf_dir, shape, depths, args.threads) if llama else None
     lm_files = llama_cpp_rows.smollm2_files(gguf_dir, args.threads) if llama and not args.smoke else None
     repack = llama and llama_cpp.repack_works(next(iter(dec_files.values())), args.threads)
+    probes = [state_probe("start")]
     if args.smoke:
         bw = bandwidth(2**20, 2)
         layers = layer_rows([(256, 64)], presets, 2, 2**20)
+        probes.append(state_probe("after the layer rows"))
         models = model_rows(True, presets, 3, 32, 1)
+        probes.append(state_probe("after the model rows"))
         decoder = decoder_rows(shape, depths, n_layers, DECODER_PRESETS, 2, dec_files, args.threads, repack)
     else:
         bw = bandwidth(BANDWIDTH_BYTES, 10)
         layers = layer_rows(SHAPES, presets, args.rounds, STREAM_BYTES)
+        probes.append(state_probe("after the layer rows"))
         model_presets = presets if args.model_presets is None else args.model_presets
         models = model_rows(False, model_presets, args.tokens, 512, args.repeats, lm_files, args.threads, repack)
+        probes.append(state_probe("after the model rows"))
         _hand_back_freed_memory()
         decoder = decoder_rows(shape, depths, n_layers, DECODER_PRESETS, 12, dec_files, args.threads, repack)
+    probes.append(state_probe("end"))
     add_fractions(layers, bw)
     meta = {**run_meta(), "numba_threads": numba.get_num_threads(), "load_before": load_before,
             "load_after": "%.2f %.2f %.2f" % os.getloadavg(),
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
-    res = {"meta": meta, "presets": presets, "bandwidth": bw,
+    res = {"meta": meta, "presets": presets, "bandwidth": bw, "state_probes": probes,
            "layer_columns": presets + [p + HALF_X for p in HALF_X_PRESETS if p in presets], "layers": layers, "models": models,
            "llama_cpp": {"version": llama_cpp.version(), "repack": repack} if llama else None,
            "decoder_8b_setup": {"vocab_size": shape["vocab_size"], "depths": list(depths), "layers": n_layers},

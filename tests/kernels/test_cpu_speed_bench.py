@@ -34,5 +34,9 @@ def test_cpu_speed_bench_smoke(tmp_path):
     heads = {r["weights"]: r["head_bpw"] for r in res["decoder_8b"]}
     assert heads["bf16"] == 16 and all(heads[p] < 6 for p in ("v2-3", "v2-b2", "v2-b3"))  # RBE's head coded
     assert ("decoder_8b_vs_llama_cpp" in res["verdicts"]) == LLAMA_CPP
+    probes = res["state_probes"]
+    assert [p["at"] for p in probes] == ["start", "after the layer rows", "after the model rows", "end"]
+    assert all(p["fp32_us"] > 0 and p["bf16_us"] > 0 for p in probes)
     md = out.with_suffix(".md").read_text()
     assert "Speedup over torch bf16" in md and "8B-shaped decoder" in md and "Sign planes" in md
+    assert "Machine state" in md
