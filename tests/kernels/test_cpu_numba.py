@@ -198,6 +198,24 @@ def test_sign_plane_lookups_at_random_shapes(planes, k, group, dtype):
     assert ((y - ref).abs()[0] <= 1e-5 * bound).all(), f"seed {SEED}: {spec} k={k} n={n}"
 
 
+def test_a_state_dict_loaded_under_inference_mode_reaches_the_lookup_copy():
+    """Tensors made under inference mode have no version counter, so the sign planes' tiled copy
+    follows them by identity: ``load_state_dict`` replaces them, and the next call computes with
+    the loaded codes (the way docs/usage.md names)."""
+    spec = LayerSpecV2((StageV2("b1"), StageV2("b1"), StageV2("b1")), rotation=True)
+    a = _layer(spec, 256, 40)
+    torch.manual_seed(SEED + 1)
+    b = RBELinear.from_linear(torch.nn.Linear(256, 40), spec, universal_tables(spec), rotation_seed=SEED)
+    x = torch.randn(1, 256)
+    with torch.inference_mode():
+        layer = copy.deepcopy(a)
+        before = layer(x)
+        layer.load_state_dict(b.state_dict())
+        got, want = layer(x), b(x)
+    assert not torch.allclose(before, want, rtol=1e-2), "the two layers must differ"
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-5), f"seed {SEED}"
+
+
 @pytest.mark.parametrize("stages", [("e8p", "vq8"), ("b1", "b1", "b1"), ("e8p", "vq8", "vq4")])  # the last: no bf16 decode
 @pytest.mark.parametrize("m", [1, 12, C.GEMV_MAX_M + 25])  # the last: decode + a bf16 GEMM
 def test_bf16_activations_leading_dims_and_strides(m, stages):
