@@ -550,14 +550,15 @@ def _decode_bf16_for(plane1: int):  # noqa: ANN202
     return decode_bf16
 
 
-def _decode_bf16_signs_for(planes: int):  # noqa: ANN202
+def _decode_signs_for(planes: int, bf16: bool):  # noqa: ANN202
     @nb.njit(cache=True, parallel=True, fastmath=True)
-    def decode_bf16_signs(codes0: np.ndarray, scale0: np.ndarray, codes1: np.ndarray, scale1: np.ndarray,
-                          codes2: np.ndarray, scale2: np.ndarray, codes3: np.ndarray, scale3: np.ndarray,
-                          table: np.ndarray, w: np.ndarray, k: int) -> None:
-        """The flat [N * K] bf16 bits ``w`` = the decoded, still rotated weight of a run of ``planes``
-        (1-4) b1 stages with the same scale groups and expanded ``table`` (a byte of signs per 8
-        weights), summed in fp32 and rounded once, as ``decode_bf16`` does for e8p."""
+    def decode_signs(codes0: np.ndarray, scale0: np.ndarray, codes1: np.ndarray, scale1: np.ndarray,
+                     codes2: np.ndarray, scale2: np.ndarray, codes3: np.ndarray, scale3: np.ndarray,
+                     table: np.ndarray, w: np.ndarray, k: int) -> None:
+        """The flat [N * K] ``w`` = the decoded, still rotated weight of a run of ``planes`` (1-4) b1
+        stages with the same scale groups and expanded ``table`` (a byte of signs per 8 weights),
+        summed in fp32 and written once: fp32, or with ``bf16`` its bf16 bits rounded once, as
+        ``decode_bf16`` does for e8p."""
         cols = k // 8
         n_rows = w.shape[0] // k
         n_groups = scale0.shape[0] // n_rows
@@ -575,9 +576,12 @@ def _decode_bf16_signs_for(planes: int):  # noqa: ANN202
                         val = vfma(_codeword(codes2, v, table, table, 1), s2, val)
                     if planes >= 4:
                         val = vfma(_codeword(codes3, v, table, table, 1), s3, val)
-                    vstore_bf16(w, v << 3, val)
+                    if bf16:
+                        vstore_bf16(w, v << 3, val)
+                    else:
+                        vstore(w, v << 3, val)
 
-    return decode_bf16_signs
+    return decode_signs
 
 
 _PLANE_IDS = {"e8p": 0, "vq8": 1, "vq4": 2, "b1": 3}
@@ -596,7 +600,8 @@ _GEMV2 = _by_plane(_gemv2_for)
 _GEMV4 = _by_plane(_gemv4_for)
 _DECODE = _by_plane(_decode_for)
 _DECODE_BF16 = _by_plane(_decode_bf16_for, extra=(-1,))
-_DECODE_BF16_SIGNS = {p: _decode_bf16_signs_for(p) for p in range(1, BITS_MAX_PLANES + 1)}
+#: (planes, bf16) -> the fused decode of a run of b1 stages
+_DECODE_SIGNS = {(p, h): _decode_signs_for(p, h) for p in range(1, BITS_MAX_PLANES + 1) for h in (False, True)}
 _BITS = {p: _bits_for(p) for p in range(1, BITS_MAX_PLANES + 1)}
 _LOOKUP = {p: _lookup_for(p) for p in range(1, BITS_MAX_PLANES + 1)} if HAS_AVX512 else {}
 _SIGNS = e8p_sign_table().reshape(-1).clone().numpy()  # torch allocates 64-byte aligned: no row splits a line
@@ -796,7 +801,7 @@ def _bf16_decode(stages: tuple, k: int) -> tuple | None:
         return _DECODE_BF16[p1], (c0, s0, t0, c1, s1, t1, _SIGNS)
     run = _b1_run(stages, 0, k, 8)
     if len(run) == len(stages):
-        return _DECODE_BF16_SIGNS[len(run)], (*_padded([stage[:2] for stage in run]), run[0][2])
+        return _DECODE_SIGNS[len(run), True], (*_padded([stage[:2] for stage in run]), run[0][2])
     return None
 
 
@@ -830,6 +835,11 @@ def linear(x: torch.Tensor, tensors: list[torch.Tensor], layout: list[int], bias
             xb = torch.from_numpy(rotate_rows(xb.float(), signs, block)).bfloat16()
         return _finish(xb @ _decoded_bf16(decode, n, k).T, x, bias)
     x2 = x.detach().reshape(m, k).float().contiguous()
+    if m <= GEMV_MAX_M and all(kernel in _LOOKUP.values() for kernel, _ in calls):
+        # sign planes by lookups one row at a time: each row reads the planes again, but the vq8 form's
+        # table read per code and row cost several times that
+        rows = [_gemv_one(row, calls, signs, block, n) for row in x2.numpy()]
+        return _finish(torch.from_numpy(np.concatenate(rows)), x, bias)
     xr = x2.numpy() if signs is None else rotate_rows(x2, signs, block)
     if m <= GEMV_MAX_M:
         out = np.zeros((m, n), dtype=np.float32)
@@ -839,8 +849,12 @@ def linear(x: torch.Tensor, tensors: list[torch.Tensor], layout: list[int], bias
         y = torch.from_numpy(out)
     else:
         w = np.empty(n * k, dtype=np.float32)  # per call: a buffer kept per shape would live as long as the process
-        for i, (codes, scale, table, plane) in enumerate(stages):
-            _DECODE[plane](codes, scale, table, _SIGNS, w, k, i > 0)
+        run = _b1_run(stages, 0, k, 8)
+        if len(run) == len(stages):  # sign planes summed in registers and written once, not a pass each
+            _DECODE_SIGNS[len(run), False](*_padded([stage[:2] for stage in run]), run[0][2], w, k)
+        else:
+            for i, (codes, scale, table, plane) in enumerate(stages):
+                _DECODE[plane](codes, scale, table, _SIGNS, w, k, i > 0)
         wt = torch.from_numpy(w).view(n, k)
         if x.dtype == torch.bfloat16:  # stages no bf16 decode takes: decoded in fp32 first, then the same bf16 GEMM
             y = torch.from_numpy(xr).bfloat16() @ wt.bfloat16().T

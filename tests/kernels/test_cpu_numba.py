@@ -140,13 +140,14 @@ def test_odd_row_counts_and_short_groups(k, group, m):
 
 @pytest.mark.parametrize("planes", [1, 2, 3, 4, 5])
 @pytest.mark.parametrize("k, group", [(256, None), (96, 16), (192, 64), (104, 8), (40, None)])
-@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("m", [1, 3, C.GEMV_MAX_M + 1])
 def test_sign_plane_runs(planes, k, group, m):
     """Runs of b1 stages: at M = 1 one lookup pass (AVX-512) per up to four stages where rows and
-    groups hold whole 32-bit words (the first three shapes), else one masked-add pass where they hold
-    whole 16-bit words (96 with groups of 16 weights), the vq8 form on expanded tables where neither
-    (groups of 8, rows of 40 weights) and at M > 1; 19 rows: the lookup form's last tile of 16 is
-    three rows, the masked adds' last row pair one row."""
+    groups hold whole 32-bit words (the first three shapes; at M up to ``GEMV_MAX_M`` the same pass
+    row by row), else one masked-add pass where they hold whole 16-bit words (96 with groups of 16
+    weights), the vq8 form on expanded tables where neither (groups of 8, rows of 40 weights);
+    above ``GEMV_MAX_M`` one fused decode of up to four stages; 19 rows: the lookup form's last
+    tile of 16 is three rows, the masked adds' last row pair one row."""
     spec = LayerSpecV2(tuple(StageV2("b1", group) for _ in range(planes)), rotation=k % 64 == 0)
     layer = _layer(spec, k, 19)
     assert _error(layer, torch.randn(m, k)) < TOL, f"seed {SEED}"
