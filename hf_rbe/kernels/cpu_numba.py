@@ -799,10 +799,16 @@ def _bf16_decode(stages: tuple, k: int) -> tuple | None:
         c0, s0, t0, _ = stages[0]
         c1, s1, t1, p1 = stages[1] if len(stages) == 2 else (c0, s0, t0, -1)
         return _DECODE_BF16[p1], (c0, s0, t0, c1, s1, t1, _SIGNS)
+    return _signs_decode(stages, k, True)
+
+
+def _signs_decode(stages: tuple, k: int, bf16: bool) -> tuple | None:
+    """(kernel, its stage arguments) of the fused decode of a layer whose stages are one run of b1
+    stages (in fp32, or with ``bf16`` in bf16); ``None`` for others."""
     run = _b1_run(stages, 0, k, 8)
-    if len(run) == len(stages):
-        return _DECODE_SIGNS[len(run), True], (*_padded([stage[:2] for stage in run]), run[0][2])
-    return None
+    if len(run) != len(stages):
+        return None
+    return _DECODE_SIGNS[len(run), bf16], (*_padded([stage[:2] for stage in run]), run[0][2])
 
 
 def _decoded_bf16(decode: tuple, n: int, k: int) -> torch.Tensor:
@@ -849,9 +855,9 @@ def linear(x: torch.Tensor, tensors: list[torch.Tensor], layout: list[int], bias
         y = torch.from_numpy(out)
     else:
         w = np.empty(n * k, dtype=np.float32)  # per call: a buffer kept per shape would live as long as the process
-        run = _b1_run(stages, 0, k, 8)
-        if len(run) == len(stages):  # sign planes summed in registers and written once, not a pass each
-            _DECODE_SIGNS[len(run), False](*_padded([stage[:2] for stage in run]), run[0][2], w, k)
+        fused = _signs_decode(stages, k, False)
+        if fused is not None:  # sign planes summed in registers and written once, not a pass each
+            fused[0](*fused[1], w, k)
         else:
             for i, (codes, scale, table, plane) in enumerate(stages):
                 _DECODE[plane](codes, scale, table, _SIGNS, w, k, i > 0)
