@@ -102,7 +102,8 @@ def _butterflies(out: np.ndarray, k: int, block: int) -> None:
 def _rotate_into(x: np.ndarray, signs: np.ndarray, block: int, out: np.ndarray) -> None:
     """``out = x S H`` per block of ``block`` columns for one flat [K] row: a fast Walsh-Hadamard
     transform (``K log B`` adds, where a matmul by the block costs ``K B`` multiply-adds), its first
-    three stages inside each 8-vector's registers."""
+    three stages inside each 8-vector's registers. ``out`` may be ``x`` (each place is read before
+    it is written)."""
     k = x.shape[0]
     norm = np.float32(1.0 / math.sqrt(block))
     if block < 8:  # a block inside one vector (only a tiny ``rotation_block`` gives one): scalar butterflies
@@ -150,19 +151,18 @@ _BF16_ROWS = 16
 
 @nb.njit(cache=True, parallel=True, fastmath=True)
 def _rotate_many_bf16(x: np.ndarray, signs: np.ndarray, block: int) -> np.ndarray:
-    """``x S H`` of many bf16 rows (int16 bits [M, K], ``block`` >= 8) in bf16 bits: read, rotated
-    in fp32 and rounded once, as the fp32 transform and torch's cast give it, without either
-    pass over the rows in fp32."""
+    """``x S H`` of many bf16 rows (int16 bits [M, K]) in bf16 bits: each row read into an fp32
+    buffer, rotated there in place by ``_rotate_into`` and rounded once, as the fp32 transform and
+    torch's cast give it, without either pass over all the rows in fp32."""
     m, k = x.shape
     out = np.empty_like(x)
-    n = vbroadcast(np.float32(1.0 / math.sqrt(block)))
     for task in nb.prange((m + _BF16_ROWS - 1) // _BF16_ROWS):
         row = np.empty(k, dtype=np.float32)
         for r in range(task * _BF16_ROWS, min(m, (task + 1) * _BF16_ROWS)):
             src, dst = x[r], out[r]
             for c in range(0, k, 8):
-                vstore(row, c, vhadamard8(vmul(vmul(vload_bf16(src, c), vload(signs, c)), n)))
-            _butterflies(row, k, block)
+                vstore(row, c, vload_bf16(src, c))
+            _rotate_into(row, signs, block, row)
             for c in range(0, k, 8):
                 vstore_bf16(dst, c, vload(row, c))
     return out
@@ -835,10 +835,8 @@ def linear(x: torch.Tensor, tensors: list[torch.Tensor], layout: list[int], bias
     decode = _bf16_decode(stages, k) if x.dtype == torch.bfloat16 and m > GEMV_MAX_M else None
     if decode is not None:  # a bf16 model's own precision, in and out
         xb = x.detach().reshape(m, k).contiguous()
-        if signs is not None and block >= 8:
+        if signs is not None:
             xb = torch.from_numpy(_rotate_many_bf16(xb.view(torch.int16).numpy(), signs, block)).view(torch.bfloat16)
-        elif signs is not None:
-            xb = torch.from_numpy(rotate_rows(xb.float(), signs, block)).bfloat16()
         return _finish(xb @ _decoded_bf16(decode, n, k).T, x, bias)
     x2 = x.detach().reshape(m, k).float().contiguous()
     if m <= GEMV_MAX_M and all(kernel in _LOOKUP.values() for kernel, _ in calls):

@@ -340,8 +340,7 @@ def prefetch(typingctx, arr, offset):
         return None
 
     def codegen(context, builder, sig, args):
-        data = context.make_array(sig.args[0])(context, builder, args[0]).data
-        ptr = builder.bitcast(builder.gep(data, [args[1]]), ir.IntType(8).as_pointer())
+        ptr = _pointer(context, builder, sig.args[0], args[0], args[1], ir.IntType(8))
         fn = builder.module.declare_intrinsic("llvm.prefetch", fnty=ir.FunctionType(
             ir.VoidType(), [ir.IntType(8).as_pointer(), ir.IntType(32), ir.IntType(32), ir.IntType(32)]))
         builder.call(fn, [ptr, ir.Constant(ir.IntType(32), 0), ir.Constant(ir.IntType(32), 3),
