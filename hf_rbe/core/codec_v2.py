@@ -242,14 +242,36 @@ def encode_stage(w: torch.Tensor, stage: StageV2,
     return pack_plane(codes, stage.plane), s16, (v * s16.float()[..., None]).reshape(n, k)
 
 
-def decode_stage(stored: torch.Tensor, scale: torch.Tensor, stage: StageV2, table: torch.Tensor,
-                 in_features: int) -> torch.Tensor:
-    """fp32 [N, in_features] from one stage's stored codes and scales."""
+def reference_decode_stage(stored: torch.Tensor, scale: torch.Tensor, plane: str, table: torch.Tensor,
+                           in_features: int) -> torch.Tensor:
+    """fp32 [N, in_features] from one stage's stored codes and scales: the reference decoder."""
     n = stored.shape[0]
-    v = codewords(unpack_plane(stored, stage.plane), stage.plane, table)  # [N, K/8, 8]
+    v = codewords(unpack_plane(stored, plane), plane, table)  # [N, K/8, 8]
     per_group = v.shape[1] // scale.shape[1]
     v = v.reshape(n, scale.shape[1], per_group * VECTOR_DIM) * scale.float()[..., None]
     return v.reshape(n, in_features)
+
+
+#: ``decode(stored, scale, plane, table, in_features)``: an implementation of
+#: :func:`reference_decode_stage` for CPU tensors that gives the same result bit for bit
+#: (``set_cpu_decode``; ``hf_rbe.kernels`` sets a compiled one).
+_cpu_decode: Callable[[torch.Tensor, torch.Tensor, str, torch.Tensor, int], torch.Tensor] | None = None
+
+
+def set_cpu_decode(decode: Callable[[torch.Tensor, torch.Tensor, str, torch.Tensor, int], torch.Tensor] | None) -> None:
+    """Install (or with ``None`` remove) the CPU implementation of :func:`reference_decode_stage`."""
+    global _cpu_decode
+    _cpu_decode = decode
+
+
+def decode_stage(stored: torch.Tensor, scale: torch.Tensor, stage: StageV2, table: torch.Tensor,
+                 in_features: int) -> torch.Tensor:
+    """fp32 [N, in_features] from one stage's stored codes and scales, by the installed CPU decoder
+    where it applies (CPU tensors, and no scale or table that autograd must see)."""
+    if (_cpu_decode is not None and all(t.device.type == "cpu" for t in (stored, scale, table))
+            and not (torch.is_grad_enabled() and (scale.requires_grad or table.requires_grad))):
+        return _cpu_decode(stored, scale, stage.plane, table, in_features)
+    return reference_decode_stage(stored, scale, stage.plane, table, in_features)
 
 
 def encode_layer(w_rot: torch.Tensor, spec: LayerSpecV2, tables: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1,5 +1,6 @@
 """Registers the kernels as device implementations of ``hf_rbe::linear`` (defined in ``core.ops``),
-and the encoder's compiled e8p search (``core.codec_v2.set_cpu_search``).
+and the compiled e8p search and stage decode of format v2 (``core.codec_v2.set_cpu_search`` /
+``set_cpu_decode``).
 
 CUDA tensors go to the Triton kernel of their format, CPU tensors to the numba kernel of theirs;
 a format without one (or a machine without Triton / numba), and every call inside
@@ -70,5 +71,16 @@ def _cpu_e8p_search(u: torch.Tensor, mag: torch.Tensor, parity: torch.Tensor) ->
     return module.e8p_search(u, mag, parity)
 
 
-# equal to the reference bit for bit, so it serves inside ``ops.reference_only()`` too (calibration)
+# both equal the reference bit for bit, so they serve inside ``ops.reference_only()`` too (calibration)
 codec_v2.set_cpu_search(_cpu_e8p_search)
+
+
+def _cpu_decode_stage(stored: torch.Tensor, scale: torch.Tensor, plane: str, table: torch.Tensor,
+                      in_features: int) -> torch.Tensor:
+    module = _module("hf_rbe.kernels.cpu_decode", "numba")
+    if module is None or not module.fits(stored, scale, plane, table, in_features):
+        return codec_v2.reference_decode_stage(stored, scale, plane, table, in_features)
+    return module.decode_stage(stored, scale, plane, table, in_features)
+
+
+codec_v2.set_cpu_decode(_cpu_decode_stage)
