@@ -1,4 +1,4 @@
-"""One format-v2 stage decoded to fp32 on the CPU (numba), bit for bit ``core.codec_v2.decode_stage``.
+"""One format-v2 stage decoded to fp32 on the CPU (numba), bit for bit ``core.codec_v2.reference_decode_stage``.
 
 Why: the reference decodes by int64 index arithmetic and a gather into an [N, K/8, 8] tensor, and
 calibration decodes every layer several times per fine-tuning step (the forward pass, the
@@ -7,6 +7,9 @@ kernel's tiled copy. Here each output weight is one table read, one sign, one sc
 reference's operations on the same fp32 values (a sign is a multiplication by +-1, exact; one
 rounding at the scale), so the result is identical, and it serves inside ``ops.reference_only()``
 as the compiled e8p search does. ``tests/kernels/test_cpu_decode.py`` checks the equality.
+``cpu_numba``'s prefill decode does the same walk in SIMD vectors but reads fp16 scales (the stored
+ones) and may reassociate (``fastmath``); the fine-tunes' scales are fp32 and their results must
+not depend on a kernel, hence this one.
 """
 
 from __future__ import annotations
