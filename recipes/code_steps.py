@@ -1,7 +1,8 @@
-"""Code steps on the end-to-end loss: what moving a calibrated model's codes buys after calibration.
+"""Moving a calibrated model's codes on the end-to-end loss: what code steps and straight-through latent weights buy.
 
     python recipes/code_steps.py                    # SmolLM2 v2-3: calibrate, then one code step
     python recipes/code_steps.py --preset v2-2 --steps 2 --windows 16
+    python recipes/code_steps.py --steps 0 --latent-lr 3e-5 1e-4   # latent (QAT) arms beside the control
 
 SmolLM2-135M-Instruct is calibrated as ``recipes/calibrate.py`` does (Wikipedia after its first
 32,768 tokens, the default block and end-to-end fine-tunes), keeping each layer's Hessian
@@ -11,7 +12,10 @@ SmolLM2-135M-Instruct is calibrated as ``recipes/calibrate.py`` does (Wikipedia 
 ``-G H^-1``, kept only where the measured loss falls), then ``--e2e-steps`` end-to-end
 fine-tuning steps of the continuous parameters; the same fine-tune run from the calibrated model
 without code steps is the control, so that a gain is compared with what more fine-tuning alone
-gives. Each model is
+gives. With ``--latent-lr`` a third arm runs the same end-to-end fine-tune from the calibrated
+model with straight-through latent weights (``hf_rbe.hf.calibration.latent``: QAT started from
+the calibrated codes, the latent weights encoded again against the kept Hessians every
+``--reencode-every`` steps, new codes kept where the loss falls). Each model is
 scored in memory (the first ``--tokens`` tokens of Wikipedia and of Austen, context 1024, stride
 1024). Results: ``runs/code_steps.{json,md}`` (``--out`` elsewhere).
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import time
 
 import torch
@@ -35,6 +40,7 @@ from hf_rbe.evaluation.results import run_meta, write_results
 from hf_rbe.hf.calibration.capture import features
 from hf_rbe.hf.calibration.codes import model_code_step
 from hf_rbe.hf.calibration.finetune import finetune_model
+from hf_rbe.hf.calibration.latent import latent_finetune
 from hf_rbe.hf.calibration.windows import calibration_ids
 
 
@@ -46,6 +52,9 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=16, help="calibration windows the code steps measure")
     ap.add_argument("--e2e-steps", type=int, default=16, help="end-to-end fine-tuning steps after the code steps "
                     "(and of the control without them)")
+    ap.add_argument("--latent-lr", type=float, nargs="*", default=[], help="Adam learning rates of the latent "
+                    "weights, one arm each (default: no latent arm)")
+    ap.add_argument("--reencode-every", type=int, default=8, help="the latent arm's steps between re-encodings")
     ap.add_argument("--tokens", type=int, default=8192, help="scored tokens of each corpus")
     ap.add_argument("--out", default="runs/code_steps")
     args = ap.parse_args()
@@ -82,30 +91,65 @@ def main() -> None:
     score(tuned, f"+ {args.e2e_steps} end-to-end steps", time.perf_counter() - t0)
     del tuned
 
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, RBELinear) and m.calibration_hessian is not None}
-    hessians = {n: m.calibration_hessian.float() for n, m in layers.items()}
-    t0 = time.perf_counter()
-    for k in range(args.steps):
-        step = model_code_step(model, layers, hessians, windows, teacher, cfg.damp_percent or 0.01, head)
-        score(model, f"+ code step {k + 1}", time.perf_counter() - t0, loss_before=step.before,
-              loss_after=step.after, kappa=step.kappa, codes_changed=step.changed)
+    def kept(m: torch.nn.Module) -> dict[str, RBELinear]:
+        return {n: x for n, x in m.named_modules() if isinstance(x, RBELinear) and x.calibration_hessian is not None}
+
+    damp = cfg.damp_percent or 0.01
+    for latent_lr in args.latent_lr:
+        latent_model = copy.deepcopy(model)
+        layers = kept(latent_model)
         t0 = time.perf_counter()
-    finetune_model(model, windows, teacher, args.e2e_steps, cfg.calibration_e2e_lr, head)
-    score(model, f"+ code steps + {args.e2e_steps} end-to-end steps", time.perf_counter() - t0)
+        run = latent_finetune(latent_model, layers, {n: m.calibration_hessian.float() for n, m in layers.items()},
+                              windows, teacher, args.e2e_steps, cfg.calibration_e2e_lr, latent_lr,
+                              args.reencode_every, damp, head)
+        score(latent_model, f"+ {args.e2e_steps} end-to-end steps, latent lr {latent_lr:g}, "
+              f"re-encoded every {args.reencode_every} ({run.kept} of {len(run.reencodings)} kept)",
+              time.perf_counter() - t0, codes_changed=run.changed,
+              reencodings=[dataclasses.asdict(r) for r in run.reencodings])
+        del latent_model
+
+    if args.steps:
+        layers = kept(model)
+        hessians = {n: m.calibration_hessian.float() for n, m in layers.items()}
+        t0 = time.perf_counter()
+        for k in range(args.steps):
+            step = model_code_step(model, layers, hessians, windows, teacher, damp, head)
+            score(model, f"+ code step {k + 1}", time.perf_counter() - t0, loss_before=step.before,
+                  loss_after=step.after, kappa=step.kappa, codes_changed=step.changed)
+            t0 = time.perf_counter()
+        finetune_model(model, windows, teacher, args.e2e_steps, cfg.calibration_e2e_lr, head)
+        score(model, f"+ code steps + {args.e2e_steps} end-to-end steps", time.perf_counter() - t0)
 
     meta = {**run_meta(), "args": vars(args)}
+    write_results(args.out, meta, rows, render(meta, rows))
+
+
+def render(meta: dict, rows: list[dict]) -> str:
+    """The results page: one row per model scored, then each latent arm's re-encodings."""
+    args = meta["args"]
     lines = [f"`{meta['command']}` on {meta['machine']}, {meta['date']}", "",
-             f"SmolLM2-135M {args.preset}, perplexity over the first {args.tokens} tokens (context 1024, stride "
-             f"1024), scored in memory; code steps and fine-tunes on {args.windows} calibration windows.", "",
+             f"SmolLM2-135M {args['preset']}, perplexity over the first {args['tokens']} tokens (context 1024, stride "
+             f"1024), scored in memory; code steps, latent weights and fine-tunes on {args['windows']} calibration "
+             "windows.", "",
              "| stage | Wikipedia ppl | Austen ppl | end-to-end KL before -> after | codes moved | seconds |",
              "|---|---|---|---|---|---|"]
     for r in rows:
-        kl = f"{r['loss_before']:.4f} -> {r['loss_after']:.4f}" if "loss_before" in r else "-"
+        step = r.get("loss_before") is not None and "reencodings" not in r  # a code step's own KL
+        kl = f"{r['loss_before']:.4f} -> {r['loss_after']:.4f}" if step else "-"
         moved = f"{100 * r['codes_changed']:.2f}%" if "codes_changed" in r else "-"
         lines.append(f"| {r['stage']} | {r['wikipedia_ppl']:.2f} | {r['austen_ppl']:.2f} | {kl} | {moved} | "
                      f"{r['seconds']:.0f} |")
-    write_results(args.out, meta, rows, "\n".join(lines) + "\n")
-
+    arms = [r for r in rows if "reencodings" in r]
+    if arms:
+        lines += ["", "Latent arms, each re-encoding: the end-to-end KL over the windows before it and with the new "
+                  "codes (kept only when lower), and the codes it changed.", "",
+                  "| latent lr | after step | KL before | KL with new codes | codes changed | kept |",
+                  "|---|---|---|---|---|---|"]
+        for r, lr in zip(arms, args["latent_lr"]):
+            for e in r["reencodings"]:
+                lines.append(f"| {lr:g} | {e['step']} | {e['before']:.4f} | {e['tried']:.4f} | "
+                             f"{100 * e['changed']:.4f}% | {'yes' if e['tried'] < e['before'] else 'no'} |")
+    return "\n".join(lines) + "\n"
 
 if __name__ == "__main__":
     main()

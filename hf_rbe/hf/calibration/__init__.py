@@ -6,6 +6,7 @@
     allocate    bit allocation: code planes per layer for a bit budget (``target_bits``)
     finetune    fine-tuning scales, biases and norms with the codes fixed (per block, end to end)
     codes       code steps: moving a block's codes along the gradient of its loss, between fine-tune steps
+    latent      straight-through latent weights: end-to-end training that moves codes (QAT from the calibrated codes)
     pipeline    ``quantize_calibrated``: the steps above in order, block by block
     phases      named phases of a run, for accounting its time and memory
     weights     where a block's float weights come from (the model, or the checkpoint) and go

@@ -65,18 +65,19 @@ def rotated_gradients(module: nn.Module, layers: dict[str, RBELinear], accumulat
             p.requires_grad_(was[id(p)])
 
 
-def _stored_codes(layer: RBELinear) -> dict[str, torch.Tensor]:
+def stored_codes(layer: RBELinear) -> dict[str, torch.Tensor]:
     """A copy of the layer's stored code tensors, by name."""
     stages = layer.codec.stage_quantizers(layer.spec, layer.tables())
     return {q.prefix + "weight": getattr(layer, q.prefix + "weight").detach().clone() for q in stages}
 
 
-def _load(layer: RBELinear, codes: dict[str, torch.Tensor]) -> None:
+def load_codes(layer: RBELinear, codes: dict[str, torch.Tensor]) -> None:
+    """Put code tensors (by name, as :func:`stored_codes` gives them) into the layer in place."""
     for name, t in codes.items():
         getattr(layer, name).data.copy_(t)
 
 
-def _factor(layer: RBELinear, hessian: torch.Tensor, damp: float) -> torch.Tensor:
+def hessian_factor(layer: RBELinear, hessian: torch.Tensor, damp: float) -> torch.Tensor:
     """``upper_inverse_cholesky`` of the layer's rotated Hessian, damped ten times more at each
     try where it is not positive-definite (a Hessian kept in fp16 can lose that)."""
     for tries in range(2):
@@ -93,7 +94,7 @@ def moved_codes(layer: RBELinear, hessian: torch.Tensor, grad: torch.Tensor, dam
     """The layer's stored codes chosen again (steps 2 and 3 of the module docstring) for its
     rotated weight moved ``kappa`` RMS finest-stage scales along ``-G H^-1``. Computed one layer at
     a time, so that a step holds one layer's factors and codewords besides the gradients."""
-    u = _factor(layer, hessian.to(grad.device), damp)
+    u = hessian_factor(layer, hessian.to(grad.device), damp)
     direction = (grad @ u.T) @ u  # G H^-1, with H^-1 = U^T U
     stages = layer.codec.stage_quantizers(layer.spec, layer.tables())
     scales = [getattr(layer, q.prefix + "scale").detach() for q in stages]
@@ -125,21 +126,21 @@ def code_step(module: nn.Module, layers: dict[str, RBELinear], hessians: dict[st
     ``accumulate()`` runs its backward passes; ``frozen``: ``id`` of layers that must not change."""
     before = measure()
     grads = rotated_gradients(module, layers, accumulate, frozen)
-    start = {n: _stored_codes(layer) for n, layer in layers.items()}
+    start = {n: stored_codes(layer) for n, layer in layers.items()}
     best: tuple[float, float | None, dict[str, dict[str, torch.Tensor]]] = (before, None, start)
     with torch.no_grad():
         for kappa in STEP_SIZES:
             tried = {}
             for n, layer in layers.items():
-                _load(layer, start[n])  # every step size moves from the same codes
+                load_codes(layer, start[n])  # every step size moves from the same codes
                 tried[n] = moved_codes(layer, hessians[n], grads[n], damp, kappa)
-                _load(layer, tried[n])
+                load_codes(layer, tried[n])
             loss = measure()
             logger.debug("code step, kappa %g: loss %.4g -> %.4g", kappa, before, loss)
             if loss < best[0]:
                 best = (loss, kappa, tried)
         for n, layer in layers.items():
-            _load(layer, best[2][n])
+            load_codes(layer, best[2][n])
     total = sum(t.numel() for codes in start.values() for t in codes.values())
     changed = sum(int((t != best[2][n][name]).sum()) for n, codes in start.items() for name, t in codes.items())
     return CodeStep(before, best[0], best[1], changed / max(total, 1))

@@ -67,17 +67,19 @@ def _only(module: nn.Module, params: list[nn.Parameter]) -> Iterator[None]:
 
 @torch.enable_grad()
 def train_continuous(module: nn.Module, step_loss: Callable[[int], float], steps: int, lr: float,
-                     progress: str | None = None) -> float:
+                     progress: str | None = None, after_step: Callable[[int], None] | None = None) -> float:
     """Adam on ``module``'s continuous parameters (module docstring) for ``steps`` steps;
     ``step_loss(step)`` computes the loss and its gradients (``backward``) and returns its value. The
     trained scales go into the stored ones at the end. ``progress``: a progress bar's title
-    (``None``: no bar). Returns the last loss."""
+    (``None``: no bar). ``after_step(step)``: called after each optimizer step, with every RBE layer's
+    ``rotated_grad`` holding that step's ``dL/dW_rot`` (``core.scale_tuning``; it is zeroed after the
+    call), for training that also moves codes (``latent``). Returns the last loss."""
     frozen = shared_heads(module)
     layers = [m for m in module.modules() if isinstance(m, RBELinear) and id(m) not in frozen]
     params = [m.bias for m in layers if m.bias is not None]
     params += [p for m in norms(module) for p in m.parameters(recurse=False)]
     err = 0.0
-    with tuned_scales(module, frozen) as scales, _only(module, params):
+    with tuned_scales(module, frozen, gradients=after_step is not None) as scales, _only(module, params):
         # Adam steps on fp32 master copies: in a half-precision model its second moments underflow
         # and its updates become inf (fp16) or vanish (bf16). The tuned scales are fp32 already.
         masters = [p.detach().float().requires_grad_(True) for p in params]
@@ -92,6 +94,10 @@ def train_continuous(module: nn.Module, step_loss: Callable[[int], float], steps
             with torch.no_grad():
                 for p, m in zip(params, masters):
                     p.copy_(m)
+            if after_step is not None:
+                after_step(step)
+                for layer in layers:
+                    layer.rotated_grad.zero_()
             trim()  # the step's activations and decoded weights
     return err
 
