@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -89,6 +89,28 @@ def hessian_factor(layer: RBELinear, hessian: torch.Tensor, damp: float) -> torc
 
 
 @torch.no_grad()
+def reencoded(layer: RBELinear, u_factor: torch.Tensor, target: torch.Tensor,
+              scales: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The layer's stored code tensors chosen again for a rotated ``target`` [out, in]: each stage in
+    turn by LDLQ against ``u_factor``, the other stages' codes and every scale fixed
+    (``core.ldlq.reencode_stages``); ``scales``: values to use instead of stored ones, by name."""
+    stages = layer.codec.stage_quantizers(layer.spec, layer.tables())
+    given = scales or {}
+    fixed = [given.get(q.prefix + "scale", getattr(layer, q.prefix + "scale")).detach() for q in stages]
+    zeros = {q.prefix + "scale": torch.zeros_like(s) for q, s in zip(stages, fixed)}
+    units = [layer.decode_rotated({**zeros, q.prefix + "scale": torch.ones_like(s)}) for q, s in zip(stages, fixed)]
+    codes, _ = reencode_stages(target, u_factor, stages, units, fixed)
+    return {q.prefix + "weight": q.pack(c) for q, c in zip(stages, codes)}
+
+
+def changed_fraction(before: dict[str, dict[str, torch.Tensor]], after: dict[str, dict[str, torch.Tensor]]) -> float:
+    """The fraction of stored codes that differ between two sets of :func:`stored_codes` (by layer name)."""
+    total = sum(t.numel() for codes in before.values() for t in codes.values())
+    moved = sum(int((t != after[n][k]).sum()) for n, codes in before.items() for k, t in codes.items())
+    return moved / max(total, 1)
+
+
+@torch.no_grad()
 def moved_codes(layer: RBELinear, hessian: torch.Tensor, grad: torch.Tensor, damp: float,
                 kappa: float) -> dict[str, torch.Tensor]:
     """The layer's stored codes chosen again (steps 2 and 3 of the module docstring) for its
@@ -96,14 +118,10 @@ def moved_codes(layer: RBELinear, hessian: torch.Tensor, grad: torch.Tensor, dam
     a time, so that a step holds one layer's factors and codewords besides the gradients."""
     u = hessian_factor(layer, hessian.to(grad.device), damp)
     direction = (grad @ u.T) @ u  # G H^-1, with H^-1 = U^T U
-    stages = layer.codec.stage_quantizers(layer.spec, layer.tables())
-    scales = [getattr(layer, q.prefix + "scale").detach() for q in stages]
-    zeros = {q.prefix + "scale": torch.zeros_like(s) for q, s in zip(stages, scales)}
-    units = [layer.decode_rotated({**zeros, q.prefix + "scale": torch.ones_like(s)}) for q, s in zip(stages, scales)]
-    finest = scales[-1].float().pow(2).mean().sqrt()
+    last = layer.codec.stage_quantizers(layer.spec, layer.tables())[-1]
+    finest = getattr(layer, last.prefix + "scale").detach().float().pow(2).mean().sqrt()
     target = layer.decode_rotated() - direction * (kappa * finest / direction.pow(2).mean().sqrt().clamp_min(_TINY))
-    codes, _ = reencode_stages(target, u, stages, units, scales)
-    return {q.prefix + "weight": q.pack(c) for q, c in zip(stages, codes)}
+    return reencoded(layer, u, target)
 
 
 @dataclass(frozen=True)
@@ -141,9 +159,7 @@ def code_step(module: nn.Module, layers: dict[str, RBELinear], hessians: dict[st
                 best = (loss, kappa, tried)
         for n, layer in layers.items():
             load_codes(layer, best[2][n])
-    total = sum(t.numel() for codes in start.values() for t in codes.values())
-    changed = sum(int((t != best[2][n][name]).sum()) for n, codes in start.items() for name, t in codes.items())
-    return CodeStep(before, best[0], best[1], changed / max(total, 1))
+    return CodeStep(before, best[0], best[1], changed_fraction(start, best[2]))
 
 
 def block_code_step(block: nn.Module, layers: dict[str, RBELinear], hessians: dict[str, torch.Tensor],

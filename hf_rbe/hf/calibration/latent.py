@@ -23,11 +23,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ...core.ldlq import reencode_stages
 from ...core.ops import reference_only
 from ...core.rbe_linear import RBELinear
 from .capture import find_blocks
-from .codes import hessian_factor, load_codes, stored_codes
+from .codes import changed_fraction, hessian_factor, load_codes, reencoded, stored_codes
 from .finetune import EndToEndLoss, checkpointed, train_continuous
 
 logger = logging.getLogger(__name__)
@@ -67,24 +66,6 @@ def _decoded(layer: RBELinear) -> torch.Tensor:
     return layer.decode_rotated({n: p.detach() for n, p in (layer.tuned_scales or {}).items()})
 
 
-@torch.no_grad()
-def _reencoded(layer: RBELinear, u_factor: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The layer's code tensors for a rotated ``target`` at its current scales."""
-    stages = layer.codec.stage_quantizers(layer.spec, layer.tables())
-    tuned = layer.tuned_scales or {}
-    scales = [tuned.get(q.prefix + "scale", getattr(layer, q.prefix + "scale")).detach() for q in stages]
-    zeros = {q.prefix + "scale": torch.zeros_like(s) for q, s in zip(stages, scales)}
-    units = [layer.decode_rotated({**zeros, q.prefix + "scale": torch.ones_like(s)}) for q, s in zip(stages, scales)]
-    codes, _ = reencode_stages(target, u_factor, stages, units, scales)
-    return {q.prefix + "weight": q.pack(c) for q, c in zip(stages, codes)}
-
-
-def _changed(before: dict[str, dict[str, torch.Tensor]], layers: dict[str, RBELinear]) -> float:
-    total = sum(t.numel() for codes in before.values() for t in codes.values())
-    moved = sum(int((t != getattr(layers[n], k)).sum()) for n, codes in before.items() for k, t in codes.items())
-    return moved / max(total, 1)
-
-
 @reference_only()  # kept or not by losses a few bits apart: no kernel may decide (ops.reference_only)
 def latent_finetune(model: nn.Module, layers: dict[str, RBELinear], hessians: dict[str, torch.Tensor],
                     windows: list[torch.Tensor], teacher: list[torch.Tensor], steps: int, lr: float,
@@ -104,8 +85,10 @@ def latent_finetune(model: nn.Module, layers: dict[str, RBELinear], hessians: di
     # that it follows the scales as they train: an unmoved latent weight always gives its codes back.
     offsets = {n: torch.zeros(m.out_features, m.in_features, device=m.weight.device) for n, m in layers.items()}
     opt = torch.optim.Adam(list(offsets.values()), lr=latent_lr)
-    start = {n: stored_codes(m) for n, m in layers.items()}
     done: list[Reencoding] = []
+
+    def current() -> dict[str, dict[str, torch.Tensor]]:
+        return {n: stored_codes(m) for n, m in layers.items()}
 
     def measure() -> float:
         return sum(loss(w, t, backward=False) for w, t in zip(windows, teacher)) / len(windows)
@@ -119,14 +102,14 @@ def latent_finetune(model: nn.Module, layers: dict[str, RBELinear], hessians: di
         if (step + 1) % reencode_every:
             return
         before = measure()
-        old = {n: stored_codes(m) for n, m in layers.items()}
+        old = current()
         left = {}
         with torch.no_grad():
             for n, m in layers.items():
                 target = _decoded(m) + offsets[n]
-                load_codes(m, _reencoded(m, factors[n], target))
+                load_codes(m, reencoded(m, factors[n], target, m.tuned_scales))
                 left[n] = target - _decoded(m)  # the latent weight stays where it was
-        r = Reencoding(step + 1, before, measure(), _changed(old, layers))
+        r = Reencoding(step + 1, before, measure(), changed_fraction(old, current()))
         logger.info("latent re-encoding after step %d: %.2f%% of codes, loss %.5g -> %.5g (%s)", r.step,
                     100 * r.changed, r.before, r.tried, "kept" if r.kept else "refused")
         if r.kept:
@@ -137,7 +120,8 @@ def latent_finetune(model: nn.Module, layers: dict[str, RBELinear], hessians: di
                 load_codes(m, old[n])
         done.append(r)
 
+    start = current()
     with checkpointed(find_blocks(model)[1]):
         train_continuous(model, lambda step: loss(windows[step % len(windows)], teacher[step % len(windows)]),
                          steps, lr, progress="RBE latent fine-tuning", after_step=after_step)
-    return LatentRun(tuple(done), _changed(start, layers))
+    return LatentRun(tuple(done), changed_fraction(start, current()))
