@@ -5,7 +5,8 @@
 
 A Llama-shaped checkpoint with random weights (SmolLM2's tokenizer and vocabulary, tied embeddings)
 is written in fp32 and quantized calibrated (v2-3 on Wikipedia windows, block and end-to-end
-fine-tuning) in a fresh process, which first quantizes a one-block checkpoint of the same shapes so
+fine-tuning, the end-to-end step keeping no block's activations: ``calibration_e2e_memory=0``, the
+least memory) in a fresh process, which first quantizes a one-block checkpoint of the same shapes so
 that libraries, compiled kernels and caches are loaded before the measurement. Reported: the
 checkpoint's size; the peak resident memory of the whole process (``rss``) and its anonymous part
 (``anon``: what the process wrote; clean library and checkpoint pages are dropped and reread under a
@@ -43,7 +44,7 @@ def _config(args: argparse.Namespace) -> object:
 
     return RBEConfig.from_preset(args.preset, dataset="wikipedia", calibration_samples=args.samples,
                                  calibration_seqlen=args.seqlen, calibration_finetune_steps=args.steps,
-                                 calibration_e2e_steps=args.steps)
+                                 calibration_e2e_steps=args.steps, calibration_e2e_memory=0)
 
 
 def child(args: argparse.Namespace) -> dict:

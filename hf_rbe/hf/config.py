@@ -69,8 +69,10 @@ class RBEConfig(QuantizationConfigMixin):
     move a block's codes along its loss gradient between them (format 2; ``calibration.codes``, the
     fine-tune's steps split around them); ``calibration_e2e_steps`` / ``_lr``:
     steps of the whole model against the full-precision outputs (``None``: 32 each for a model with
-    an output head, 0 for an encoder). ``calibration_fisher``: Fisher-weighted Hessians (``None``: on
-    for encoders). ``target_bits``: allocate that many bits per weight over the layers (format 2),
+    an output head, 0 for an encoder); ``calibration_e2e_memory``: GiB of block activations that
+    fine-tune keeps for its backward pass instead of computing them again (the same result, faster;
+    0: every block recomputed, the least memory). ``calibration_fisher``: Fisher-weighted Hessians
+    (``None``: on for encoders). ``target_bits``: allocate that many bits per weight over the layers (format 2),
     from ``planes`` up. ``keep_calibration_statistics``: keep each layer's Hessian for re-encoding
     (LoRA merge, QAT). ``calibration_device``: where blocks are calibrated (``None``: a GPU when there
     is one), one at a time, while the model stays where it is. ``calibration_work_dir``: save every
@@ -98,7 +100,8 @@ class RBEConfig(QuantizationConfigMixin):
         calibration_seed: int = 0, damp_percent: float | None = None, calibration_finetune_steps: int | None = None,
         calibration_finetune_lr: float = 1e-3, calibration_code_steps: int = 0,
         calibration_e2e_steps: int | None = None, calibration_e2e_lr: float = 3e-4,
-        calibration_fisher: bool | None = None, target_bits: float | None = None,
+        calibration_e2e_memory: float = 1.0, calibration_fisher: bool | None = None,
+        target_bits: float | None = None,
         keep_calibration_statistics: bool = False, calibrated_with: dict[str, Any] | None = None,
         calibration_device: str | None = None, calibration_work_dir: str | None = None,
         # embeddings and head
@@ -136,6 +139,7 @@ class RBEConfig(QuantizationConfigMixin):
             calibration_finetune_lr
         self.calibration_code_steps = calibration_code_steps
         self.calibration_e2e_steps, self.calibration_e2e_lr = calibration_e2e_steps, calibration_e2e_lr
+        self.calibration_e2e_memory = calibration_e2e_memory
         self.calibration_fisher, self.target_bits = calibration_fisher, target_bits
         self.calibration_device, self.calibration_work_dir = calibration_device, calibration_work_dir
         self.calibrated_with = calibrated_with

@@ -32,7 +32,8 @@ CALIBRATION: dict[str, Any] = {
     "dataset": None, "tokenizer": None, "calibration_samples": 64, "calibration_seqlen": 512,
     "calibration_batch_size": 2, "calibration_seed": 0, "damp_percent": None, "calibration_finetune_steps": None,
     "calibration_finetune_lr": 1e-3, "calibration_code_steps": 0, "calibration_e2e_steps": None,
-    "calibration_e2e_lr": 3e-4, "calibration_fisher": None, "target_bits": None, "keep_calibration_statistics": False,
+    "calibration_e2e_lr": 3e-4, "calibration_e2e_memory": 1.0, "calibration_fisher": None, "target_bits": None,
+    "keep_calibration_statistics": False,
     "calibration_device": None, "calibration_work_dir": None}
 
 #: Every field that belongs to one codec or format (the rest are ``COMMON`` and ``CALIBRATION``).
@@ -128,6 +129,9 @@ def check_calibration(values: Mapping[str, Any]) -> None:
     _int("calibration_code_steps", values["calibration_code_steps"], 0)
     for name in ("calibration_finetune_lr", "calibration_e2e_lr"):
         _positive_number(name, values[name])
+    memory = values["calibration_e2e_memory"]
+    if not isinstance(memory, (int, float)) or isinstance(memory, bool) or not math.isfinite(memory) or memory < 0:
+        raise ConfigError(f"calibration_e2e_memory must be a finite number of GiB >= 0, got {memory!r}")
     damp = values["damp_percent"]
     if damp is not None and (not isinstance(damp, (int, float)) or isinstance(damp, bool) or not 0 < damp < 1):
         raise ConfigError(f"damp_percent must be in (0, 1), got {damp!r}")

@@ -11,6 +11,7 @@ language model: the KL divergence of the next-token distributions, AQLM's global
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -25,8 +26,10 @@ from ...core.rbe_embedding import RBEEmbedding
 from ...core.rbe_linear import RBELinear
 from ...core.scale_tuning import tuned_scales
 from ..config import RBEConfig
-from .capture import Call, features, find_blocks, logits, output_head, run_block
+from .capture import Call, features, find_blocks, first_block_inputs, logits, output_head, run_block
 from .heap import TrimBoundary, trim
+
+logger = logging.getLogger(__name__)
 
 #: Fine-tuning steps (per block, end to end) when the config leaves them at ``None``: for a model
 #: with an output head (docs/usage.md: measured on SmolLM2 and MiniLM); none for an encoder.
@@ -127,12 +130,13 @@ LOSS_CHUNK = 32
 
 class _Checkpointed(nn.Module):
     """A block whose activations are recomputed in the backward pass instead of kept (the end-to-end
-    fine-tune holds each block's input, not its internals), with the heap trimmed at its boundaries
-    (``heap``)."""
+    fine-tune holds each block's input, not its internals) unless ``recompute`` is off, with the heap
+    trimmed at its boundaries (``heap``)."""
 
     def __init__(self, block: nn.Module) -> None:
         super().__init__()
         self.block = block
+        self.recompute = True
 
     def __getattr__(self, name: str) -> Any:  # attributes the model's loop reads (``attention_type``)
         try:
@@ -142,19 +146,55 @@ class _Checkpointed(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         hidden_states = TrimBoundary.apply(hidden_states)
+        if not self.recompute:
+            return self.block(hidden_states, *args, **kwargs)
         return checkpoint(self.block, hidden_states, *args, use_reentrant=False, **kwargs)
 
 
 @contextlib.contextmanager
-def checkpointed(blocks: nn.ModuleList) -> Iterator[None]:
+def checkpointed(blocks: nn.ModuleList) -> Iterator[list[_Checkpointed]]:
+    """Every block of ``blocks`` recomputed in the backward pass while the context lasts; yields
+    the wrappers (``keep_activations`` turns recomputation off for some)."""
     originals = list(blocks)
     try:
         for i, b in enumerate(originals):
             blocks[i] = _Checkpointed(b)
-        yield
+        yield list(blocks)
     finally:
         for i, b in enumerate(originals):
             blocks[i] = b
+
+
+def activation_bytes(block: nn.Module, call: Call) -> int:
+    """Bytes autograd keeps for the backward pass of one run of ``block`` on ``call``, with the
+    parameters' ``requires_grad`` as they are (storage shared by several saved tensors counted once)."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run_block(block, call)
+    return sum(storages.values())
+
+
+def keep_activations(model: nn.Module, wrappers: list[_Checkpointed], window: torch.Tensor, budget: int) -> int:
+    """Turn recomputation off for as many blocks as one window's activations of them fit in
+    ``budget`` bytes (from the first block on), measured on the first block with ``window``; returns
+    how many. Keeping a block's activations computes the same gradients without that block's
+    second forward pass."""
+    if budget <= 0 or not wrappers:
+        return 0
+    call = first_block_inputs(model, wrappers[0], [window])[0]
+    per_block = max(1, activation_bytes(wrappers[0].block, call))
+    keep = min(len(wrappers), budget // per_block)
+    for w in wrappers[:keep]:
+        w.recompute = False
+    logger.info("end-to-end fine-tune: activations of %d of %d blocks kept (%.0f MiB a block), the rest recomputed",
+                keep, len(wrappers), per_block / 2**20)
+    return keep
 
 
 def _fp32(head: nn.Module, cache: dict[int, nn.Module]) -> nn.Module:
@@ -220,12 +260,17 @@ class EndToEndLoss:
 
 
 def finetune_model(model: nn.Module, batches: list[torch.Tensor], teacher: list[torch.Tensor], steps: int,
-                   lr: float, teacher_head: nn.Module | None = None) -> float:
+                   lr: float, teacher_head: nn.Module | None = None, activation_memory: int = 0) -> float:
     """End-to-end fine-tune of the quantized ``model`` against the full-precision model's
-    ``capture.features`` (``teacher``, one per batch), on :class:`EndToEndLoss`. Activations are
-    recomputed block by block in the backward pass, so memory holds one block's internals and
-    one chunk's logits. Returns the final loss."""
+    ``capture.features`` (``teacher``, one per batch), on :class:`EndToEndLoss`. Block activations
+    are kept for the backward pass as far as ``activation_memory`` bytes hold them
+    (``keep_activations``) and recomputed block by block for the other blocks, so memory holds
+    those, one block's internals and one chunk's logits. Returns the final loss."""
     loss = EndToEndLoss(model, teacher_head)
-    with checkpointed(find_blocks(model)[1]):
-        return train_continuous(model, lambda step: loss(batches[step % len(batches)], teacher[step % len(batches)]),
-                                steps, lr, progress="RBE fine-tuning end to end")
+    with checkpointed(find_blocks(model)[1]) as wrappers:
+        def step_loss(step: int) -> float:
+            if step == 0:  # inside the fine-tune: what requires grad is what the steps will save
+                keep_activations(model, wrappers, batches[0], activation_memory)
+            return loss(batches[step % len(batches)], teacher[step % len(batches)])
+
+        return train_continuous(model, step_loss, steps, lr, progress="RBE fine-tuning end to end")

@@ -148,7 +148,7 @@ def quantize_calibrated(model: nn.Module, config: RBEConfig, skip: list[str], to
             windows = [w for b in plan.batches for w in b.split(1)]  # one window per step
             with phase("end-to-end"):
                 loss = finetune_model(model, windows, teacher, plan.e2e_steps, config.calibration_e2e_lr,
-                                      teacher_head)
+                                      teacher_head, int(config.calibration_e2e_memory * 2**30))
             logger.info("end-to-end fine-tune: final loss %.4f", loss)
     finally:
         model.train(was_training)
