@@ -98,7 +98,8 @@ def smollm2(settings: list[str], calibrate: bool, n_tokens: int, context: int, s
         size = packed_size(model)
         text = generate(model, tok)
         with tempfile.TemporaryDirectory() as tmp:
-            verdict, disk = reload_check(model, Path(tmp), cards, f"SmolLM2-135M-Instruct-rbe-{name}.md")
+            repo = f"SmolLM2-135M-Instruct-rbe-{name}"  # the name its card gives the checkpoint
+            verdict, disk = reload_check(model, Path(tmp) / repo, cards, f"{repo}.md")
         ppl = perplexity(model, ids, context, stride)
         speed = decode_speed(model)
         label = f"{name} calibrated" if calibrate else name

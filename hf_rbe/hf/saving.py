@@ -48,7 +48,7 @@ def _save_pretrained(self: nn.Module, save_directory: str | Path, *args: Any, **
         out = type(self).save_pretrained(self, staging, *args, **kwargs)
         _record_compute_dtype(self, staging / "config.json")
         if card:
-            write_card(self, staging, base_model=_base_model(self))
+            write_card(self, staging, base_model=_base_model(self), repo_id=target.name)  # not the staging dir's
     return out
 
 

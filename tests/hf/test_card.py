@@ -13,6 +13,7 @@ def test_save_pretrained_writes_the_card_and_keeps_a_users_readme(tiny_llama_dir
     m = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=RBEConfig.from_preset("rbe-3"))
     m.save_pretrained(tmp_path / "a")
     card = (tmp_path / "a" / "README.md").read_text()
+    assert "\n# a\n" in card and 'from_pretrained("a")' in card and ".saving-" not in card  # not the staging dir's name
     assert f"base_model: {tiny_llama_dir}" in card and "import hf_rbe" in card and '"quant_method": "rbe"' in card
     assert f"**{packed_size(m)['bits_per_weight']:.3f} bits per weight**" in card
     assert "Not measured yet" in card

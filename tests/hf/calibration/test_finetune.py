@@ -69,3 +69,18 @@ def test_a_bad_activation_budget_is_refused(value):
 
     with pytest.raises(ConfigError, match="calibration_e2e_memory must be a finite number of GiB >= 0"):
         RBEConfig.from_preset("v2-2", calibration_e2e_memory=value)
+
+
+def test_an_encoder_keeps_its_activations_too():
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    ref = BertModel(BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                               vocab_size=128)).eval()
+    windows = list(calibration_ids(_cfg(), CharTokenizer(), 128).split(2))
+    with torch.no_grad():
+        teacher = [features(ref, w) for w in windows]
+    model = quantize_model(copy.deepcopy(ref), _cfg())
+    recomputed = _trained(copy.deepcopy(model), windows, teacher, 0)
+    kept = _trained(model, windows, teacher, 2**30)
+    assert [k for k in kept if not torch.equal(recomputed[k], kept[k])] == []
