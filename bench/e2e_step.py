@@ -53,7 +53,7 @@ def main() -> None:
         teacher = [features(ref, w) for w in windows]
     model = hf_rbe.quantize_model(copy.deepcopy(ref), RBEConfig.from_preset(args.preset))
     del ref
-    for p in model.parameters():  # the scales train; as in the fine-tune, nothing else needs a gradient here
+    for p in model.parameters():  # the scales alone train here (the fine-tune also trains norm weights and biases)
         p.requires_grad_(False)
     loss = EndToEndLoss(model)
     times: dict[float, list[float]] = {b: [] for b in args.budgets}

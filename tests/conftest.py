@@ -131,6 +131,19 @@ def structured_model(seed: int = 0):  # type: ignore[no-untyped-def]
 HARDENING_IDS = torch.tensor([[1, 5, 9, 33, 70, 2, 100, 3]])
 
 
+def peaked_llama(**kw: object):  # type: ignore[no-untyped-def]
+    """A tiny random Llama (``tiny_llama_config(**kw)``, seed 0) with sharper next-token distributions
+    than a random model's nearly uniform ones (so KL measures something) and full-rank inputs (so
+    2-bit codes lose some)."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    m = LlamaForCausalLM(tiny_llama_config(**kw))
+    with torch.no_grad():
+        m.model.norm.weight.mul_(30)
+    return m.eval()
+
+
 def logits_of(model, ids: torch.Tensor = HARDENING_IDS) -> torch.Tensor:  # type: ignore[no-untyped-def]
     with torch.no_grad():
         return model(ids).logits

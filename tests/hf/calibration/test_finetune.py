@@ -5,9 +5,8 @@ import copy
 
 import pytest
 import torch
-from conftest import CharTokenizer, tiny_llama_config
+from conftest import CharTokenizer, peaked_llama
 from conftest import calibration_config as _cfg
-from transformers import LlamaForCausalLM
 
 from hf_rbe import quantize_model
 from hf_rbe.core.ops import reference_only
@@ -18,10 +17,7 @@ from hf_rbe.hf.calibration.windows import calibration_ids
 
 
 def _setup():  # type: ignore[no-untyped-def]
-    torch.manual_seed(0)
-    ref = LlamaForCausalLM(tiny_llama_config(num_hidden_layers=4)).eval()
-    with torch.no_grad():
-        ref.model.norm.weight.mul_(30)  # sharper next-token distributions: the KL has gradients worth the name
+    ref = peaked_llama(num_hidden_layers=4)
     windows = list(calibration_ids(_cfg(), CharTokenizer(), 128).split(1))
     with torch.no_grad():
         teacher = [features(ref, w) for w in windows]

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CharTokenizer, assert_fresh_reload_identical, rel_mse, tiny_llama_config
+from conftest import CharTokenizer, assert_fresh_reload_identical, peaked_llama, rel_mse
 from conftest import calibration_config as _cfg
 from conftest import structured_model as _structured_model
-from transformers import AutoModelForCausalLM, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 from hf_rbe import RBEConfig, RBELinear, quantize_model
 from hf_rbe.core.packed import packed_size
@@ -83,22 +83,12 @@ def _kl(model, ref, batches) -> float:
                                                     log_target=True, reduction="batchmean")) for b in batches)
 
 
-def _peaked() -> LlamaForCausalLM:
-    """A tiny random Llama with sharper next-token distributions than a random model's nearly
-    uniform ones (so KL measures something) and full-rank inputs (so 2-bit codes lose some)."""
-    torch.manual_seed(0)
-    m = LlamaForCausalLM(tiny_llama_config())
-    with torch.no_grad():
-        m.model.norm.weight.mul_(30)
-    return m.eval()
-
-
 def test_end_to_end_finetune_lowers_the_kl_and_keeps_the_codes():
-    ref = _peaked()
+    ref = peaked_llama()
     batches = list(calibration_ids(_cfg(), CharTokenizer(), 128).split(4))
     with torch.no_grad():
         teacher = [features(ref, b) for b in batches]
-    model = quantize_model(_peaked(), _cfg())
+    model = quantize_model(peaked_llama(), _cfg())
     codes = {k: v.clone() for k, v in model.state_dict().items() if not v.is_floating_point()}
     before = _kl(model, ref, batches)
     finetune_model(model, batches, teacher, steps=32, lr=1e-3)
@@ -136,9 +126,9 @@ def test_end_to_end_finetune_of_an_encoder_matches_its_last_hidden_states():
 def test_calibration_runs_the_end_to_end_finetune_and_records_it():
     # wiring: the pipeline runs the fine-tune (held-out gains are measured on real models, recipes/calibrate.py)
     windows = list(calibration_ids(_cfg(), CharTokenizer(), 128).split(4))
-    ref = _peaked()
-    block_only = quantize_model(_peaked(), _cfg(calibration_finetune_steps=8))
-    e2e = quantize_model(_peaked(), _cfg(calibration_finetune_steps=8, calibration_e2e_steps=32,
+    ref = peaked_llama()
+    block_only = quantize_model(peaked_llama(), _cfg(calibration_finetune_steps=8))
+    e2e = quantize_model(peaked_llama(), _cfg(calibration_finetune_steps=8, calibration_e2e_steps=32,
                                          calibration_e2e_lr=1e-3))
     e_block, e_e2e = _kl(block_only, ref, windows), _kl(e2e, ref, windows)
     assert e_e2e < 0.95 * e_block, (e_block, e_e2e)  # equal if the fine-tune never ran
