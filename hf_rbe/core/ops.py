@@ -81,21 +81,47 @@ def kernels_allowed() -> bool:
     return not _REFERENCE_ONLY.get()
 
 
-def register_kernel(device_type: str, kernel: Callable[..., torch.Tensor]) -> None:
-    """Make ``kernel(x, tensors, layout, bias)`` the implementation of ``hf_rbe::linear`` on ``device_type``."""
+#: A layer's kernel for one input row, kept by its caller between calls: ``row(x, bias)`` takes
+#: x [..., K] with one row (any compute dtype) and returns ``x W^T + b`` in x's dtype.
+RowKernel = Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+
+#: device type -> ``prepare(tensors, layout)``: that layer's :data:`RowKernel`, or None where the
+#: device's kernel has none for it (``register_kernel``'s ``row``).
+_ROW_KERNELS: dict[str, Callable[[list[torch.Tensor], list[int]], Optional[RowKernel]]] = {}
+
+
+def register_kernel(device_type: str, kernel: Callable[..., torch.Tensor],
+                    row: Optional[Callable[[list[torch.Tensor], list[int]], Optional[RowKernel]]] = None) -> None:
+    """Make ``kernel(x, tensors, layout, bias)`` the implementation of ``hf_rbe::linear`` on
+    ``device_type``; ``row(tensors, layout)``, if given, prepares a layer's :data:`RowKernel`
+    (what ``kernel`` computes for one row, with the per-call preparation done once)."""
     linear.register_kernel(device_type)(kernel)
     _KERNELS[device_type] = kernel
+    if row is not None:
+        _ROW_KERNELS[device_type] = row
+
+
+def may_skip_op(x: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
+    """Whether a call with input ``x`` may go straight to a kernel instead of through the op: a
+    plain tensor, no gradient to record, no graph being traced, kernels allowed."""
+    return (type(x) is torch.Tensor and not torch.compiler.is_compiling()
+            and not (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))
+            and kernels_allowed())  # after is_compiling: dynamo cannot read a ContextVar
+
+
+def row_kernel(device_type: str, tensors: list[torch.Tensor], layout: list[int]) -> Optional[RowKernel]:
+    """The layer's :data:`RowKernel` on ``device_type``, or None where there is none. Valid while
+    its tensors hold what they hold now (the caller checks; ``PackedLinear`` keeps one per layer)."""
+    prepare = _ROW_KERNELS.get(device_type)
+    return None if prepare is None else prepare(tensors, layout)
 
 
 def call_linear(x: torch.Tensor, tensors: list[torch.Tensor], layout: list[int],
                 bias: Optional[torch.Tensor]) -> torch.Tensor:
     """``hf_rbe::linear``, or straight the kernel the dispatcher would pick when nothing needs
-    the dispatcher: a plain tensor, no gradient to record, no graph being traced. The
-    dispatcher's Python hops cost ~12 us a call, a fifth of a SmolLM2 layer's CPU time."""
-    if (type(x) is not torch.Tensor or torch.compiler.is_compiling()
-            or (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))):
-        return linear(x, tensors, layout, bias)
-    kernel = _KERNELS.get(x.device.type) if kernels_allowed() else None  # not traced: dynamo cannot read a ContextVar
+    the dispatcher (``may_skip_op``): its Python hops cost a good part of a small layer's CPU
+    time (``kernels/NOTES.md``)."""
+    kernel = _KERNELS.get(x.device.type) if may_skip_op(x, bias) else None
     if kernel is None:
         return linear(x, tensors, layout, bias)
     return kernel(x, tensors, layout, bias)

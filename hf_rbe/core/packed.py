@@ -43,6 +43,33 @@ def frozen(t: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(t, requires_grad=False)
 
 
+class _Row:
+    """A layer's row kernel on a device (``ops.row_kernel``) and what its stored tensors were when
+    it was made: the same objects at the same addresses and versions. Without a kernel (none for
+    the device or format, or inference tensors, which keep no version counter) the layer's calls
+    there take the op."""
+
+    def __init__(self, device: str, sources: tuple[tuple[dict, str], ...], kernel: ops.RowKernel | None) -> None:
+        self.device, self.sources, self.kernel = device, sources, kernel
+        self.stamp = None if kernel is None else self._stamp()
+
+    @classmethod
+    def prepare(cls, layer: PackedLinear, device: str, tensors: list[torch.Tensor], layout: list[int]) -> _Row:
+        params = layer._parameters
+        sources = tuple((params if n in params else layer._buffers, n) for n in layer.op_tensor_names())
+        inference = any(t.is_inference() for t in tensors)
+        return cls(device, sources, None if inference else ops.row_kernel(device, tensors, layout))
+
+    def _stamp(self) -> list[tuple[int, int, int]] | None:
+        try:
+            return [(id(t := d[n]), t.data_ptr(), t._version) for d, n in self.sources]
+        except (KeyError, RuntimeError):  # a tensor removed, or an inference tensor put in its place
+            return None
+
+    def fresh(self) -> bool:
+        return self._stamp() == self.stamp
+
+
 class PackedLinear(nn.Linear):
     """Base class: ``y = x W^T + b`` with ``W`` decoded from stored tensors by ``hf_rbe::linear``.
 
@@ -118,6 +145,7 @@ class PackedLinear(nn.Linear):
         """``.to(dtype)``, ``.half()``, ``.bfloat16()`` of a model move the layer's float tensors other
         than the bias (stored ones, linked tables, rotation signs) but never cast them: their dtypes
         are part of the format (fp16 scales, fp32 tables)."""
+        self.__dict__.pop("_row", None)  # it holds views of the tensors before the move
         stored = [n for n, t in (*self._parameters.items(), *self._buffers.items())
                   if t is not None and t.is_floating_point() and n != "bias"]
         out = apply_keeping_dtypes(self, fn, recurse, stored)
@@ -162,12 +190,33 @@ class PackedLinear(nn.Linear):
         return ops.format_ops(layout).dequantize(tensors, layout).to(dtype or self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self._parameters.get("bias")  # not through nn.Module's __getattr__: every decoding call pays for it
+        # may_skip_op first: while dynamo traces, the row count is never read (no guard on it)
+        one_row = (ops.may_skip_op(x, bias) and x.numel() == self.in_features and x.shape[-1] == self.in_features
+                   and x.dtype in COMPUTE_DTYPES)
+        if one_row:  # decoding: the kept row kernel while the stored tensors are as they were
+            row = self.__dict__.get("_row")
+            if row is not None and (x.is_cpu if row.device == "cpu" else x.device.type == row.device):
+                if row.kernel is None:
+                    one_row = False
+                elif row.fresh():
+                    return row.kernel(x, bias)
         if x.dtype not in COMPUTE_DTYPES:
             raise TypeError(f"{type(self).__name__} takes float16/bfloat16/float32 input, got {x.dtype}")
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features, layer expects {self.in_features}")
         tensors, layout = self.op_args()
-        return ops.call_linear(x, tensors, layout, self.bias)
+        if one_row:
+            row = _Row.prepare(self, x.device.type, tensors, layout)
+            self.__dict__["_row"] = row
+            if row.kernel is not None:
+                return row.kernel(x, bias)
+        return ops.call_linear(x, tensors, layout, bias)
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()  # a copy
+        state.pop("_row", None)  # a kernel's views of this process's memory
+        return state
 
     def to_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` holding the decoded weight and the bias."""

@@ -31,6 +31,7 @@ import functools
 import itertools
 import math
 import weakref
+from collections.abc import Callable
 
 import numba as nb
 import numpy as np
@@ -819,18 +820,33 @@ def _decoded_bf16(decode: tuple, n: int, k: int) -> torch.Tensor:
     return torch.from_numpy(w).view(torch.bfloat16).view(n, k)
 
 
+def _one_row(x: torch.Tensor, bias: torch.Tensor | None, calls: tuple, signs: np.ndarray | None, block: int,
+             n: int, k: int) -> torch.Tensor:
+    """``linear`` of one row (decoding): as few tensor operations around the kernels as can be."""
+    row = x.detach() if x.requires_grad else x
+    if row.dtype != torch.float32 or not row.is_contiguous():
+        row = row.float().contiguous()
+    y = torch.from_numpy(_gemv_one(row.numpy().reshape(k), calls, signs, block, n))
+    return y.view(*x.shape[:-1], n) if bias is None and x.dtype == torch.float32 else _finish(y, x, bias)
+
+
+def row_kernel(tensors: list[torch.Tensor], layout: list[int]) -> Callable[[torch.Tensor, torch.Tensor | None],
+                                                                            torch.Tensor]:
+    """``linear`` of one row for this layer, its plan made now (``core.ops.row_kernel``): the caller
+    keeps it while the tensors hold what they hold now, and skips ``_plan``'s checks per call."""
+    _, signs, block, calls = _plan(tuple(layout), tensors)
+    n, k = layout[1], layout[2]
+    return lambda x, bias: _one_row(x, bias, calls, signs, block, n, k)
+
+
 def linear(x: torch.Tensor, tensors: list[torch.Tensor], layout: list[int], bias: torch.Tensor | None) -> torch.Tensor:
     """``hf_rbe::linear`` of a v2 layer on CPU tensors: ``x`` [..., K] -> ``x W^T + b`` in x's dtype."""
     n, k = layout[1], layout[2]
     if x.shape[-1] != k:
         raise ValueError(f"hf_rbe::linear: x has {x.shape[-1]} features, the layer takes {k}")
     stages, signs, block, calls = _plan(tuple(layout), tensors)
-    if x.numel() == k:  # one row (decoding): as few tensor operations around the kernels as can be
-        row = x.detach() if x.requires_grad else x
-        if row.dtype != torch.float32 or not row.is_contiguous():
-            row = row.float().contiguous()
-        y = torch.from_numpy(_gemv_one(row.numpy().reshape(k), calls, signs, block, n))
-        return y.view(*x.shape[:-1], n) if bias is None and x.dtype == torch.float32 else _finish(y, x, bias)
+    if x.numel() == k:
+        return _one_row(x, bias, calls, signs, block, n, k)
     m = x.numel() // k
     decode = _bf16_decode(stages, k) if x.dtype == torch.bfloat16 and m > GEMV_MAX_M else None
     if decode is not None:  # a bf16 model's own precision, in and out

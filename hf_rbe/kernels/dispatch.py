@@ -23,7 +23,8 @@ from hf_rbe.core.format import FORMAT_ID as RBE_V1
 from hf_rbe.core.format_v2 import FORMAT_ID as RBE_V2
 from hf_rbe.core.seed64_format import FORMAT_ID as SEED64
 
-#: format id -> module with ``supports(layout)`` and ``linear(x, tensors, layout, bias)`` (x's dtype out).
+#: format id -> module with ``supports(layout)`` and ``linear(x, tensors, layout, bias)`` (x's dtype out);
+#: the CPU ones also ``row_kernel(tensors, layout)`` (``core.ops.RowKernel``).
 CUDA_KERNELS: dict[int, str] = {RBE_V1: "hf_rbe.kernels.triton_v1", RBE_V2: "hf_rbe.kernels.triton_v2",
                                 SEED64: "hf_rbe.kernels.triton_seed64"}
 CPU_KERNELS: dict[int, str] = {RBE_V2: "hf_rbe.kernels.cpu_numba"}
@@ -60,8 +61,15 @@ def _cpu_linear(x: torch.Tensor, tensors: list[torch.Tensor], layout: list[int],
     return _dispatch(CPU_KERNELS, "numba", x, tensors, layout, bias)
 
 
+def _cpu_row(tensors: list[torch.Tensor], layout: list[int]) -> Optional[ops.RowKernel]:
+    module = _module(CPU_KERNELS.get(layout[0]), "numba")
+    if module is None or not module.supports(layout):
+        return None
+    return module.row_kernel(tensors, layout)
+
+
 ops.register_kernel("cuda", _cuda_linear)
-ops.register_kernel("cpu", _cpu_linear)
+ops.register_kernel("cpu", _cpu_linear, row=_cpu_row)
 
 
 def _cpu_e8p_search(u: torch.Tensor, mag: torch.Tensor, parity: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

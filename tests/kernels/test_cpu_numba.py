@@ -248,16 +248,18 @@ def test_one_row_in_any_dtype_layout_and_shape(make):
 
 
 @pytest.mark.parametrize("how", ["load_state_dict", "data_copy", "data_swap", "inference"])
-def test_a_layer_changed_after_a_call_computes_with_its_new_values(how):
-    """The kernel keeps each layer's checked arrays between calls (``_plan``): whatever way the
-    codes and scales change (the rotation staying), the next call computes with the new values."""
+@pytest.mark.parametrize("grad", [True, False])  # without: decoding's row kernel, kept by the layer
+def test_a_layer_changed_after_a_call_computes_with_its_new_values(how, grad):
+    """The kernel keeps each layer's checked arrays between calls (``_plan``), and a layer its row
+    kernel (``PackedLinear``): whatever way the codes and scales change (the rotation staying), the
+    next call computes with the new values."""
     spec = LayerSpecV2((StageV2("e8p"), StageV2("vq8")))
     layer = _layer(spec, 256, 24)
     torch.manual_seed(SEED + 1)
     other = RBELinear.from_linear(torch.nn.Linear(256, 24), spec, universal_tables(spec), rotation_seed=SEED)
     names = ("weight", "scale", "residual_weight", "residual_scale")
     x = torch.randn(1, 256)
-    with torch.inference_mode(how == "inference"):
+    with torch.inference_mode(how == "inference"), torch.set_grad_enabled(grad):
         if how == "inference":
             layer = copy.deepcopy(layer)  # inference tensors: no version counter
         before = layer(x)
@@ -286,6 +288,19 @@ def test_the_op_runs_the_kernel_on_cpu(monkeypatch):
     assert calls, "hf_rbe::linear on CPU did not reach the numba kernel"
     tensors, layout = layer.op_args()
     assert torch.allclose(y, ops.reference_linear(x, tensors, layout, layer.bias), rtol=1e-4, atol=1e-5)
+
+
+def test_decoding_reaches_the_row_kernel_and_computes_what_the_op_does(monkeypatch):
+    layer = _layer(LayerSpecV2((StageV2("e8p"), StageV2("vq8"))), 256, 40)
+    rows = []
+    real = C._one_row
+    monkeypatch.setattr(C, "_one_row", lambda *a: rows.append(1) or real(*a))
+    tensors, layout = layer.op_args()
+    with torch.no_grad():
+        for x in (torch.randn(1, 1, 256), torch.randn(256), torch.randn(1, 256).bfloat16()):
+            y = layer(x)
+            assert torch.equal(y, C.linear(x, tensors, layout, layer.bias)), f"seed {SEED}"
+    assert "_row" in layer.__dict__ and len(rows) == 6  # each call once through the layer, once above
 
 
 def test_reference_only_keeps_every_call_off_the_kernel_until_it_ends(monkeypatch):
