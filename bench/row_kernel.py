@@ -1,0 +1,164 @@
+"""Decoding with and without the row kernels a packed layer keeps (``core.ops.row_kernel``).
+
+    python bench/row_kernel.py           # results/row_kernel.{json,md} (about 10 minutes on 2 cores)
+    python bench/row_kernel.py --smoke   # a tiny random Llama: checks the script only
+
+A decoding step calls every Linear with one row; a packed layer keeps its CPU kernel's one-row
+form between such calls and checks only that its stored tensors are the ones it was made from,
+where the op path checks and converts the same tensors on every call (``PackedLinear.forward``).
+This bench decodes SmolLM2-135M (``generate``, greedy, batch 1) with both, in one process: the
+models of ``bench/cpu_speed.py``'s decode rows (v2-3 and v2-b3 with the embedding and tied head in
+bf16, v2-3 also with bf16 activations; calibration-free codes cost the same to decode), each timed
+with row kernels and with them switched off (the registry emptied), and torch's bf16 model beside
+them. Rounds are short (``--tokens`` new tokens) and every round times every candidate, so that
+the machine's speed, which moves by a fifth within minutes here, hits them alike; the speedup is
+the median of each round's ratio, with its quartiles. Both ways must generate the same tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import logging
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numba
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cpu_speed import smollm2_loader  # noqa: E402  (the benches' models)
+
+from hf_rbe import RBEConfig  # noqa: E402
+from hf_rbe.core import ops  # noqa: E402
+from hf_rbe.evaluation.results import run_meta, write_results  # noqa: E402
+
+PROMPT = 16
+
+
+@contextlib.contextmanager
+def no_row_kernels(model: torch.nn.Module) -> Iterator[None]:
+    """Every packed layer's one-row calls take the op, as before row kernels existed."""
+    kept = dict(ops._ROW_KERNELS)
+    ops._ROW_KERNELS.clear()
+    for m in model.modules():
+        m.__dict__.pop("_row", None)
+    try:
+        yield
+    finally:
+        ops._ROW_KERNELS.update(kept)
+        for m in model.modules():
+            m.__dict__.pop("_row", None)
+
+
+def _models(smoke: bool) -> dict[str, torch.nn.Module]:
+    load = smollm2_loader(smoke)
+    v23 = load(RBEConfig.from_preset("v2-3", embedding_dtype="bfloat16"), torch.float32)
+    models = {"bf16": load(None, torch.bfloat16), "v2-3 + bf16 embeddings": v23,
+              "v2-3 + bf16 embeddings, bf16 activations": copy.deepcopy(v23).to(torch.bfloat16),
+              "v2-b3 + bf16 embeddings": load(RBEConfig.from_preset("v2-b3", embedding_dtype="bfloat16"), torch.float32)}
+    return {k: m.eval() for k, m in models.items()}
+
+
+def _rate(model: torch.nn.Module, prompt: torch.Tensor, n: int) -> tuple[float, torch.Tensor]:
+    """(tokens/s of the last ``n - 1`` new tokens, the tokens): ``generate n`` minus ``generate 1``."""
+    def gen(k: int) -> torch.Tensor:
+        return model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=k, min_new_tokens=k,
+                              do_sample=False, pad_token_id=0)
+
+    t0 = time.perf_counter()
+    gen(1)
+    t1 = time.perf_counter()
+    out = gen(n)
+    return (n - 1) / (time.perf_counter() - t1 - (t1 - t0)), out[0, prompt.shape[1]:]
+
+
+def rows(smoke: bool, new_tokens: int, rounds: int) -> list[dict]:
+    models = _models(smoke)
+    vocab = next(iter(models.values())).config.vocab_size
+    prompt = torch.randint(0, vocab, (1, PROMPT), generator=torch.Generator().manual_seed(0))
+    cands: dict[str, Callable[[], tuple[float, torch.Tensor]]] = {}
+    for name, model in models.items():
+        if name == "bf16":
+            cands[name] = lambda m=model: _rate(m, prompt, new_tokens)
+            continue
+        cands[f"{name}/row kernels"] = lambda m=model: _rate(m, prompt, new_tokens)
+
+        def without(m: torch.nn.Module = model) -> tuple[float, torch.Tensor]:
+            with no_row_kernels(m):
+                return _rate(m, prompt, new_tokens)
+
+        cands[f"{name}/op every call"] = without
+    rates: dict[str, list[float]] = {k: [] for k in cands}
+    tokens: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for f in cands.values():
+            f()  # warm-up: compiled kernels, plans
+        for r in range(rounds):
+            for k, f in cands.items():
+                rate, tokens[k] = f()
+                rates[k].append(rate)
+            logging.info("round %d: %s", r, {k: round(v[-1], 1) for k, v in rates.items()})
+    bf16 = statistics.median(rates["bf16"])
+    out = [{"weights": "bf16", "tokens_per_s": bf16, "rates": rates["bf16"]}]
+    for name in models:
+        if name == "bf16":
+            continue
+        on, off = rates[f"{name}/row kernels"], rates[f"{name}/op every call"]
+        ratios = [a / b for a, b in zip(on, off)]
+        q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+        out.append({"weights": name, "tokens_per_s": statistics.median(on), "op_every_call_tokens_per_s":
+                    statistics.median(off), "speedup": statistics.median(ratios), "speedup_quartiles": [q[0], q[2]],
+                    "vs_bf16": statistics.median(on) / bf16, "op_every_call_vs_bf16": statistics.median(off) / bf16,
+                    "same_tokens": bool(torch.equal(tokens[f"{name}/row kernels"], tokens[f"{name}/op every call"])),
+                    "rates": on, "op_every_call_rates": off})
+        logging.info("%s", {k: v for k, v in out[-1].items() if "rates" not in k})
+    return out
+
+
+def table(meta: dict, res: list[dict], new_tokens: int, rounds: int) -> str:
+    lines = [f"`{meta['command']}` on {meta['machine']}, numba {meta['numba_threads']} threads, load average before "
+             f"{meta['load_before']}, after {meta['load_after']}, {meta['date']}", "",
+             f"{'A tiny random Llama (smoke)' if meta['smoke'] else 'SmolLM2-135M'} greedy decoding at batch 1, {new_tokens} new tokens after a {PROMPT}-token prompt "
+             f"(tokens/s of the last {new_tokens - 1}), {rounds} rounds each timing every row; tokens/s are medians, "
+             "the speedup is the median of each round's ratio (quartiles in brackets):", "",
+             "| weights | row kernels tokens/s (vs bf16) | op every call tokens/s (vs bf16) | speedup | same tokens |",
+             "|---|---|---|---|---|"]
+    for r in res:
+        if r["weights"] == "bf16":
+            lines.append(f"| torch bf16 | {r['tokens_per_s']:.1f} | - | - | - |")
+            continue
+        lo, hi = r["speedup_quartiles"]
+        lines.append(f"| {r['weights']} | {r['tokens_per_s']:.1f} ({r['vs_bf16']:.2f}x) | "
+                     f"{r['op_every_call_tokens_per_s']:.1f} ({r['op_every_call_vs_bf16']:.2f}x) | "
+                     f"{r['speedup']:.2f}x ({lo:.2f}-{hi:.2f}) | {'yes' if r['same_tokens'] else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--tokens", type=int, default=9, help="new tokens per timing (the first is the prompt's)")
+    ap.add_argument("--smoke", action="store_true", help="a tiny random model: checks the script only")
+    ap.add_argument("--out", default=None, help="default: results/row_kernel (runs/row_kernel_smoke with --smoke)")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.set_num_threads(args.threads)
+    numba.set_num_threads(args.threads)
+    load_before = "%.2f %.2f %.2f" % os.getloadavg()
+    res = rows(args.smoke, args.tokens, 2 if args.smoke else args.rounds)
+    meta = {**run_meta(), "numba_threads": numba.get_num_threads(), "load_before": load_before,
+            "load_after": "%.2f %.2f %.2f" % os.getloadavg(), "new_tokens": args.tokens, "smoke": args.smoke}
+    md = table(meta, res, args.tokens, 2 if args.smoke else args.rounds)
+    write_results(args.out or ("runs/row_kernel_smoke" if args.smoke else "results/row_kernel"), meta, res, md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
