@@ -1,4 +1,5 @@
-"""Decoding with and without the row kernels a packed layer keeps (``core.ops.row_kernel``).
+"""Decoding with and without the one-row paths: the row kernels a packed layer keeps
+(``core.ops.row_kernel``) and the stored bf16 head's matrix-vector product (``core.stored``).
 
     python bench/row_kernel.py           # results/row_kernel.{json,md} (about 10 minutes on 2 cores)
     python bench/row_kernel.py --smoke   # a tiny random Llama: checks the script only
@@ -6,13 +7,15 @@
 A decoding step calls every Linear with one row; a packed layer keeps its CPU kernel's one-row
 form between such calls and checks only that its stored tensors are the ones it was made from,
 where the op path checks and converts the same tensors on every call (``PackedLinear.forward``).
-This bench decodes SmolLM2-135M (``generate``, greedy, batch 1) with both, in one process: the
+A stored bf16 head (``embedding_dtype="bfloat16"``) multiplies one row by ``torch.mv``, whose
+kernel reads the weight faster on a CPU than the matrix product ``F.linear`` takes.
+This bench decodes SmolLM2-135M (``generate``, greedy, batch 1) each way, in one process: the
 models of ``bench/cpu_speed.py``'s decode rows (v2-3 and v2-b3 with the embedding and tied head in
 bf16, v2-3 also with bf16 activations; calibration-free codes cost the same to decode), each timed
-with row kernels and with them switched off (the registry emptied), and torch's bf16 model beside
-them. Rounds are short (``--tokens`` new tokens) and every round times every candidate, so that
+as the library runs it, with row kernels switched off (the registry emptied), and with the head
+by ``F.linear``; torch's bf16 model beside them. Rounds are short (``--tokens`` new tokens) and every round times every candidate, so that
 the machine's speed, which moves by a fifth within minutes here, hits them alike; the speedup is
-the median of each round's ratio, with its quartiles. Both ways must generate the same tokens.
+the median of each round's ratio, with its quartiles. Every way must generate the same tokens.
 """
 
 from __future__ import annotations
@@ -30,15 +33,30 @@ from pathlib import Path
 
 import numba
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cpu_speed import smollm2_loader  # noqa: E402  (the benches' models)
 
 from hf_rbe import RBEConfig  # noqa: E402
-from hf_rbe.core import ops  # noqa: E402
+from hf_rbe.core import ops, stored  # noqa: E402
 from hf_rbe.evaluation.results import run_meta, write_results  # noqa: E402
 
 PROMPT = 16
+
+
+@contextlib.contextmanager
+def head_by_linear() -> Iterator[None]:
+    """The stored head multiplied by ``F.linear`` whatever its input, as before ``torch.mv``."""
+    def by_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return F.linear(x.to(weight.dtype), weight, None if bias is None else bias.to(weight.dtype)).to(x.dtype)
+
+    kept = stored.stored_linear
+    stored.stored_linear = by_linear
+    try:
+        yield
+    finally:
+        stored.stored_linear = kept
 
 
 @contextlib.contextmanager
@@ -94,6 +112,12 @@ def rows(smoke: bool, new_tokens: int, rounds: int) -> list[dict]:
                 return _rate(m, prompt, new_tokens)
 
         cands[f"{name}/op every call"] = without
+
+        def linear_head(m: torch.nn.Module = model) -> tuple[float, torch.Tensor]:
+            with head_by_linear():
+                return _rate(m, prompt, new_tokens)
+
+        cands[f"{name}/head by F.linear"] = linear_head
     rates: dict[str, list[float]] = {k: [] for k in cands}
     tokens: dict[str, torch.Tensor] = {}
     with torch.no_grad():
@@ -109,14 +133,18 @@ def rows(smoke: bool, new_tokens: int, rounds: int) -> list[dict]:
     for name in models:
         if name == "bf16":
             continue
-        on, off = rates[f"{name}/row kernels"], rates[f"{name}/op every call"]
-        ratios = [a / b for a, b in zip(on, off)]
-        q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
-        out.append({"weights": name, "tokens_per_s": statistics.median(on), "op_every_call_tokens_per_s":
-                    statistics.median(off), "speedup": statistics.median(ratios), "speedup_quartiles": [q[0], q[2]],
-                    "vs_bf16": statistics.median(on) / bf16, "op_every_call_vs_bf16": statistics.median(off) / bf16,
-                    "same_tokens": bool(torch.equal(tokens[f"{name}/row kernels"], tokens[f"{name}/op every call"])),
-                    "rates": on, "op_every_call_rates": off})
+        on, off, lin = (rates[f"{name}/{way}"] for way in ("row kernels", "op every call", "head by F.linear"))
+        row = {"weights": name, "tokens_per_s": statistics.median(on), "vs_bf16": statistics.median(on) / bf16,
+               "rates": on}
+        for key, other in (("op_every_call", off), ("head_by_linear", lin)):
+            ratios = [a / b for a, b in zip(on, other)]
+            q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+            row.update({f"{key}_tokens_per_s": statistics.median(other), f"{key}_vs_bf16": statistics.median(other) / bf16,
+                        f"{key}_speedup": statistics.median(ratios), f"{key}_speedup_quartiles": [q[0], q[2]],
+                        f"{key}_rates": other})
+        row["same_tokens"] = all(torch.equal(tokens[f"{name}/row kernels"], tokens[f"{name}/{way}"])
+                                 for way in ("op every call", "head by F.linear"))
+        out.append(row)
         logging.info("%s", {k: v for k, v in out[-1].items() if "rates" not in k})
     return out
 
@@ -125,18 +153,21 @@ def table(meta: dict, res: list[dict], new_tokens: int, rounds: int) -> str:
     lines = [f"`{meta['command']}` on {meta['machine']}, numba {meta['numba_threads']} threads, load average before "
              f"{meta['load_before']}, after {meta['load_after']}, {meta['date']}", "",
              f"{'A tiny random Llama (smoke)' if meta['smoke'] else 'SmolLM2-135M'} greedy decoding at batch 1, {new_tokens} new tokens after a {PROMPT}-token prompt "
-             f"(tokens/s of the last {new_tokens - 1}), {rounds} rounds each timing every row; tokens/s are medians, "
-             "the speedup is the median of each round's ratio (quartiles in brackets):", "",
-             "| weights | row kernels tokens/s (vs bf16) | op every call tokens/s (vs bf16) | speedup | same tokens |",
-             "|---|---|---|---|---|"]
+             f"(tokens/s of the last {new_tokens - 1}), {rounds} rounds each timing every row; tokens/s are medians "
+             "(against torch bf16 in brackets); the speedups, of the library's way over the other, are medians of "
+             "each round's ratio (quartiles in brackets):", "",
+             "| weights | as the library runs | op every call | speedup | head by F.linear | speedup | same tokens |",
+             "|---|---|---|---|---|---|---|"]
     for r in res:
         if r["weights"] == "bf16":
-            lines.append(f"| torch bf16 | {r['tokens_per_s']:.1f} | - | - | - |")
+            lines.append(f"| torch bf16 | {r['tokens_per_s']:.1f} | - | - | - | - | - |")
             continue
-        lo, hi = r["speedup_quartiles"]
-        lines.append(f"| {r['weights']} | {r['tokens_per_s']:.1f} ({r['vs_bf16']:.2f}x) | "
-                     f"{r['op_every_call_tokens_per_s']:.1f} ({r['op_every_call_vs_bf16']:.2f}x) | "
-                     f"{r['speedup']:.2f}x ({lo:.2f}-{hi:.2f}) | {'yes' if r['same_tokens'] else 'no'} |")
+        cells = [f"{r['tokens_per_s']:.1f} ({r['vs_bf16']:.2f}x)"]
+        for key in ("op_every_call", "head_by_linear"):
+            lo, hi = r[f"{key}_speedup_quartiles"]
+            cells += [f"{r[f'{key}_tokens_per_s']:.1f} ({r[f'{key}_vs_bf16']:.2f}x)",
+                      f"{r[f'{key}_speedup']:.2f}x ({lo:.2f}-{hi:.2f})"]
+        lines.append(f"| {r['weights']} | {' | '.join(cells)} | {'yes' if r['same_tokens'] else 'no'} |")
     return "\n".join(lines) + "\n"
 
 

@@ -52,7 +52,11 @@ class StoredLinear(nn.Linear):
 
 def stored_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x W^T + b`` multiplied in the weight's storage dtype, returned in ``x``'s (``StoredLinear``;
-    a serving engine computes a stored head with it to give the same logits)."""
+    a serving engine computes a stored head with it to give the same logits). One bf16 row on the
+    CPU (a decoding step's head) goes to ``torch.mv``: its matrix-vector kernel reads the weight
+    faster there than the matrix product ``F.linear`` takes (``docs/results/cpu_speed.md``)."""
+    if bias is None and weight.dtype == torch.bfloat16 and x.numel() == x.shape[-1] and x.is_cpu:
+        return torch.mv(weight, x.reshape(-1).to(weight.dtype)).to(x.dtype).view(*x.shape[:-1], weight.shape[0])
     y = F.linear(x.to(weight.dtype), weight, None if bias is None else bias.to(weight.dtype))
     return y.to(x.dtype)
 

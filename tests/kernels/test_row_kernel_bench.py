@@ -16,8 +16,10 @@ def test_row_kernel_bench_smoke(tmp_path):
     assert [r["weights"] for r in res["rows"]] == ["bf16", "v2-3 + bf16 embeddings",
                                                    "v2-3 + bf16 embeddings, bf16 activations", "v2-b3 + bf16 embeddings"]
     for r in res["rows"][1:]:
-        assert r["same_tokens"], r["weights"]  # the two ways compute with the same kernel
-        assert len(r["rates"]) == len(r["op_every_call_rates"]) == 2 and min(r["rates"] + r["op_every_call_rates"]) > 0
-        lo, hi = r["speedup_quartiles"]
-        assert lo <= r["speedup"] <= hi
-    assert "op every call" in out.with_suffix(".md").read_text()
+        assert r["same_tokens"], r["weights"]  # every way computes with the same kernels
+        for key in ("op_every_call", "head_by_linear"):
+            assert len(r["rates"]) == len(r[f"{key}_rates"]) == 2 and min(r["rates"] + r[f"{key}_rates"]) > 0
+            lo, hi = r[f"{key}_speedup_quartiles"]
+            assert lo <= r[f"{key}_speedup"] <= hi
+    md = out.with_suffix(".md").read_text()
+    assert "op every call" in md and "head by F.linear" in md
