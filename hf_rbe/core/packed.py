@@ -25,7 +25,7 @@ from torch import nn
 
 from . import ops
 from .errors import CheckpointError
-from .spec import COMPUTE_DTYPES, TensorSpec, apply_keeping_dtypes
+from .spec import COMPUTE_DTYPES, TensorSpec, apply_keeping_dtypes, edit_stamp
 
 
 def packed_layers(model: nn.Module) -> list[tuple[str, PackedLinear]]:
@@ -45,8 +45,9 @@ def frozen(t: torch.Tensor) -> nn.Parameter:
 
 class _Row:
     """A layer's row kernel on a device (``ops.row_kernel``) and what its stored tensors were when
-    it was made: the same objects at the same addresses and versions. Without a kernel (none for
-    the device or format, or inference tensors, which keep no version counter) the layer's calls
+    it was made: the same objects at the same addresses and versions (``spec.edit_stamp``: an
+    inference tensor keeps no version counter, so its in-place edits are not seen here, as the op's
+    own kernel plan does not see them). Without a kernel for the device or format the layer's calls
     there take the op."""
 
     def __init__(self, device: str, sources: tuple[tuple[dict, str], ...], kernel: ops.RowKernel | None) -> None:
@@ -57,13 +58,12 @@ class _Row:
     def prepare(cls, layer: PackedLinear, device: str, tensors: list[torch.Tensor], layout: list[int]) -> _Row:
         params = layer._parameters
         sources = tuple((params if n in params else layer._buffers, n) for n in layer.op_tensor_names())
-        inference = any(t.is_inference() for t in tensors)
-        return cls(device, sources, None if inference else ops.row_kernel(device, tensors, layout))
+        return cls(device, sources, ops.row_kernel(device, tensors, layout))
 
-    def _stamp(self) -> list[tuple[int, int, int]] | None:
+    def _stamp(self) -> list[tuple[int, int, int | torch.Size]] | None:
         try:
-            return [(id(t := d[n]), t.data_ptr(), t._version) for d, n in self.sources]
-        except (KeyError, RuntimeError):  # a tensor removed, or an inference tensor put in its place
+            return [(id(t := d[n]), t.data_ptr(), edit_stamp(t)) for d, n in self.sources]
+        except KeyError:  # a tensor removed
             return None
 
     def fresh(self) -> bool:

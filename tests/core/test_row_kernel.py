@@ -111,14 +111,19 @@ def test_bad_input_still_gets_the_ops_errors(counting):
 
 
 @torch.no_grad()
-def test_inference_tensors_keep_no_row_kernel(counting):
-    """They keep no version counter, so an edit could not be seen: every call takes the op."""
+def test_inference_tensors_keep_the_row_kernel_until_one_is_replaced(counting):
+    """A model loaded under ``torch.inference_mode()`` decodes through the row kernel too; a stored
+    tensor put in its place (a new object) prepares it again, as for ordinary tensors."""
     with torch.inference_mode():
-        layer = copy.deepcopy(_layer())
+        layer, other = copy.deepcopy(_layer()), copy.deepcopy(_layer(seed=1))
         x = torch.randn(1, K)
-        assert torch.allclose(layer(x), _want(layer, x), rtol=1e-4, atol=1e-5)  # the op: a kernel, if any
-        layer(x)
-    assert counting.called == 0
+        before = layer(x)
+        assert torch.equal(before, _want(layer, x)) and torch.equal(layer(x), before)
+        assert (counting.prepared, counting.called) == (1, 2)
+        layer.weight = torch.nn.Parameter(other.weight.clone(), requires_grad=False)
+        after = layer(x)
+    assert counting.prepared == 2 and counting.called == 3
+    assert not torch.equal(before, after) and torch.equal(after, _want(layer, x))
 
 
 @torch.no_grad()

@@ -290,17 +290,20 @@ def test_the_op_runs_the_kernel_on_cpu(monkeypatch):
     assert torch.allclose(y, ops.reference_linear(x, tensors, layout, layer.bias), rtol=1e-4, atol=1e-5)
 
 
-def test_decoding_reaches_the_row_kernel_and_computes_what_the_op_does(monkeypatch):
-    layer = _layer(LayerSpecV2((StageV2("e8p"), StageV2("vq8"))), 256, 40)
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_decoding_reaches_the_row_kernel_and_computes_what_the_op_does(monkeypatch, mode):
+    with mode():  # a model loaded under inference_mode holds inference tensors
+        layer = _layer(LayerSpecV2((StageV2("e8p"), StageV2("vq8"))), 256, 40)
     rows = []
     real = C._one_row
     monkeypatch.setattr(C, "_one_row", lambda *a: rows.append(1) or real(*a))
     tensors, layout = layer.op_args()
-    with torch.no_grad():
+    with mode():
         for x in (torch.randn(1, 1, 256), torch.randn(256), torch.randn(1, 256).bfloat16()):
             y = layer(x)
             assert torch.equal(y, C.linear(x, tensors, layout, layer.bias)), f"seed {SEED}"
-    assert "_row" in layer.__dict__ and len(rows) == 6  # each call once through the layer, once above
+    assert layer.__dict__["_row"].kernel is not None  # kept: the layer's calls skipped the op
+    assert len(rows) == 6  # each call once through the layer, once above
 
 
 def test_reference_only_keeps_every_call_off_the_kernel_until_it_ends(monkeypatch):
