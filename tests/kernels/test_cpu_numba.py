@@ -81,6 +81,28 @@ def test_bf16_rows_rotate_as_the_fp32_transform_rounds(block):
     assert torch.equal(got, want), f"seed {SEED}: m={m} k={k}"
 
 
+def test_the_bf16_store_rounds_ties_to_even_as_torch():
+    """``cpu_simd.vstore_bf16``: values exactly half way between two bf16 neighbours (odd and even last
+    kept bit, both signs, subnormal, up to the largest finite) and random ones, rounded as torch. (The
+    hardware's ``vcvtneps2bf16``, tried instead, flushes subnormals to zero.)"""
+    import numba as nb
+    import numpy as np
+
+    from hf_rbe.kernels.cpu_simd import vload, vstore_bf16
+
+    @nb.njit
+    def store(x, out):
+        for i in range(0, x.shape[0], 8):
+            vstore_bf16(out, i, vload(x, i))
+
+    upper = torch.tensor([0x0000, 0x0001, 0x3F80, 0x3F81, 0x7F7E, 0x7F7F, 0x8001, 0xBF80, 0xBF81], dtype=torch.int64)
+    ties = ((upper << 16) | 0x8000).to(torch.int32).view(torch.float32)
+    x = torch.cat([ties, torch.randn(8 * 64 - len(ties)) * 10 ** RNG.uniform(-30, 30)])
+    got = np.empty(len(x), dtype=np.int16)
+    store(x.numpy(), got)
+    assert torch.equal(torch.from_numpy(got), x.bfloat16().view(torch.int16)), f"seed {SEED}"
+
+
 @pytest.mark.parametrize("k,group", [(128, 32), (768, 128), (1536, 64)])
 @pytest.mark.parametrize("second", [None, "e8p", "vq8", "vq4", "b1"])
 def test_the_bf16_decode_rounds_the_fp32_decode_to_nearest_even(second, k, group):
