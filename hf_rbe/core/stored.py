@@ -57,6 +57,11 @@ def stored_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     faster there than the matrix product ``F.linear`` takes (``docs/results/cpu_speed.md``)."""
     if bias is None and weight.dtype == torch.bfloat16 and x.numel() == x.shape[-1] and x.is_cpu:
         return torch.mv(weight, x.reshape(-1).to(weight.dtype)).to(x.dtype).view(*x.shape[:-1], weight.shape[0])
+    return matrix_product(x, weight, bias)
+
+
+def matrix_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`stored_linear` by ``F.linear`` for every input (``bench/row_kernel.py`` times it beside ``torch.mv``)."""
     y = F.linear(x.to(weight.dtype), weight, None if bias is None else bias.to(weight.dtype))
     return y.to(x.dtype)
 

@@ -10,10 +10,11 @@ import copy
 import random
 import time
 
+import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("numba")
+nb = pytest.importorskip("numba")
 
 from hf_rbe import RBELinear  # noqa: E402
 from hf_rbe.core import ops  # noqa: E402
@@ -21,6 +22,7 @@ from hf_rbe.core.format_v2 import LayerSpecV2, StageV2  # noqa: E402
 from hf_rbe.core.rbe_codecs import universal_tables  # noqa: E402
 from hf_rbe.kernels import cpu_numba as C  # noqa: E402
 from hf_rbe.kernels import dispatch  # noqa: E402
+from hf_rbe.kernels.cpu_simd import vload, vstore_bf16  # noqa: E402
 
 SEED = int(time.time_ns() % 2**31)
 RNG = random.Random(SEED)
@@ -85,11 +87,6 @@ def test_the_bf16_store_rounds_ties_to_even_as_torch():
     """``cpu_simd.vstore_bf16``: values exactly half way between two bf16 neighbours (odd and even last
     kept bit, both signs, subnormal, up to the largest finite) and random ones, rounded as torch. (The
     hardware's ``vcvtneps2bf16``, tried instead, flushes subnormals to zero.)"""
-    import numba as nb
-    import numpy as np
-
-    from hf_rbe.kernels.cpu_simd import vload, vstore_bf16
-
     @nb.njit
     def store(x, out):
         for i in range(0, x.shape[0], 8):
