@@ -5,6 +5,7 @@
     cpu_numba       the format-v2 CPU kernels (GEMV straight from the codes; decode + BLAS above)
     cpu_search      the encoder's e8p nearest-codeword search, bit for bit the reference
     cpu_decode      one format-v2 stage decoded to fp32, bit for bit the reference
+    threads         the numba kernels run on as many threads as torch
     triton_common   what the Triton kernels share (device check, per-device constants)
     triton_v1       format v1 on CUDA
     triton_v2       format v2 on CUDA (GEMV at M=1, tensor-core tiles above)

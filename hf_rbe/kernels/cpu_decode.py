@@ -20,6 +20,8 @@ import torch
 
 from hf_rbe.core.format_v2 import IDX_OFFSET, PLANES, SIGN_OFFSET, VECTOR_DIM, b1_sign_table, e8p_sign_table
 
+from .threads import follow_torch
+
 _E8P_INDEX = PLANES["e8p"].table_size - 1
 _E8P_SIGNS = (1 << PLANES["e8p"].sign) - 1
 
@@ -74,6 +76,7 @@ def decode_stage(stored: torch.Tensor, scale: torch.Tensor, plane: str, table: t
                  in_features: int) -> torch.Tensor:
     """fp32 [N, in_features] of one stage: ``core.codec_v2.reference_decode_stage`` for CPU tensors that
     :func:`fits` (no autograd)."""
+    follow_torch()
     s = np.ascontiguousarray(scale.detach().float().numpy())
     t = table.detach().float()
     out = np.empty((stored.shape[0], in_features), np.float32)

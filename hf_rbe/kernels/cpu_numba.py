@@ -76,6 +76,7 @@ from .cpu_simd import (
     vzero,
     vzero16,
 )
+from .threads import follow_torch
 
 #: Largest M the code-walking GEMV serves; above it decode + BLAS is faster (the crossover
 #: ``NOTES.md`` records, on SmolLM2 and 4096x4096 shapes).
@@ -823,6 +824,7 @@ def _decoded_bf16(decode: tuple, n: int, k: int) -> torch.Tensor:
 def _one_row(x: torch.Tensor, bias: torch.Tensor | None, calls: tuple, signs: np.ndarray | None, block: int,
              n: int, k: int) -> torch.Tensor:
     """``linear`` of one row (decoding): as few tensor operations around the kernels as can be."""
+    follow_torch()
     row = x.detach() if x.requires_grad else x
     if row.dtype != torch.float32 or not row.is_contiguous():
         row = row.float().contiguous()
@@ -848,6 +850,7 @@ def linear(x: torch.Tensor, tensors: list[torch.Tensor], layout: list[int], bias
     if x.numel() == k:
         return _one_row(x, bias, calls, signs, block, n, k)
     m = x.numel() // k
+    follow_torch()
     decode = _bf16_decode(stages, k) if x.dtype == torch.bfloat16 and m > GEMV_MAX_M else None
     if decode is not None:  # a bf16 model's own precision, in and out
         xb = x.detach().reshape(m, k).contiguous()

@@ -18,6 +18,8 @@ import torch
 from hf_rbe.core.codec_v2 import sequential_sum
 from hf_rbe.core.format_v2 import VECTOR_DIM
 
+from .threads import follow_torch
+
 _BLOCK = 256  # vectors per parallel task: one scratch row each, reused
 
 
@@ -66,6 +68,7 @@ def _search(u: np.ndarray, mag_t: np.ndarray, msq: np.ndarray, parity: np.ndarra
 
 def e8p_search(u: torch.Tensor, mag: torch.Tensor, parity: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``core.codec_v2.e8p_search`` for CPU ``u`` [n, 8] of fp32 or fp64 (``mag`` in ``u``'s dtype)."""
+    follow_torch()
     msq = sequential_sum(mag * mag)  # |m_e|^2 by the reference's own function: both score from one value
     idx = np.empty(u.shape[0], np.int64)
     flip = np.empty(u.shape[0], np.int64)

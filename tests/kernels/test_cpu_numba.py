@@ -8,6 +8,7 @@ session (numba caches them on disk), a few seconds on a cold cache.
 
 import copy
 import random
+import threading
 import time
 
 import numpy as np
@@ -323,6 +324,31 @@ def test_decoding_reaches_the_row_kernel_and_computes_what_the_op_does(monkeypat
             assert torch.equal(y, C.linear(x, tensors, layout, layer.bias)), f"seed {SEED}"
     assert layer.__dict__["_row"].kernel is not None  # kept: the layer's calls skipped the op
     assert len(rows) == 6  # each call once through the layer, once above
+
+
+@pytest.mark.skipif(nb.config.NUMBA_NUM_THREADS < 2, reason="numba has one thread: nothing to bound")
+def test_the_kernels_run_on_as_many_threads_as_torch():
+    layer = _layer(LayerSpecV2((StageV2("e8p"), StageV2("vq8"))), 256, 40)
+    seen: dict[str, list[int]] = {}
+
+    def calls(key: str) -> None:
+        with torch.no_grad():
+            for m in (1, 1, 4, C.GEMV_MAX_M + 1):  # the op's one row, the kept row kernel, the GEMV, decode + BLAS
+                layer(torch.randn(m, 256))
+                seen.setdefault(key, []).append(nb.get_num_threads())
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        calls("one")
+        other = threading.Thread(target=calls, args=("another Python thread",))  # numba's count is per thread
+        other.start()
+        other.join()
+        torch.set_num_threads(2)
+        calls("two")
+    finally:
+        torch.set_num_threads(before)
+    assert seen == {"one": [1] * 4, "another Python thread": [1] * 4, "two": [2] * 4}
 
 
 def test_reference_only_keeps_every_call_off_the_kernel_until_it_ends(monkeypatch):
