@@ -4,7 +4,9 @@ numba starts its own thread pool, as large as the CPUs the process may use, and 
 would use all of it whatever torch was told: a process limited to one thread (a vLLM worker, a
 job sharing the machine) would still run the RBE kernels on every core. Each kernel entry calls
 :func:`follow_torch` first; numba's count is per Python thread, so the last value set is kept per
-thread too, and setting it again costs nothing until torch's count changes.
+thread too, and nothing is set again until torch's count changes (asking numba for its count on
+every call would cost several times a one-row kernel's other checks). So a direct
+``numba.set_num_threads`` holds only until the next ``torch.set_num_threads``.
 """
 
 from __future__ import annotations
