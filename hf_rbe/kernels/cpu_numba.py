@@ -8,7 +8,9 @@ codes. An e8p code costs one 8-lane load from the 512-entry table, one from the
 128-entry +-1 sign table (16 KiB + 4 KiB: both stay in L1), one of x and a multiply and a fused
 multiply-add (``cpu_simd``); vq8 / vq4 codes read a signed 8-vector. At M = 1 an e8p stage and
 the stage after it run in one pass, two output rows at a time (one x load feeds four
-accumulators); for M > 1 each codeword is decoded once per block of four input rows.
+accumulators). For 1 < M <= ``GEMV_MAX_M`` the same pair of stages is summed with its scales per
+weight vector, decoded once per two output rows and block of four input rows, one FMA per input
+row (other stages: each codeword decoded once per block of four input rows).
 A run of b1 planes (a sign per weight) at M = 1 looks its sums up (T-MAC's idea, in fp32, on
 AVX-512): per four inputs, a 16-entry table of their sums under every sign pattern, built once per
 call; sixteen rows' 4-bit patterns looked up by one ``vpermps`` from codes the layer's plan
@@ -448,6 +450,96 @@ def _lookup_for(planes: int):  # noqa: ANN202
     return lookup
 
 
+@nb.njit(inline="always")
+def _scaled(codes0: np.ndarray, table0: np.ndarray, codes1: np.ndarray, table1: np.ndarray, signs: np.ndarray,
+            at: int, s0, s1, plane1: int):  # noqa: ANN001, ANN202
+    """Weight vector ``at`` of an e8p stage times its scale ``s0``, plus the next stage's (plane
+    ``plane1``; -1: none) times ``s1``: the stages summed before any input row is touched."""
+    w = vmul(_e8p_vector(codes0, at, table0, signs), s0)
+    if plane1 >= 0:
+        w = vfma(_codeword(codes1, at, table1, signs, plane1), s1, w)
+    return w
+
+
+@nb.njit(inline="always")
+def _group_scales(scale0: np.ndarray, scale1: np.ndarray, at: int, plane1: int):  # noqa: ANN202
+    """The two stages' scales of group ``at`` as vectors (the first twice when there is no second)."""
+    s0 = vbroadcast(hload(scale0, at))
+    return s0, vbroadcast(hload(scale1, at)) if plane1 >= 0 else s0
+
+
+@nb.njit(inline="always")
+def _add_rows(out: np.ndarray, m: int, n0: int, n1: int, a, b) -> None:  # noqa: ANN001
+    """Input row ``m``'s sums for the output rows ``n0`` and ``n1`` added to ``out``; nothing for a
+    repeated input row (``m`` past the last) and once for a repeated output row."""
+    if m < out.shape[0]:
+        out[m, n0] += vsum(a)
+        if n1 != n0:
+            out[m, n1] += vsum(b)
+
+
+def _gemv2m_for(plane1: int):  # noqa: ANN202
+    @nb.njit(cache=True, parallel=True, fastmath=True)
+    def gemv2m(x: np.ndarray, k: int, codes0: np.ndarray, scale0: np.ndarray, table0: np.ndarray,
+               codes1: np.ndarray, scale1: np.ndarray, table1: np.ndarray, signs: np.ndarray,
+               out: np.ndarray) -> None:
+        """``out`` [M, N] += the product of the flat [M * K] rotated rows ``x`` with an e8p stage and
+        the next (plane ``plane1``, scales grouped alike; -1: none), for 1 < M <= ``GEMV_MAX_M``.
+        Each weight vector is decoded with its scales once per pair of output rows and block of
+        input rows, and costs one FMA per input row: summing per stage and scaling per group cost
+        an FMA per stage and row. Input rows go in blocks of four (a last block of three repeats
+        its last row) and then two (a last single row is repeated); repeats are not written."""
+        m_rows, n_rows = out.shape
+        cols = k // 8
+        n_groups = scale0.shape[0] // n_rows
+        per_group = cols // n_groups
+        fours = (m_rows + 1) // 4 * 4
+        for p in nb.prange((n_rows + 1) // 2):
+            n0, n1, r0, r1 = _row_pair(p, n_rows, cols)
+            for m0 in range(0, fours, 4):
+                x0, x1 = m0 * k, min(m0 + 1, m_rows - 1) * k
+                x2, x3 = min(m0 + 2, m_rows - 1) * k, min(m0 + 3, m_rows - 1) * k
+                a0, a1, a2, a3 = vzero(), vzero(), vzero(), vzero()
+                b0, b1, b2, b3 = vzero(), vzero(), vzero(), vzero()
+                for g in range(n_groups):
+                    sa0, sa1 = _group_scales(scale0, scale1, n0 * n_groups + g, plane1)
+                    sb0, sb1 = _group_scales(scale0, scale1, n1 * n_groups + g, plane1)
+                    for v in range(g * per_group, (g + 1) * per_group):
+                        wa = _scaled(codes0, table0, codes1, table1, signs, r0 + v, sa0, sa1, plane1)
+                        wb = _scaled(codes0, table0, codes1, table1, signs, r1 + v, sb0, sb1, plane1)
+                        o = v << 3
+                        xv = vload(x, x0 + o)
+                        a0, b0 = vfma(wa, xv, a0), vfma(wb, xv, b0)
+                        xv = vload(x, x1 + o)
+                        a1, b1 = vfma(wa, xv, a1), vfma(wb, xv, b1)
+                        xv = vload(x, x2 + o)
+                        a2, b2 = vfma(wa, xv, a2), vfma(wb, xv, b2)
+                        xv = vload(x, x3 + o)
+                        a3, b3 = vfma(wa, xv, a3), vfma(wb, xv, b3)
+                _add_rows(out, m0, n0, n1, a0, b0)
+                _add_rows(out, m0 + 1, n0, n1, a1, b1)
+                _add_rows(out, m0 + 2, n0, n1, a2, b2)
+                _add_rows(out, m0 + 3, n0, n1, a3, b3)
+            for m0 in range(fours, m_rows, 2):
+                x0, x1 = m0 * k, min(m0 + 1, m_rows - 1) * k
+                a0, a1, b0, b1 = vzero(), vzero(), vzero(), vzero()
+                for g in range(n_groups):
+                    sa0, sa1 = _group_scales(scale0, scale1, n0 * n_groups + g, plane1)
+                    sb0, sb1 = _group_scales(scale0, scale1, n1 * n_groups + g, plane1)
+                    for v in range(g * per_group, (g + 1) * per_group):
+                        wa = _scaled(codes0, table0, codes1, table1, signs, r0 + v, sa0, sa1, plane1)
+                        wb = _scaled(codes0, table0, codes1, table1, signs, r1 + v, sb0, sb1, plane1)
+                        o = v << 3
+                        xv = vload(x, x0 + o)
+                        a0, b0 = vfma(wa, xv, a0), vfma(wb, xv, b0)
+                        xv = vload(x, x1 + o)
+                        a1, b1 = vfma(wa, xv, a1), vfma(wb, xv, b1)
+                _add_rows(out, m0, n0, n1, a0, b0)
+                _add_rows(out, m0 + 1, n0, n1, a1, b1)
+
+    return gemv2m
+
+
 def _gemv4_for(plane: int):  # noqa: ANN202
     @nb.njit(cache=True, parallel=True, fastmath=True)
     def gemv4(x: np.ndarray, k: int, codes: np.ndarray, scale: np.ndarray, table: np.ndarray, signs: np.ndarray,
@@ -599,6 +691,7 @@ def _by_plane(make, extra: tuple[int, ...] = ()) -> dict[int, object]:  # noqa: 
 
 _GEMV = _by_plane(_gemv_for)
 _GEMV2 = _by_plane(_gemv2_for)
+_GEMV2M = _by_plane(_gemv2m_for, extra=(-1,))
 _GEMV4 = _by_plane(_gemv4_for)
 _DECODE = _by_plane(_decode_for)
 _DECODE_BF16 = _by_plane(_decode_bf16_for, extra=(-1,))
@@ -779,6 +872,26 @@ def _one_calls(stages: tuple, n: int, k: int) -> tuple[tuple, ...]:
     return tuple(calls)
 
 
+def _few_calls(stages: tuple) -> list[tuple]:
+    """The kernel calls of 1 < M <= ``GEMV_MAX_M``, as (kernel, its stage arguments): an e8p stage
+    with the next where their scales are grouped alike, or alone, in one ``_GEMV2M`` call; any
+    other stage by ``_GEMV4``."""
+    calls, i = [], 0
+    while i < len(stages):
+        codes, scale, table, plane = stages[i]
+        if plane != 0:
+            calls.append((_GEMV4[plane], (codes, scale, table)))
+            i += 1
+        elif i + 1 < len(stages) and stages[i + 1][1].shape == scale.shape:
+            c1, s1, t1, p1 = stages[i + 1]
+            calls.append((_GEMV2M[p1], (codes, scale, table, c1, s1, t1)))
+            i += 2
+        else:
+            calls.append((_GEMV2M[-1], (codes, scale, table, codes, scale, table)))
+            i += 1
+    return calls
+
+
 def _gemv_one(x: np.ndarray, calls: tuple, signs: np.ndarray | None, block: int, n: int) -> np.ndarray:
     """[1, N] output of one flat [K] input row (decoding). The first kernel call also rotates the
     row, the later ones read what it wrote."""
@@ -867,8 +980,8 @@ def linear(x: torch.Tensor, tensors: list[torch.Tensor], layout: list[int], bias
     if m <= GEMV_MAX_M:
         out = np.zeros((m, n), dtype=np.float32)
         flat = xr.ravel()
-        for codes, scale, table, plane in stages:
-            _GEMV4[plane](flat, k, codes, scale, table, _SIGNS, out)
+        for kernel, args in _few_calls(stages):
+            kernel(flat, k, *args, _SIGNS, out)
         y = torch.from_numpy(out)
     else:
         w = np.empty(n * k, dtype=np.float32)  # per call: a buffer kept per shape would live as long as the process

@@ -144,6 +144,24 @@ def test_every_residual_plane(plane, m):
     assert _error(layer, torch.randn(m, 512)) < TOL, f"seed {SEED}"
 
 
+@pytest.mark.parametrize("stages, groups", [(("e8p",), (32,)), (("e8p", "vq8"), (None, None)),
+                                            (("e8p", "vq4"), (32, 32)), (("e8p", "e8p"), (None, None)),
+                                            (("e8p", "b1"), (32, 32)), (("e8p", "vq8"), (32, None)),
+                                            (("e8p", "vq8", "e8p"), (None, None, 32))])
+def test_every_row_count_of_the_few_rows_gemv(stages, groups):
+    """1 < M <= GEMV_MAX_M: an e8p stage walks with the next in one pass when their scales are grouped
+    alike (else alone, the next by the per-stage GEMV), input rows in blocks of four and two whose
+    repeated rows must not be written, an odd count of output rows, a stage after the pair."""
+    spec = LayerSpecV2(tuple(StageV2(p, g) for p, g in zip(stages, groups)))
+    layer = _layer(spec, 256, 37)
+    tensors, layout = layer.op_args()
+    calls = C._few_calls(C._plan(tuple(layout), tensors)[0])
+    assert calls[0][0] in C._GEMV2M.values()
+    assert len(calls) == len(stages) - (groups[0] == groups[1] if len(stages) > 1 else 0)
+    for m in range(2, C.GEMV_MAX_M + 1):
+        assert _error(layer, torch.randn(m, 256)) < TOL, f"seed {SEED}: M = {m}"
+
+
 def test_a_vq4_stage_of_one_row():
     """Two codes a byte: one row of 64 weights holds four bytes, fewer than the eight vectors of a row
     (the run check divided by that count of rows and found none)."""
