@@ -9,8 +9,8 @@ codes. An e8p code costs one 8-lane load from the 512-entry table, one from the
 multiply-add (``cpu_simd``); vq8 / vq4 codes read a signed 8-vector. At M = 1 an e8p stage and
 the stage after it run in one pass, two output rows at a time (one x load feeds four
 accumulators). For 1 < M <= ``GEMV_MAX_M`` the same pair of stages is summed with its scales per
-weight vector, decoded once per two output rows and block of four input rows, one FMA per input
-row (other stages: each codeword decoded once per block of four input rows).
+weight vector, decoded once per two output rows and block of up to eight input rows, one FMA per
+input row (other stages: each codeword decoded once per block of four input rows).
 A run of b1 planes (a sign per weight) at M = 1 looks its sums up (T-MAC's idea, in fp32, on
 AVX-512): per four inputs, a 16-entry table of their sums under every sign pattern, built once per
 call; sixteen rows' 4-bit patterns looked up by one ``vpermps`` from codes the layer's plan
@@ -478,6 +478,62 @@ def _add_rows(out: np.ndarray, m: int, n0: int, n1: int, a, b) -> None:  # noqa:
             out[m, n1] += vsum(b)
 
 
+def _rows_block_for(width: int):  # noqa: ANN202
+    @nb.njit(inline="always")
+    def rows_block(x: np.ndarray, k: int, m0: int, codes0: np.ndarray, scale0: np.ndarray, table0: np.ndarray,
+                   codes1: np.ndarray, scale1: np.ndarray, table1: np.ndarray, signs: np.ndarray, plane1: int,
+                   pair: tuple[int, int, int, int], n_groups: int, per_group: int, out: np.ndarray) -> None:
+        """Input rows ``m0`` to ``m0 + width - 1`` (past the last: the last again, not written) times
+        output rows ``pair`` (``_row_pair``) of an e8p stage and the next, added to ``out``: each
+        weight vector decoded with its scales once (``_scaled``), then one FMA per input row."""
+        n0, n1, r0, r1 = pair
+        last = out.shape[0] - 1
+        o0, o1, o2, o3 = m0 * k, min(m0 + 1, last) * k, min(m0 + 2, last) * k, min(m0 + 3, last) * k
+        o4, o5, o6, o7 = min(m0 + 4, last) * k, min(m0 + 5, last) * k, min(m0 + 6, last) * k, min(m0 + 7, last) * k
+        a0, a1, a2, a3, a4, a5, a6, a7 = vzero(), vzero(), vzero(), vzero(), vzero(), vzero(), vzero(), vzero()
+        b0, b1, b2, b3, b4, b5, b6, b7 = vzero(), vzero(), vzero(), vzero(), vzero(), vzero(), vzero(), vzero()
+        for g in range(n_groups):
+            sa0, sa1 = _group_scales(scale0, scale1, n0 * n_groups + g, plane1)
+            sb0, sb1 = _group_scales(scale0, scale1, n1 * n_groups + g, plane1)
+            for v in range(g * per_group, (g + 1) * per_group):
+                wa = _scaled(codes0, table0, codes1, table1, signs, r0 + v, sa0, sa1, plane1)
+                wb = _scaled(codes0, table0, codes1, table1, signs, r1 + v, sb0, sb1, plane1)
+                o = v << 3
+                xv = vload(x, o0 + o)
+                a0, b0 = vfma(wa, xv, a0), vfma(wb, xv, b0)
+                xv = vload(x, o1 + o)
+                a1, b1 = vfma(wa, xv, a1), vfma(wb, xv, b1)
+                if width > 2:
+                    xv = vload(x, o2 + o)
+                    a2, b2 = vfma(wa, xv, a2), vfma(wb, xv, b2)
+                    xv = vload(x, o3 + o)
+                    a3, b3 = vfma(wa, xv, a3), vfma(wb, xv, b3)
+                if width > 4:
+                    xv = vload(x, o4 + o)
+                    a4, b4 = vfma(wa, xv, a4), vfma(wb, xv, b4)
+                    xv = vload(x, o5 + o)
+                    a5, b5 = vfma(wa, xv, a5), vfma(wb, xv, b5)
+                    xv = vload(x, o6 + o)
+                    a6, b6 = vfma(wa, xv, a6), vfma(wb, xv, b6)
+                    xv = vload(x, o7 + o)
+                    a7, b7 = vfma(wa, xv, a7), vfma(wb, xv, b7)
+        _add_rows(out, m0, n0, n1, a0, b0)
+        _add_rows(out, m0 + 1, n0, n1, a1, b1)
+        if width > 2:
+            _add_rows(out, m0 + 2, n0, n1, a2, b2)
+            _add_rows(out, m0 + 3, n0, n1, a3, b3)
+        if width > 4:
+            _add_rows(out, m0 + 4, n0, n1, a4, b4)
+            _add_rows(out, m0 + 5, n0, n1, a5, b5)
+            _add_rows(out, m0 + 6, n0, n1, a6, b6)
+            _add_rows(out, m0 + 7, n0, n1, a7, b7)
+
+    return rows_block
+
+
+_ROWS2, _ROWS4, _ROWS8 = (_rows_block_for(w) for w in (2, 4, 8))
+
+
 def _gemv2m_for(plane1: int):  # noqa: ANN202
     @nb.njit(cache=True, parallel=True, fastmath=True)
     def gemv2m(x: np.ndarray, k: int, codes0: np.ndarray, scale0: np.ndarray, table0: np.ndarray,
@@ -487,55 +543,26 @@ def _gemv2m_for(plane1: int):  # noqa: ANN202
         the next (plane ``plane1``, scales grouped alike; -1: none), for 1 < M <= ``GEMV_MAX_M``.
         Each weight vector is decoded with its scales once per pair of output rows and block of
         input rows, and costs one FMA per input row: summing per stage and scaling per group cost
-        an FMA per stage and row. Input rows go in blocks of four (a last block of three repeats
-        its last row) and then two (a last single row is repeated); repeats are not written."""
+        an FMA per stage and row. Input rows go in blocks of eight where AVX-512's 32 vector
+        registers hold sixteen accumulators, then four (a last block of three repeats its last row),
+        then two (a last single row is repeated); repeats are not written."""
         m_rows, n_rows = out.shape
         cols = k // 8
         n_groups = scale0.shape[0] // n_rows
         per_group = cols // n_groups
-        fours = (m_rows + 1) // 4 * 4
+        eights = m_rows // 8 * 8 if HAS_AVX512 else 0
+        fours = eights + (m_rows - eights + 1) // 4 * 4
         for p in nb.prange((n_rows + 1) // 2):
-            n0, n1, r0, r1 = _row_pair(p, n_rows, cols)
-            for m0 in range(0, fours, 4):
-                x0, x1 = m0 * k, min(m0 + 1, m_rows - 1) * k
-                x2, x3 = min(m0 + 2, m_rows - 1) * k, min(m0 + 3, m_rows - 1) * k
-                a0, a1, a2, a3 = vzero(), vzero(), vzero(), vzero()
-                b0, b1, b2, b3 = vzero(), vzero(), vzero(), vzero()
-                for g in range(n_groups):
-                    sa0, sa1 = _group_scales(scale0, scale1, n0 * n_groups + g, plane1)
-                    sb0, sb1 = _group_scales(scale0, scale1, n1 * n_groups + g, plane1)
-                    for v in range(g * per_group, (g + 1) * per_group):
-                        wa = _scaled(codes0, table0, codes1, table1, signs, r0 + v, sa0, sa1, plane1)
-                        wb = _scaled(codes0, table0, codes1, table1, signs, r1 + v, sb0, sb1, plane1)
-                        o = v << 3
-                        xv = vload(x, x0 + o)
-                        a0, b0 = vfma(wa, xv, a0), vfma(wb, xv, b0)
-                        xv = vload(x, x1 + o)
-                        a1, b1 = vfma(wa, xv, a1), vfma(wb, xv, b1)
-                        xv = vload(x, x2 + o)
-                        a2, b2 = vfma(wa, xv, a2), vfma(wb, xv, b2)
-                        xv = vload(x, x3 + o)
-                        a3, b3 = vfma(wa, xv, a3), vfma(wb, xv, b3)
-                _add_rows(out, m0, n0, n1, a0, b0)
-                _add_rows(out, m0 + 1, n0, n1, a1, b1)
-                _add_rows(out, m0 + 2, n0, n1, a2, b2)
-                _add_rows(out, m0 + 3, n0, n1, a3, b3)
+            pair = _row_pair(p, n_rows, cols)
+            for m0 in range(0, eights, 8):
+                _ROWS8(x, k, m0, codes0, scale0, table0, codes1, scale1, table1, signs, plane1, pair, n_groups,
+                       per_group, out)
+            for m0 in range(eights, fours, 4):
+                _ROWS4(x, k, m0, codes0, scale0, table0, codes1, scale1, table1, signs, plane1, pair, n_groups,
+                       per_group, out)
             for m0 in range(fours, m_rows, 2):
-                x0, x1 = m0 * k, min(m0 + 1, m_rows - 1) * k
-                a0, a1, b0, b1 = vzero(), vzero(), vzero(), vzero()
-                for g in range(n_groups):
-                    sa0, sa1 = _group_scales(scale0, scale1, n0 * n_groups + g, plane1)
-                    sb0, sb1 = _group_scales(scale0, scale1, n1 * n_groups + g, plane1)
-                    for v in range(g * per_group, (g + 1) * per_group):
-                        wa = _scaled(codes0, table0, codes1, table1, signs, r0 + v, sa0, sa1, plane1)
-                        wb = _scaled(codes0, table0, codes1, table1, signs, r1 + v, sb0, sb1, plane1)
-                        o = v << 3
-                        xv = vload(x, x0 + o)
-                        a0, b0 = vfma(wa, xv, a0), vfma(wb, xv, b0)
-                        xv = vload(x, x1 + o)
-                        a1, b1 = vfma(wa, xv, a1), vfma(wb, xv, b1)
-                _add_rows(out, m0, n0, n1, a0, b0)
-                _add_rows(out, m0 + 1, n0, n1, a1, b1)
+                _ROWS2(x, k, m0, codes0, scale0, table0, codes1, scale1, table1, signs, plane1, pair, n_groups,
+                       per_group, out)
 
     return gemv2m
 
