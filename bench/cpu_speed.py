@@ -99,17 +99,23 @@ TARGETS = {"bandwidth_fraction": 0.7, "layer_vs_bf16": 3.0, "decode_vs_bf16": 1.
            "decoder_8b_vs_bf16": 3.0}
 
 
-def median_rounds(cands: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
-    """Median seconds per call of each candidate, timed round-robin so load hits them alike."""
+def timed_rounds(cands: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
+    """Seconds of each candidate's call in every round, timed round-robin so load hits them alike
+    (after one warm-up call each: JIT, allocator)."""
     for f in cands.values():
-        f()  # warm up (JIT, allocator)
+        f()
     times: dict[str, list[float]] = {k: [] for k in cands}
     for _ in range(rounds):
         for k, f in cands.items():
             t0 = time.perf_counter()
             f()
             times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def median_rounds(cands: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """Median seconds per call of each candidate (``timed_rounds``)."""
+    return {k: statistics.median(v) for k, v in timed_rounds(cands, rounds).items()}
 
 
 @numba.njit(parallel=True, fastmath=True, cache=True)

@@ -25,7 +25,6 @@ import logging
 import os
 import statistics
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -34,7 +33,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cpu_speed import random_rbe_layer, smollm2_loader  # noqa: E402  (the benches' layers and models)
+from cpu_speed import random_rbe_layer, smollm2_loader, timed_rounds  # noqa: E402  (the benches' layers, models, timer)
+from row_kernel import decode_rate  # noqa: E402
 
 from hf_rbe import RBEConfig  # noqa: E402
 from hf_rbe.evaluation.results import run_meta, write_results  # noqa: E402
@@ -56,19 +56,6 @@ def per_stage() -> Iterator[None]:
         yield
     finally:
         cpu_numba._few_calls = kept
-
-
-def _rounds(cands: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
-    """Seconds of every candidate in every round, round-robin (after one warm-up call each)."""
-    for f in cands.values():
-        f()
-    times: dict[str, list[float]] = {k: [] for k in cands}
-    for _ in range(rounds):
-        for k, f in cands.items():
-            t0 = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t0)
-    return times
 
 
 def _speedup(slow: list[float], fast: list[float]) -> tuple[float, list[float]]:
@@ -104,7 +91,7 @@ def layer_rows(shapes: list[tuple[int, int]], presets: list[str], ms: list[int],
 
                 cands[f"{name}/per stage"] = old
             with torch.no_grad():
-                times = _rounds(cands, rounds)
+                times = timed_rounds(cands, rounds)
             copies = {"bf16": len(bf16), **{c: len(layers[c.split("/")[0]]) for c in cands if c != "bf16"}}
             row: dict = {"in": k, "out": n, "M": m,
                          "bf16_us": statistics.median(times["bf16"]) / copies["bf16"] * 1e6}
@@ -122,20 +109,6 @@ def layer_rows(shapes: list[tuple[int, int]], presets: list[str], ms: list[int],
     return rows
 
 
-def _generate(model: torch.nn.Module, prompt: torch.Tensor, n: int) -> tuple[float, torch.Tensor]:
-    """(tokens/s over the batch for the last ``n - 1`` new tokens, the tokens): ``generate n`` minus
-    ``generate 1``."""
-    def gen(k: int) -> torch.Tensor:
-        return model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=k, min_new_tokens=k,
-                              do_sample=False, pad_token_id=0)
-
-    t0 = time.perf_counter()
-    gen(1)
-    t1 = time.perf_counter()
-    out = gen(n)
-    return prompt.shape[0] * (n - 1) / (time.perf_counter() - t1 - (t1 - t0)), out[:, prompt.shape[1]:]
-
-
 def model_rows(smoke: bool, new_tokens: int, rounds: int) -> dict:
     load = smollm2_loader(smoke)
     bf16 = load(None, torch.bfloat16).eval()
@@ -146,14 +119,14 @@ def model_rows(smoke: bool, new_tokens: int, rounds: int) -> dict:
     def run(name: str, model: torch.nn.Module, old: bool = False) -> Callable[[], None]:
         def f() -> None:
             with per_stage() if old else contextlib.nullcontext():
-                rate, tokens[name] = _generate(model, prompt, new_tokens)
+                rate, tokens[name] = decode_rate(model, prompt, new_tokens)
             rates[name].append(rate)
         return f
 
     cands = {"bf16": run("bf16", bf16), "v2-3": run("v2-3", rbe), "v2-3/per stage": run("v2-3/per stage", rbe, True)}
     rates: dict[str, list[float]] = {k: [] for k in cands}
     with torch.no_grad():
-        _rounds(cands, rounds)
+        timed_rounds(cands, rounds)
     rates = {k: v[1:] for k, v in rates.items()}  # the warm-up call's rate dropped
     speed, quart = _speedup(rates["v2-3"], rates["v2-3/per stage"])
     out = {"batch": BATCH, "prompt": PROMPT, "new_tokens": new_tokens, "rates": rates,

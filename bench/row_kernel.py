@@ -79,8 +79,9 @@ def _models(smoke: bool) -> dict[str, torch.nn.Module]:
     return {k: m.eval() for k, m in models.items()}
 
 
-def _rate(model: torch.nn.Module, prompt: torch.Tensor, n: int) -> tuple[float, torch.Tensor]:
-    """(tokens/s of the last ``n - 1`` new tokens, the tokens): ``generate n`` minus ``generate 1``."""
+def decode_rate(model: torch.nn.Module, prompt: torch.Tensor, n: int) -> tuple[float, torch.Tensor]:
+    """(tokens/s over the batch of the last ``n - 1`` new tokens, the new tokens [batch, n]): greedy
+    ``generate n`` minus ``generate 1``."""
     def gen(k: int) -> torch.Tensor:
         return model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=k, min_new_tokens=k,
                               do_sample=False, pad_token_id=0)
@@ -89,7 +90,7 @@ def _rate(model: torch.nn.Module, prompt: torch.Tensor, n: int) -> tuple[float, 
     gen(1)
     t1 = time.perf_counter()
     out = gen(n)
-    return (n - 1) / (time.perf_counter() - t1 - (t1 - t0)), out[0, prompt.shape[1]:]
+    return prompt.shape[0] * (n - 1) / (time.perf_counter() - t1 - (t1 - t0)), out[:, prompt.shape[1]:]
 
 
 def rows(smoke: bool, new_tokens: int, rounds: int) -> list[dict]:
@@ -99,19 +100,19 @@ def rows(smoke: bool, new_tokens: int, rounds: int) -> list[dict]:
     cands: dict[str, Callable[[], tuple[float, torch.Tensor]]] = {}
     for name, model in models.items():
         if name == "bf16":
-            cands[name] = lambda m=model: _rate(m, prompt, new_tokens)
+            cands[name] = lambda m=model: decode_rate(m, prompt, new_tokens)
             continue
-        cands[f"{name}/row kernels"] = lambda m=model: _rate(m, prompt, new_tokens)
+        cands[f"{name}/row kernels"] = lambda m=model: decode_rate(m, prompt, new_tokens)
 
         def without(m: torch.nn.Module = model) -> tuple[float, torch.Tensor]:
             with no_row_kernels(m):
-                return _rate(m, prompt, new_tokens)
+                return decode_rate(m, prompt, new_tokens)
 
         cands[f"{name}/op every call"] = without
 
         def linear_head(m: torch.nn.Module = model) -> tuple[float, torch.Tensor]:
             with head_by_linear():
-                return _rate(m, prompt, new_tokens)
+                return decode_rate(m, prompt, new_tokens)
 
         cands[f"{name}/head by F.linear"] = linear_head
     rates: dict[str, list[float]] = {k: [] for k in cands}
