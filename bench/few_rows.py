@@ -1,7 +1,7 @@
 """The CPU GEMV of a few rows (1 < M <= ``GEMV_MAX_M``): an e8p stage and the next in one pass,
 against a pass per stage.
 
-    python bench/few_rows.py           # results/few_rows.{json,md} (about 10 minutes on 2 cores)
+    python bench/few_rows.py           # results/few_rows.{json,md} (about 5 minutes on 2 cores)
     python bench/few_rows.py --smoke   # small shapes, a tiny random Llama: checks the script only
 
 Decoding several sequences at once (``generate`` on a batch, a serving engine's decode step, beam
