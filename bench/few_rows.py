@@ -115,6 +115,7 @@ def model_rows(smoke: bool, new_tokens: int, rounds: int) -> dict:
     rbe = load(RBEConfig.from_preset("v2-3", embedding_dtype="bfloat16"), torch.float32).eval()
     prompt = torch.randint(0, bf16.config.vocab_size, (BATCH, PROMPT), generator=torch.Generator().manual_seed(0))
     tokens: dict[str, torch.Tensor] = {}
+    rates: dict[str, list[float]] = {k: [] for k in ("bf16", "v2-3", "v2-3/per stage")}
 
     def run(name: str, model: torch.nn.Module, old: bool = False) -> Callable[[], None]:
         def f() -> None:
@@ -124,7 +125,6 @@ def model_rows(smoke: bool, new_tokens: int, rounds: int) -> dict:
         return f
 
     cands = {"bf16": run("bf16", bf16), "v2-3": run("v2-3", rbe), "v2-3/per stage": run("v2-3/per stage", rbe, True)}
-    rates: dict[str, list[float]] = {k: [] for k in cands}
     with torch.no_grad():
         timed_rounds(cands, rounds)
     rates = {k: v[1:] for k, v in rates.items()}  # the warm-up call's rate dropped

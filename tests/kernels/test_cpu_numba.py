@@ -150,8 +150,8 @@ def test_every_residual_plane(plane, m):
                                             (("e8p", "vq8", "e8p"), (None, None, 32))])
 def test_every_row_count_of_the_few_rows_gemv(stages, groups):
     """1 < M <= GEMV_MAX_M: an e8p stage walks with the next in one pass when their scales are grouped
-    alike (else alone, the next by the per-stage GEMV), input rows in blocks of four and two whose
-    repeated rows must not be written, an odd count of output rows, a stage after the pair."""
+    alike (else alone, the next by the per-stage GEMV), input rows in blocks of eight (on AVX-512),
+    four and two whose repeated rows must not be written, an odd count of output rows, a stage after the pair."""
     spec = LayerSpecV2(tuple(StageV2(p, g) for p, g in zip(stages, groups)))
     layer = _layer(spec, 256, 37)
     tensors, layout = layer.op_args()
