@@ -164,9 +164,17 @@ def test_every_row_count_of_the_few_rows_gemv(stages, groups):
 
 def test_a_vq4_stage_of_one_row():
     """Two codes a byte: one row of 64 weights holds four bytes, fewer than the eight vectors of a row
-    (the run check divided by that count of rows and found none)."""
+    (the run check divided by that count of rows and found none). One output can cancel to near
+    zero, so its error is bounded by fp32 rounding of ``|x| |w|``, not relative to itself (that
+    failed for about one seed in fifty)."""
     layer = _layer(LayerSpecV2((StageV2("e8p"), StageV2("vq4"))), 64, 1)
-    assert _error(layer, torch.randn(1, 64)) < TOL, f"seed {SEED}"
+    x = torch.randn(1, 64)
+    tensors, layout = layer.op_args()
+    with torch.no_grad():
+        y = C.linear(x, tensors, layout, layer.bias)
+        ref = ops.reference_linear(x, tensors, layout, layer.bias)
+    bound = TOL * float(layer.dequantize().float().norm() * x.norm())
+    assert float((y - ref).abs().max()) <= bound, f"seed {SEED}"
 
 
 @pytest.mark.parametrize("k, group", [(40, None), (72, 24), (104, 8)])
