@@ -22,9 +22,9 @@ timed side by side, round-robin, in this one process; a row reports the median r
 
 SmolLM2-135M (offline, ``hf_rbe.data.smollm2_path``) in fp32, bf16 and every preset (quantized
 without calibration: codes cost the same to decode either way; embedding and tied head in fp32
-as loaded, once more with ``embedding_dtype="bfloat16"`` (v2-3 and v2-b3) and once with
-``quantize_embeddings=True``: the head RBE-coded, the embedding reading its rows), greedy,
-batch 1. Decode tokens/s = ``(N - 1) / (t(generate N) - t(generate 1))`` from a 16-token prompt;
+as loaded, once more with ``embedding_dtype="bfloat16"`` (v2-3 and v2-b3: computing in fp32, in
+bf16, and in fp32 with ``prefill_dtype="bfloat16"``) and once with ``quantize_embeddings=True``:
+the head RBE-coded, the embedding reading its rows), greedy, batch 1. Decode tokens/s = ``(N - 1) / (t(generate N) - t(generate 1))`` from a 16-token prompt;
 prefill tokens/s = 512 / one forward over 512 tokens. Medians of ``--repeats``.
 
 8B-shaped decoder: Llama-3-8B's shapes (width 4096, MLP 14336, 32 heads, 8 KV heads, vocabulary
@@ -82,11 +82,16 @@ V1_PRESETS = sorted((p for p, v in PRESETS.items() if p.startswith("rbe-")), key
 ACCEPT_PRESET = "v2-3"
 ACCEPT_EMB = f"{ACCEPT_PRESET} + bf16 embeddings"
 ACCEPT_BF16 = f"{ACCEPT_PRESET} + bf16 embeddings, bf16 activations"
+ACCEPT_PREFILL = f"{ACCEPT_PRESET} + bf16 embeddings, bf16 prefill"  # RBEConfig(prefill_dtype="bfloat16")
 BANDWIDTH_PRESETS = ["v2-2", "v2-2.5", "v2-3"]
 SIGN_PRESETS = ["v2-b2", "v2-b3", "v2-b4"]  # sign planes: reported beside the issue's presets, not instead
 SIGN_PRESET = "v2-b3"  # the sign-plane stack of the acceptance preset's bits
 SIGN_EMB = f"{SIGN_PRESET} + bf16 embeddings"
 SIGN_BF16 = f"{SIGN_EMB}, bf16 activations"
+SIGN_PREFILL = f"{SIGN_EMB}, bf16 prefill"
+#: the SmolLM2 settings the verdicts read: (row's name suffix, verdict key suffix, how the table says it)
+SETTINGS = (("", "", "fp32 activations"), (", bf16 activations", "_bf16_activations", "bf16 activations"),
+            (", bf16 prefill", "_bf16_prefill", "fp32 activations and bf16 prefill products"))
 HALF_X = " (bf16 x)"  # a layer column of bf16 activations: the layer computes in its input's dtype, as torch's bf16 row does
 HALF_X_PRESETS = [ACCEPT_PRESET, *SIGN_PRESETS]
 DECODER_PRESETS = [ACCEPT_PRESET, "v2-b2", SIGN_PRESET]
@@ -282,11 +287,16 @@ def _models(smoke: bool, presets: list[str]) -> dict[str, torch.nn.Module]:
         models[name] = load(RBEConfig.from_preset(name), torch.float32)
     # the acceptance preset with the embedding and tied head stored (and multiplied) in bf16 ...
     accept = models[ACCEPT_EMB] = load(RBEConfig.from_preset(ACCEPT_PRESET, embedding_dtype="bfloat16"), torch.float32)
-    # ... the same model computing in bf16, as torch's bf16 model does (its codes are unchanged)
+    # ... the same model computing in bf16, as torch's bf16 model does (its codes are unchanged) ...
     models[ACCEPT_BF16] = copy.deepcopy(accept).to(torch.bfloat16)
+    # ... and in fp32 with a prompt's products in bf16 (the same codes again: encoding is deterministic)
+    models[ACCEPT_PREFILL] = load(RBEConfig.from_preset(ACCEPT_PRESET, embedding_dtype="bfloat16",
+                                                        prefill_dtype="bfloat16"), torch.float32)
     if SIGN_PRESET in presets:  # the sign-plane stack of the same bits, embedding and head as above
         models[SIGN_EMB] = load(RBEConfig.from_preset(SIGN_PRESET, embedding_dtype="bfloat16"), torch.float32)
         models[SIGN_BF16] = copy.deepcopy(models[SIGN_EMB]).to(torch.bfloat16)
+        models[SIGN_PREFILL] = load(RBEConfig.from_preset(SIGN_PRESET, embedding_dtype="bfloat16",
+                                                          prefill_dtype="bfloat16"), torch.float32)
     if ACCEPT_PRESET in presets:  # ... or the head RBE-coded too, the tied embedding decoding its rows from the head's codes
         models[f"{ACCEPT_PRESET} + RBE head and embedding"] = load(
             RBEConfig.from_preset(ACCEPT_PRESET, quantize_embeddings=True), torch.float32)
@@ -473,7 +483,8 @@ def verdicts(res: dict) -> dict:
         if f"{ACCEPT_PRESET}_vs_bf16" in big[0]:
             out["min_layer_vs_bf16"] = min(r[f"{ACCEPT_PRESET}_vs_bf16"] for r in big)
     models = {r["weights"]: r for r in res.get("models", [])}
-    for key, suffix in ((ACCEPT_EMB, ""), (ACCEPT_BF16, "_bf16_activations")):
+    for name, suffix, _ in SETTINGS:
+        key = ACCEPT_EMB + name
         if key in models and "bf16" in models:
             for what in ("decode", "prefill"):
                 out[f"{what}_vs_bf16{suffix}"] = (models[key][f"{what}_tokens_per_s"]
@@ -487,7 +498,8 @@ def verdicts(res: dict) -> dict:
         sign["min_layer_vs_bf16_bf16_x"] = {p: min(r[f"{p}{HALF_X}_vs_bf16"] for r in big) for p in SIGN_PRESETS}
         sign["min_bandwidth_fraction_bf16_x"] = {p: min(r[f"{p}{HALF_X}_bandwidth_fraction"] for r in big)
                                                  for p in SIGN_PRESETS}
-    for key, suffix in ((SIGN_EMB, ""), (SIGN_BF16, "_bf16_activations")):
+    for name, suffix, _ in SETTINGS:
+        key = SIGN_EMB + name
         if key in models and "bf16" in models:
             for what in ("decode", "prefill"):
                 sign[f"{what}_vs_bf16{suffix}"] = (models[key][f"{what}_tokens_per_s"]
@@ -561,9 +573,9 @@ def table(res: dict) -> str:
             + f" (target >= {100 * t['bandwidth_fraction']:.0f}%)")
     if "min_layer_vs_bf16" in v:
         parts.append(f"{ACCEPT_PRESET} layer {v['min_layer_vs_bf16']:.2f}x bf16 (target >= {t['layer_vs_bf16']}x)")
-    for suffix, what in (("", "fp32"), ("_bf16_activations", "bf16")):
+    for _, suffix, what in SETTINGS:
         if f"decode_vs_bf16{suffix}" in v:
-            parts.append(f"SmolLM2 with {what} activations: decode {v[f'decode_vs_bf16{suffix}']:.2f}x bf16 (target "
+            parts.append(f"SmolLM2 with {what}: decode {v[f'decode_vs_bf16{suffix}']:.2f}x bf16 (target "
                          f">= {t['decode_vs_bf16']}x), prefill {v[f'prefill_vs_bf16{suffix}']:.2f}x (target >= "
                          f"{t['prefill_vs_bf16']}x)")
     if "decoder_8b_vs_bf16" in v:
@@ -582,9 +594,9 @@ def table(res: dict) -> str:
             sign.append("with bf16 activations layer " + ", ".join(
                 f"{p} {f:.2f}x ({100 * sp['min_bandwidth_fraction_bf16_x'][p]:.0f}%)"
                 for p, f in sp["min_layer_vs_bf16_bf16_x"].items()) + " bf16")
-        for suffix, what in (("", "fp32"), ("_bf16_activations", "bf16")):
+        for _, suffix, what in SETTINGS:
             if f"decode_vs_bf16{suffix}" in sp:
-                sign.append(f"SmolLM2 {SIGN_EMB} with {what} activations: decode {sp[f'decode_vs_bf16{suffix}']:.2f}x "
+                sign.append(f"SmolLM2 {SIGN_EMB} with {what}: decode {sp[f'decode_vs_bf16{suffix}']:.2f}x "
                             f"bf16, prefill {sp[f'prefill_vs_bf16{suffix}']:.2f}x")
         if "decoder_8b_vs_bf16" in sp:
             sign.append("8B-shaped decoder " + ", ".join(f"{p} {f:.2f}x" for p, f in sp["decoder_8b_vs_bf16"].items())

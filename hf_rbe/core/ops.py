@@ -92,9 +92,11 @@ _ROW_KERNELS: dict[str, Callable[[list[torch.Tensor], list[int]], Optional[RowKe
 
 def register_kernel(device_type: str, kernel: Callable[..., torch.Tensor],
                     row: Optional[Callable[[list[torch.Tensor], list[int]], Optional[RowKernel]]] = None) -> None:
-    """Make ``kernel(x, tensors, layout, bias)`` the implementation of ``hf_rbe::linear`` on
-    ``device_type``; ``row(tensors, layout)``, if given, prepares a layer's :data:`RowKernel`
-    (what ``kernel`` computes for one row, with the per-call preparation done once)."""
+    """Make ``kernel(x, tensors, layout, bias, prefill_dtype=None)`` the implementation of
+    ``hf_rbe::linear`` on ``device_type`` (``prefill_dtype``: the dtype it may multiply many rows
+    in, a layer's ``PackedLinear.prefill_dtype``; the op itself passes none); ``row(tensors,
+    layout)``, if given, prepares a layer's :data:`RowKernel` (what ``kernel`` computes for one
+    row, with the per-call preparation done once)."""
     linear.register_kernel(device_type)(kernel)
     _KERNELS[device_type] = kernel
     if row is not None:
@@ -117,14 +119,15 @@ def row_kernel(device_type: str, tensors: list[torch.Tensor], layout: list[int])
 
 
 def call_linear(x: torch.Tensor, tensors: list[torch.Tensor], layout: list[int],
-                bias: Optional[torch.Tensor]) -> torch.Tensor:
+                bias: Optional[torch.Tensor], prefill_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """``hf_rbe::linear``, or straight the kernel the dispatcher would pick when nothing needs
     the dispatcher (``may_skip_op``): its Python hops cost a good part of a small layer's CPU
-    time (``kernels/NOTES.md``)."""
+    time (``kernels/NOTES.md``). ``prefill_dtype`` reaches only that kernel (``register_kernel``):
+    through the op, as under autograd, the product stays in x's dtype."""
     kernel = _KERNELS.get(x.device.type) if may_skip_op(x, bias) else None
     if kernel is None:
         return linear(x, tensors, layout, bias)
-    return kernel(x, tensors, layout, bias)
+    return kernel(x, tensors, layout, bias, prefill_dtype)
 
 
 @linear.register_fake

@@ -78,7 +78,14 @@ class PackedLinear(nn.Linear):
         compute_dtype: dtype of activations, bias and decoded weights (the model's dtype).
         device: where to allocate (``"meta"`` while transformers builds the model).
         from_conv1d: the source was a GPT-2 ``Conv1D`` (its float weight is [in, out]).
+
+    ``prefill_dtype`` (set by ``RBEConfig(prefill_dtype=...)``, default None): the dtype a kernel
+    may multiply a call of many rows in (a prompt's prefill) when it differs from x's: the rows
+    and the decoded weight rounded to it, the output in x's dtype. Few-row calls (decoding) and
+    calls through the op (autograd, ``torch.compile``) compute in x's dtype.
     """
+
+    prefill_dtype: torch.dtype | None = None
 
     def __init__(self, in_features: int, out_features: int, bias: bool, compute_dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None, from_conv1d: bool = False) -> None:
@@ -211,7 +218,7 @@ class PackedLinear(nn.Linear):
             self.__dict__["_row"] = row
             if row.kernel is not None:
                 return row.kernel(x, bias)
-        return ops.call_linear(x, tensors, layout, bias)
+        return ops.call_linear(x, tensors, layout, bias, self.prefill_dtype)
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()  # a copy

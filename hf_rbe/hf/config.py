@@ -56,7 +56,11 @@ class RBEConfig(QuantizationConfigMixin):
     and tables too. ``embedding_dtype``: ``"float16"`` or ``"bfloat16"`` storage of the input
     embedding and the output head (on a CPU prefer bf16). ``quantize_embeddings``: RBE-code the
     output head as well (with the planes of the other layers unless an override names it); an
-    input embedding tied to it then decodes its rows from the head's codes.
+    input embedding tied to it then decodes its rows from the head's codes. ``prefill_dtype``:
+    ``"bfloat16"`` lets the CPU kernels multiply a call of many rows (a prompt's prefill) in bf16
+    when the model computes in fp32 (the rows and the decoded weight rounded to bf16, the output
+    back in fp32), while decoding's few-row kernels keep fp32; ``None``: every product in the
+    model's dtype.
 
     **Calibration** (``hf_rbe.hf.calibration``; not saved, ``calibrated_with`` records it).
     ``dataset``: calibration text (a list of strings, a ``datasets.Dataset`` with a ``text``
@@ -106,6 +110,8 @@ class RBEConfig(QuantizationConfigMixin):
         calibration_device: str | None = None, calibration_work_dir: str | None = None,
         # embeddings and head
         embedding_dtype: str | None = None, quantize_embeddings: bool = False,
+        # inference
+        prefill_dtype: str | None = None,
         **kwargs: Any,
     ) -> None:
         method = kwargs.pop("quant_method", QUANT_METHOD)
@@ -131,6 +137,7 @@ class RBEConfig(QuantizationConfigMixin):
         self.overrides = dict(overrides) if isinstance(overrides, Mapping) else overrides
         self.qat, self.qat_train_quantizer = qat, qat_train_quantizer
         self.embedding_dtype, self.quantize_embeddings = embedding_dtype, quantize_embeddings
+        self.prefill_dtype = prefill_dtype
         self.dataset, self.tokenizer = dataset, tokenizer
         self.calibration_samples, self.calibration_seqlen = calibration_samples, calibration_seqlen
         self.calibration_batch_size, self.calibration_seed = calibration_batch_size, calibration_seed

@@ -4,11 +4,12 @@ Quantize-on-load, loading an RBE checkpoint, ``quantize_model`` and calibration 
 layers into a model; :func:`finish_conversion` then does what every RBE model needs, in this
 order: a tied input embedding reads the coded head's codes (``replace.share_head_codes``), the
 embeddings are stored in half precision (``embedding_dtype``), every packed layer's derived
-buffers are rebuilt (rotation signs; a follower's tables from its owner, ``core.rbe_linear``) and
-its stored tensors frozen, the values are checked (``validate``), QAT twins replace the layers
-when the config asks for QAT, and the saving behaviour is bound (``saving.attach``), as is a
-``resize_token_embeddings`` that refuses a coded embedding or head before it changes anything
-(transformers would resize the input embedding, then fail on the coded head).
+buffers are rebuilt (rotation signs; a follower's tables from its owner, ``core.rbe_linear``), its
+``prefill_dtype`` set and its stored tensors frozen, the values are checked (``validate``), QAT
+twins replace the layers when the config asks for QAT, and the saving behaviour is bound
+(``saving.attach``), as is a ``resize_token_embeddings`` that refuses a coded embedding or head
+before it changes anything (transformers would resize the input embedding, then fail on the coded
+head).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from ..core.stored import STORAGE_DTYPES, store_embeddings
 from .config import RBEConfig
 from .replace import model_dtype, share_head_codes
 from .saving import attach
+from .settings import PREFILL_DTYPES
 
 
 def finish_conversion(model: nn.Module, config: RBEConfig, tied: tuple[str, str] | None) -> torch.dtype:
@@ -38,10 +40,13 @@ def finish_conversion(model: nn.Module, config: RBEConfig, tied: tuple[str, str]
     compute = model_dtype(model)
     if config.embedding_dtype is not None:
         store_embeddings(model, STORAGE_DTYPES[config.embedding_dtype], compute)
+    prefill = None if config.prefill_dtype is None else PREFILL_DTYPES[config.prefill_dtype]
     for _, layer in packed_layers(model):
         for module in layer.modules():  # a seed64 layer's RBE residual too
             if hasattr(module, "rebuild_buffers"):
                 module.rebuild_buffers()
+            if isinstance(module, PackedLinear):
+                module.prefill_dtype = prefill
         for p in layer.parameters():
             p.requires_grad_(False)  # loaded stored tensors would otherwise be trainable
         layer.validate()

@@ -26,7 +26,9 @@ SEED64_RESIDUAL = ("residual", "residual_stage")
 #: Model-wide settings every config has.
 COMMON: dict[str, Any] = {"rotation_seed": 0, "table": "universal", "table_seed": 0, "modules_to_not_convert": None,
                           "overrides": None, "qat": False, "qat_train_quantizer": False, "embedding_dtype": None,
-                          "quantize_embeddings": False}
+                          "quantize_embeddings": False, "prefill_dtype": None}
+#: ``prefill_dtype`` values: the products the CPU kernels can make in another dtype than x's.
+PREFILL_DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16}
 #: How to calibrate (``hf.calibration``); not saved: ``calibrated_with`` records what was used.
 CALIBRATION: dict[str, Any] = {
     "dataset": None, "tokenizer": None, "calibration_samples": 64, "calibration_seqlen": 512,
@@ -90,6 +92,9 @@ def check_common(values: Mapping[str, Any]) -> None:
     if values["embedding_dtype"] not in (None, *STORAGE_DTYPES):
         raise ConfigError(f"embedding_dtype must be None or one of {sorted(STORAGE_DTYPES)}, "
                           f"got {values['embedding_dtype']!r}")
+    if values["prefill_dtype"] not in (None, *PREFILL_DTYPES):
+        raise ConfigError(f"prefill_dtype must be None or one of {sorted(PREFILL_DTYPES)}, "
+                          f"got {values['prefill_dtype']!r}")
     skip = values["modules_to_not_convert"]
     if isinstance(skip, str) or not (skip is None or isinstance(skip, (list, tuple))):
         raise ConfigError(f"modules_to_not_convert must be a list of module names or patterns, e.g. ['lm_head'], "

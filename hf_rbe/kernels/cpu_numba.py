@@ -981,8 +981,11 @@ def row_kernel(tensors: list[torch.Tensor], layout: list[int]) -> Callable[[torc
     return lambda x, bias: _one_row(x, bias, calls, signs, block, n, k)
 
 
-def linear(x: torch.Tensor, tensors: list[torch.Tensor], layout: list[int], bias: torch.Tensor | None) -> torch.Tensor:
-    """``hf_rbe::linear`` of a v2 layer on CPU tensors: ``x`` [..., K] -> ``x W^T + b`` in x's dtype."""
+def linear(x: torch.Tensor, tensors: list[torch.Tensor], layout: list[int], bias: torch.Tensor | None,
+           prefill_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``hf_rbe::linear`` of a v2 layer on CPU tensors: ``x`` [..., K] -> ``x W^T + b`` in x's dtype.
+    Above ``GEMV_MAX_M`` rows the product is a bf16 GEMM when x is bf16 or ``prefill_dtype`` is
+    (x rounded to bf16 first); other dtypes it leaves to x's."""
     n, k = layout[1], layout[2]
     if x.shape[-1] != k:
         raise ValueError(f"hf_rbe::linear: x has {x.shape[-1]} features, the layer takes {k}")
@@ -991,13 +994,18 @@ def linear(x: torch.Tensor, tensors: list[torch.Tensor], layout: list[int], bias
         return _one_row(x, bias, calls, signs, block, n, k)
     m = x.numel() // k
     follow_torch()
-    decode = _bf16_decode(stages, k) if x.dtype == torch.bfloat16 and m > GEMV_MAX_M else None
-    if decode is not None:  # a bf16 model's own precision, in and out
-        xb = x.detach().reshape(m, k).contiguous()
-        if signs is not None:
-            xb = torch.from_numpy(_rotate_many_bf16(xb.view(torch.int16).numpy(), signs, block)).view(torch.bfloat16)
-        return _finish(xb @ _decoded_bf16(decode, n, k).T, x, bias)
-    x2 = x.detach().reshape(m, k).float().contiguous()
+    half = m > GEMV_MAX_M and torch.bfloat16 in (x.dtype, prefill_dtype)
+    xm = x.detach().reshape(m, k)
+    if half:  # a bf16 product, as if x were bf16; _finish returns x's dtype
+        xm = xm.to(torch.bfloat16)
+        decode = _bf16_decode(stages, k)
+        if decode is not None:
+            xb = xm.contiguous()
+            if signs is not None:
+                bits = _rotate_many_bf16(xb.view(torch.int16).numpy(), signs, block)
+                xb = torch.from_numpy(bits).view(torch.bfloat16)
+            return _finish(xb @ _decoded_bf16(decode, n, k).T, x, bias)
+    x2 = xm.float().contiguous()
     if m <= GEMV_MAX_M and all(kernel in _LOOKUP.values() for kernel, _ in calls):
         # sign planes by lookups one row at a time: each row reads the planes again, but the vq8 form's
         # table read per code and row cost several times that
@@ -1019,7 +1027,7 @@ def linear(x: torch.Tensor, tensors: list[torch.Tensor], layout: list[int], bias
             for i, (codes, scale, table, plane) in enumerate(stages):
                 _DECODE[plane](codes, scale, table, _SIGNS, w, k, i > 0)
         wt = torch.from_numpy(w).view(n, k)
-        if x.dtype == torch.bfloat16:  # stages no bf16 decode takes: decoded in fp32 first, then the same bf16 GEMM
+        if half:  # stages no bf16 decode takes: decoded in fp32 first, then the same bf16 GEMM
             y = torch.from_numpy(xr).bfloat16() @ wt.bfloat16().T
         else:
             y = torch.from_numpy(xr) @ wt.T

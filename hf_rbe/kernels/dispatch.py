@@ -24,7 +24,7 @@ from hf_rbe.core.format_v2 import FORMAT_ID as RBE_V2
 from hf_rbe.core.seed64_format import FORMAT_ID as SEED64
 
 #: format id -> module with ``supports(layout)`` and ``linear(x, tensors, layout, bias)`` (x's dtype out);
-#: the CPU ones also ``row_kernel(tensors, layout)`` (``core.ops.RowKernel``).
+#: the CPU ones also take ``prefill_dtype`` and have ``row_kernel(tensors, layout)`` (``core.ops.RowKernel``).
 CUDA_KERNELS: dict[int, str] = {RBE_V1: "hf_rbe.kernels.triton_v1", RBE_V2: "hf_rbe.kernels.triton_v2",
                                 SEED64: "hf_rbe.kernels.triton_seed64"}
 CPU_KERNELS: dict[int, str] = {RBE_V2: "hf_rbe.kernels.cpu_numba"}
@@ -43,22 +43,28 @@ def _module(name: Optional[str], library: str) -> Optional[ModuleType]:
     return importlib.import_module(name)
 
 
-def _dispatch(kernels: dict[int, str], library: str, x: torch.Tensor, tensors: list[torch.Tensor],
-              layout: list[int], bias: Optional[torch.Tensor]) -> torch.Tensor:
+def _module_for(kernels: dict[int, str], library: str, layout: list[int]) -> Optional[ModuleType]:
+    """The kernel module that takes this call, or None: the reference takes it."""
     module = _module(kernels.get(layout[0]), library) if ops.kernels_allowed() else None
-    if module is None or not module.supports(layout):
+    return module if module is not None and module.supports(layout) else None
+
+
+def _cuda_linear(x: torch.Tensor, tensors: list[torch.Tensor], layout: list[int],
+                 bias: Optional[torch.Tensor], prefill_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``prefill_dtype`` is not read: the tile kernels multiply in x's dtype (on a GPU a model's
+    activations are in half precision already)."""
+    module = _module_for(CUDA_KERNELS, "triton", layout)
+    if module is None:
         return ops.reference_linear(x, tensors, layout, bias)
     return module.linear(x, tensors, layout, bias)
 
 
-def _cuda_linear(x: torch.Tensor, tensors: list[torch.Tensor], layout: list[int],
-                 bias: Optional[torch.Tensor]) -> torch.Tensor:
-    return _dispatch(CUDA_KERNELS, "triton", x, tensors, layout, bias)
-
-
 def _cpu_linear(x: torch.Tensor, tensors: list[torch.Tensor], layout: list[int],
-                bias: Optional[torch.Tensor]) -> torch.Tensor:
-    return _dispatch(CPU_KERNELS, "numba", x, tensors, layout, bias)
+                bias: Optional[torch.Tensor], prefill_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    module = _module_for(CPU_KERNELS, "numba", layout)
+    if module is None:
+        return ops.reference_linear(x, tensors, layout, bias)
+    return module.linear(x, tensors, layout, bias, prefill_dtype)
 
 
 def _cpu_row(tensors: list[torch.Tensor], layout: list[int]) -> Optional[ops.RowKernel]:

@@ -94,6 +94,7 @@ def test_every_preset_builds_and_round_trips(name):
     (dict(quantize_embeddings="yes"), "quantize_embeddings"),
     (dict(qat_train_quantizer=True), "needs qat=True"),
     (dict(embedding_dtype="int8"), "embedding_dtype"),
+    (dict(prefill_dtype="float16"), "prefill_dtype must be None or one of"),
     (dict(table="shared"), "table must be"),
     (dict(codec="jpeg"), "codec"),
     (dict(codec="seed64", residual="int8"), "residual"),

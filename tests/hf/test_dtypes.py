@@ -86,3 +86,25 @@ def test_a_cast_model_computes_in_the_new_dtype_and_keeps_its_stored_embedding_a
     assert torch.equal(emb.weight, stored[0]) and torch.equal(head.weight, stored[1])
     assert emb.weight.dtype == head.weight.dtype == getattr(torch, storage)  # what the format stores, kept
     assert out.dtype == torch.bfloat16 and (out.float() - ref).abs().max() < 0.1
+
+
+def test_prefill_dtype_multiplies_a_prompt_in_bf16_decodes_in_fp32_and_survives_a_reload(tiny_llama_dir, tmp_path):
+    """``prefill_dtype="bfloat16"`` on an fp32 model: a 40-token prompt's products are bf16 ones
+    (logits near the default model's, not equal), a one-token step is the default model's bit for bit,
+    and the setting is saved in config.json and back on every layer after a plain reload."""
+    fp32 = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=RBEConfig.from_preset("v2-3"))
+    m = AutoModelForCausalLM.from_pretrained(
+        tiny_llama_dir, quantization_config=RBEConfig.from_preset("v2-3", prefill_dtype="bfloat16"))
+    layers = [mod for mod in m.modules() if isinstance(mod, hf_rbe.RBELinear)]
+    assert layers and all(layer.prefill_dtype == torch.bfloat16 for layer in layers)
+    prompt = torch.randint(0, m.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(0))
+    step = prompt[:, :1]
+    ref, got = _logits(fp32, prompt), _logits(m, prompt)
+    assert got.dtype == torch.float32 and not torch.equal(got, ref)
+    assert (got - ref).abs().max() < 0.05 * ref.abs().max()
+    assert torch.equal(_logits(m, step), _logits(fp32, step))
+    m.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert again.config.quantization_config.prefill_dtype == "bfloat16"
+    assert all(mod.prefill_dtype == torch.bfloat16 for mod in again.modules() if isinstance(mod, hf_rbe.RBELinear))
+    assert torch.equal(_logits(again, prompt), got)

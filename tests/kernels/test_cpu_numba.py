@@ -277,6 +277,25 @@ def test_bf16_activations_leading_dims_and_strides(m, stages):
     assert float((y.float() - ref).norm() / ref.norm()) < 1e-2, f"seed {SEED}"  # bf16 output rounding
 
 
+@pytest.mark.parametrize("stages", [("e8p", "vq8"), ("b1", "b1", "b1"), ("e8p", "vq8", "vq4")])  # the last: no bf16 decode
+@pytest.mark.parametrize("m", [1, C.GEMV_MAX_M, C.GEMV_MAX_M + 25])
+def test_prefill_dtype_multiplies_many_fp32_rows_as_bf16_ones(m, stages):
+    """``prefill_dtype=bfloat16`` on fp32 rows: above the few-row kernels the product is the one a
+    bf16 input gets, returned in fp32; at or below them the fp32 product, unchanged."""
+    layer = _layer(LayerSpecV2(tuple(StageV2(p) for p in stages)), 256, 40)
+    x = torch.randn(1, m, 256)
+    tensors, layout = layer.op_args()
+    y = C.linear(x, tensors, layout, layer.bias, torch.bfloat16)
+    fp32 = C.linear(x, tensors, layout, layer.bias)
+    assert y.dtype == torch.float32 and y.shape == (1, m, 40)
+    if m <= C.GEMV_MAX_M:
+        assert torch.equal(y, fp32), f"seed {SEED}"
+        return
+    want = C.linear(x.bfloat16(), tensors, layout, None).float() + layer.bias  # the bias added in fp32
+    assert not torch.equal(y, fp32), "the bf16 product must differ from the fp32 one"
+    assert torch.equal(y, want), f"seed {SEED}"
+
+
 @pytest.mark.parametrize("make", ["bf16_strided", "fp32_strided", "grad", "flat", "fp16"])
 def test_one_row_in_any_dtype_layout_and_shape(make):
     """Decoding's lean path (one row) takes what the general path takes."""

@@ -18,11 +18,13 @@ def test_cpu_speed_bench_smoke(tmp_path):
     names = [r["weights"] for r in res["models"]]
     assert names[:2] == ["fp32", "bf16"] and "v2-3" in names and "v2-3 + bf16 embeddings" in names
     assert "v2-b3 + bf16 embeddings" in names and "v2-b3 + bf16 embeddings, bf16 activations" in names
+    assert {"v2-3 + bf16 embeddings, bf16 prefill", "v2-b3 + bf16 embeddings, bf16 prefill"} <= set(names)
     assert all(r["decode_tokens_per_s"] > 0 and r["prefill_tokens_per_s"] > 0 for r in res["models"])
     assert {"decode_vs_bf16", "prefill_vs_bf16", "decoder_8b_vs_bf16", "sign_planes"} <= set(res["verdicts"])
     sign = res["verdicts"]["sign_planes"]
     assert set(sign["decoder_8b_vs_bf16"]) == {"v2-b2", "v2-b3"}
     assert "decode_vs_bf16_bf16_activations" in sign  # (no layer verdicts: the smoke shape is not an 8B one)
+    assert {"prefill_vs_bf16_bf16_prefill", "decode_vs_bf16_bf16_prefill"} <= set(sign) & set(res["verdicts"])
     bw = res["bandwidth"]
     assert bw["gbs"] == max(bw["copy_gbs"], bw["triad_gbs"], bw["read_gbs"]) > 0
     row = res["layers"][0]
@@ -39,4 +41,4 @@ def test_cpu_speed_bench_smoke(tmp_path):
     assert all(p["fp32_us"] > 0 and p["bf16_us"] > 0 for p in probes)
     md = out.with_suffix(".md").read_text()
     assert "Speedup over torch bf16" in md and "8B-shaped decoder" in md and "Sign planes" in md
-    assert "Machine state" in md
+    assert "Machine state" in md and "with fp32 activations and bf16 prefill products: decode" in md
