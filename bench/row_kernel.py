@@ -7,13 +7,14 @@
 A decoding step calls every Linear with one row; a packed layer keeps its CPU kernel's one-row
 form between such calls and checks only that its stored tensors are the ones it was made from,
 where the op path checks and converts the same tensors on every call (``PackedLinear.forward``).
-A stored bf16 head (``embedding_dtype="bfloat16"``) multiplies one row by ``torch.mv``, whose
-kernel reads the weight faster on a CPU than the matrix product ``F.linear`` takes.
+A stored bf16 head (``embedding_dtype="bfloat16"``) multiplies one row by a compiled row product
+(``kernels/cpu_dense``; before it ``torch.mv``, whose kernel already read the weight faster on a CPU
+than the matrix product ``F.linear`` takes).
 This bench decodes SmolLM2-135M (``generate``, greedy, batch 1) each way, in one process: the
 models of ``bench/cpu_speed.py``'s decode rows (v2-3 and v2-b3 with the embedding and tied head in
 bf16, v2-3 also with bf16 activations; calibration-free codes cost the same to decode), each timed
-as the library runs it, with row kernels switched off (the registry emptied), and with the head
-by ``F.linear``; torch's bf16 model beside them. Rounds are short (``--tokens`` new tokens) and every round times every candidate, so that
+as the library runs it, with row kernels switched off (the registry emptied), with the head
+by ``F.linear`` and with it by ``torch.mv``; torch's bf16 model beside them. Rounds are short (``--tokens`` new tokens) and every round times every candidate, so that
 the machine's speed, which moves by a fifth within minutes here, hits them alike; the speedup is
 the median of each round's ratio, with its quartiles. Every way must generate the same tokens.
 """
@@ -42,6 +43,8 @@ from hf_rbe.core import ops, stored  # noqa: E402
 from hf_rbe.evaluation.results import run_meta, write_results  # noqa: E402
 
 PROMPT = 16
+#: The other ways each model decodes (result key: row name): the library's way is timed against each.
+WAYS = {"op_every_call": "op every call", "head_by_linear": "head by F.linear", "head_by_mv": "head by torch.mv"}
 
 
 @contextlib.contextmanager
@@ -53,6 +56,17 @@ def head_by_linear() -> Iterator[None]:
         yield
     finally:
         stored.stored_linear = kept
+
+
+@contextlib.contextmanager
+def head_by_mv() -> Iterator[None]:
+    """The stored head's one row by ``torch.mv``, as before the compiled row product."""
+    kept = stored._cpu_row_product
+    stored.set_cpu_row_product(None)
+    try:
+        yield
+    finally:
+        stored.set_cpu_row_product(kept)
 
 
 @contextlib.contextmanager
@@ -115,6 +129,12 @@ def rows(smoke: bool, new_tokens: int, rounds: int) -> list[dict]:
                 return decode_rate(m, prompt, new_tokens)
 
         cands[f"{name}/head by F.linear"] = linear_head
+
+        def mv_head(m: torch.nn.Module = model) -> tuple[float, torch.Tensor]:
+            with head_by_mv():
+                return decode_rate(m, prompt, new_tokens)
+
+        cands[f"{name}/head by torch.mv"] = mv_head
     rates: dict[str, list[float]] = {k: [] for k in cands}
     tokens: dict[str, torch.Tensor] = {}
     with torch.no_grad():
@@ -130,17 +150,18 @@ def rows(smoke: bool, new_tokens: int, rounds: int) -> list[dict]:
     for name in models:
         if name == "bf16":
             continue
-        on, off, lin = (rates[f"{name}/{way}"] for way in ("row kernels", "op every call", "head by F.linear"))
+        on = rates[f"{name}/row kernels"]
         row = {"weights": name, "tokens_per_s": statistics.median(on), "vs_bf16": statistics.median(on) / bf16,
                "rates": on}
-        for key, other in (("op_every_call", off), ("head_by_linear", lin)):
+        for key, way in WAYS.items():
+            other = rates[f"{name}/{way}"]
             ratios = [a / b for a, b in zip(on, other)]
             q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
             row.update({f"{key}_tokens_per_s": statistics.median(other), f"{key}_vs_bf16": statistics.median(other) / bf16,
                         f"{key}_speedup": statistics.median(ratios), f"{key}_speedup_quartiles": [q[0], q[2]],
                         f"{key}_rates": other})
         row["same_tokens"] = all(torch.equal(tokens[f"{name}/row kernels"], tokens[f"{name}/{way}"])
-                                 for way in ("op every call", "head by F.linear"))
+                                 for way in WAYS.values())
         out.append(row)
         logging.info("%s", {k: v for k, v in out[-1].items() if "rates" not in k})
     return out
@@ -153,14 +174,14 @@ def table(meta: dict, res: list[dict], new_tokens: int, rounds: int) -> str:
              f"(tokens/s of the last {new_tokens - 1}), {rounds} rounds each timing every row; tokens/s are medians "
              "(against torch bf16 in brackets); the speedups, of the library's way over the other, are medians of "
              "each round's ratio (quartiles in brackets):", "",
-             "| weights | as the library runs | op every call | speedup | head by F.linear | speedup | same tokens |",
-             "|---|---|---|---|---|---|---|"]
+             "| weights | as the library runs | " + " | ".join(f"{way} | speedup" for way in WAYS.values())
+             + " | same tokens |", "|---|---|" + "---|---|" * len(WAYS) + "---|"]
     for r in res:
         if r["weights"] == "bf16":
             lines.append(f"| torch bf16 | {r['tokens_per_s']:.1f} | - | - | - | - | - |")
             continue
         cells = [f"{r['tokens_per_s']:.1f} ({r['vs_bf16']:.2f}x)"]
-        for key in ("op_every_call", "head_by_linear"):
+        for key in WAYS:
             lo, hi = r[f"{key}_speedup_quartiles"]
             cells += [f"{r[f'{key}_tokens_per_s']:.1f} ({r[f'{key}_vs_bf16']:.2f}x)",
                       f"{r[f'{key}_speedup']:.2f}x ({lo:.2f}-{hi:.2f})"]

@@ -9,6 +9,8 @@ storing half the bytes. Tied weights stay tied (one parameter).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -50,13 +52,32 @@ class StoredLinear(nn.Linear):
         return stored_linear(x, self.weight, self.bias)
 
 
+#: ``row(weight, x)``: fp32 [N] of a bf16 [N, K] CPU weight times one row [K], the products summed
+#: in fp32, or None where it does not take the weight (``set_cpu_row_product``; ``hf_rbe.kernels``
+#: sets a compiled one).
+_cpu_row_product: Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None] | None = None
+
+
+def set_cpu_row_product(row: Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None] | None) -> None:
+    """Install (or with ``None`` remove) the CPU product of a bf16 weight and one row that
+    :func:`stored_linear` uses for a decoding step's head."""
+    global _cpu_row_product
+    _cpu_row_product = row
+
+
 def stored_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x W^T + b`` multiplied in the weight's storage dtype, returned in ``x``'s (``StoredLinear``;
     a serving engine computes a stored head with it to give the same logits). One bf16 row on the
-    CPU (a decoding step's head) goes to ``torch.mv``: its matrix-vector kernel reads the weight
-    faster there than the matrix product ``F.linear`` takes (``docs/results/cpu_speed.md``)."""
+    CPU (a decoding step's head) goes to the installed row product, else ``torch.mv``: both read the
+    weight faster there than the matrix product ``F.linear`` takes (``docs/results/cpu_speed.md``);
+    either way the row is rounded to bf16 and the result too, as a bf16 product is."""
     if bias is None and weight.dtype == torch.bfloat16 and x.numel() == x.shape[-1] and x.is_cpu:
-        return torch.mv(weight, x.reshape(-1).to(weight.dtype)).to(x.dtype).view(*x.shape[:-1], weight.shape[0])
+        row = x.reshape(-1).to(weight.dtype)
+        plain = _cpu_row_product is not None and not torch.compiler.is_compiling() and not (
+            torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))  # nothing to trace or record
+        y = _cpu_row_product(weight, row) if plain else None
+        y = torch.mv(weight, row) if y is None else y.to(weight.dtype)
+        return y.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
     return matrix_product(x, weight, bias)
 
 

@@ -1,6 +1,7 @@
 """Registers the kernels as device implementations of ``hf_rbe::linear`` (defined in ``core.ops``),
-and the compiled e8p search and stage decode of format v2 (``core.codec_v2.set_cpu_search`` /
-``set_cpu_decode``).
+the compiled e8p search and stage decode of format v2 (``core.codec_v2.set_cpu_search`` /
+``set_cpu_decode``), and the CPU product of a stored bf16 head and one row
+(``core.stored.set_cpu_row_product``).
 
 CUDA tensors go to the Triton kernel of their format, CPU tensors to the numba kernel of theirs;
 a format without one (or a machine without Triton / numba), and every call inside
@@ -18,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from hf_rbe.core import codec_v2, ops
+from hf_rbe.core import codec_v2, ops, stored
 from hf_rbe.core.format import FORMAT_ID as RBE_V1
 from hf_rbe.core.format_v2 import FORMAT_ID as RBE_V2
 from hf_rbe.core.seed64_format import FORMAT_ID as SEED64
@@ -98,3 +99,13 @@ def _cpu_decode_stage(stored: torch.Tensor, scale: torch.Tensor, plane: str, tab
 
 
 codec_v2.set_cpu_decode(_cpu_decode_stage)
+
+
+def _cpu_row_product(weight: torch.Tensor, row: torch.Tensor) -> Optional[torch.Tensor]:
+    module = _module("hf_rbe.kernels.cpu_dense", "numba")
+    if module is None or not ops.kernels_allowed() or not module.fits(weight):
+        return None
+    return module.row_product(weight, row)
+
+
+stored.set_cpu_row_product(_cpu_row_product)

@@ -17,9 +17,9 @@ def test_row_kernel_bench_smoke(tmp_path):
                                                    "v2-3 + bf16 embeddings, bf16 activations", "v2-b3 + bf16 embeddings"]
     for r in res["rows"][1:]:
         assert r["same_tokens"], r["weights"]  # every way computes with the same kernels
-        for key in ("op_every_call", "head_by_linear"):
+        for key in ("op_every_call", "head_by_linear", "head_by_mv"):
             assert len(r["rates"]) == len(r[f"{key}_rates"]) == 2 and min(r["rates"] + r[f"{key}_rates"]) > 0
             lo, hi = r[f"{key}_speedup_quartiles"]
             assert lo <= r[f"{key}_speedup"] <= hi
     md = out.with_suffix(".md").read_text()
-    assert "op every call" in md and "head by F.linear" in md
+    assert "op every call" in md and "head by F.linear" in md and "head by torch.mv" in md
