@@ -178,7 +178,7 @@ def table(meta: dict, res: list[dict], new_tokens: int, rounds: int) -> str:
              + " | same tokens |", "|---|---|" + "---|---|" * len(WAYS) + "---|"]
     for r in res:
         if r["weights"] == "bf16":
-            lines.append(f"| torch bf16 | {r['tokens_per_s']:.1f} | - | - | - | - | - |")
+            lines.append(f"| torch bf16 | {r['tokens_per_s']:.1f} | " + "- | - | " * len(WAYS) + "- |")
             continue
         cells = [f"{r['tokens_per_s']:.1f} ({r['vs_bf16']:.2f}x)"]
         for key in WAYS:

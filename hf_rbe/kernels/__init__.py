@@ -5,6 +5,7 @@
     cpu_numba       the format-v2 CPU kernels (GEMV straight from the codes; decode + BLAS above)
     cpu_search      the encoder's e8p nearest-codeword search, bit for bit the reference
     cpu_decode      one format-v2 stage decoded to fp32, bit for bit the reference
+    cpu_dense       a stored bf16 head times a decoding step's one row
     threads         the numba kernels run on as many threads as torch
     triton_common   what the Triton kernels share (device check, per-device constants)
     triton_v1       format v1 on CUDA
