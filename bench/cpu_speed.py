@@ -24,8 +24,9 @@ SmolLM2-135M (offline, ``hf_rbe.data.smollm2_path``) in fp32, bf16 and every pre
 without calibration: codes cost the same to decode either way; embedding and tied head in fp32
 as loaded, once more with ``embedding_dtype="bfloat16"`` (v2-3 and v2-b3: computing in fp32, in
 bf16, and in fp32 with ``prefill_dtype="bfloat16"``) and once with ``quantize_embeddings=True``:
-the head RBE-coded, the embedding reading its rows), greedy, batch 1. Decode tokens/s = ``(N - 1) / (t(generate N) - t(generate 1))`` from a 16-token prompt;
-prefill tokens/s = 512 / one forward over 512 tokens. Medians of ``--repeats``.
+the head RBE-coded, the embedding reading its rows), greedy, batch 1. Decode tokens/s =
+``(N - 1) / (t(generate N) - t(generate 1))`` from a 16-token prompt; prefill tokens/s = 512 / one
+forward over 512 tokens. Medians of ``--repeats``.
 
 8B-shaped decoder: Llama-3-8B's shapes (width 4096, MLP 14336, 32 heads, 8 KV heads, vocabulary
 128256) with random weights, bf16, built with 1 and with 5 decoder layers (embedding shared); in

@@ -107,6 +107,12 @@ def decode_rate(model: torch.nn.Module, prompt: torch.Tensor, n: int) -> tuple[f
     return prompt.shape[0] * (n - 1) / (time.perf_counter() - t1 - (t1 - t0)), out[:, prompt.shape[1]:]
 
 
+#: Each other way (``WAYS``' row name) as a switch around a model's decoding.
+SWITCHES: dict[str, Callable[[torch.nn.Module], contextlib.AbstractContextManager]] = {
+    WAYS["op_every_call"]: no_row_kernels, WAYS["head_by_linear"]: lambda m: head_by_linear(),
+    WAYS["head_by_mv"]: lambda m: head_by_mv()}
+
+
 def rows(smoke: bool, new_tokens: int, rounds: int) -> list[dict]:
     models = _models(smoke)
     vocab = next(iter(models.values())).config.vocab_size
@@ -117,24 +123,12 @@ def rows(smoke: bool, new_tokens: int, rounds: int) -> list[dict]:
             cands[name] = lambda m=model: decode_rate(m, prompt, new_tokens)
             continue
         cands[f"{name}/row kernels"] = lambda m=model: decode_rate(m, prompt, new_tokens)
+        for way, switch in SWITCHES.items():
+            def other(m: torch.nn.Module = model, switch: Callable = switch) -> tuple[float, torch.Tensor]:
+                with switch(m):
+                    return decode_rate(m, prompt, new_tokens)
 
-        def without(m: torch.nn.Module = model) -> tuple[float, torch.Tensor]:
-            with no_row_kernels(m):
-                return decode_rate(m, prompt, new_tokens)
-
-        cands[f"{name}/op every call"] = without
-
-        def linear_head(m: torch.nn.Module = model) -> tuple[float, torch.Tensor]:
-            with head_by_linear():
-                return decode_rate(m, prompt, new_tokens)
-
-        cands[f"{name}/head by F.linear"] = linear_head
-
-        def mv_head(m: torch.nn.Module = model) -> tuple[float, torch.Tensor]:
-            with head_by_mv():
-                return decode_rate(m, prompt, new_tokens)
-
-        cands[f"{name}/head by torch.mv"] = mv_head
+            cands[f"{name}/{way}"] = other
     rates: dict[str, list[float]] = {k: [] for k in cands}
     tokens: dict[str, torch.Tensor] = {}
     with torch.no_grad():
