@@ -30,7 +30,8 @@ from hf_rbe.evaluation.results import run_meta, write_results
 from hf_rbe.hf.presets import preset
 
 ROOT = Path(__file__).resolve().parents[1]
-RUNS = ["results/calibrate.json", "results/calibrate_smollm2_longer.json", "results/calibrate_smollm2_longer_v23.json"]
+RUNS = ["results/calibrate.json", "results/calibrate_smollm2_longer.json", "results/calibrate_smollm2_longer_v23.json",
+        "results/calibrate_smollm2_longer_v24.json"]
 
 
 def ppl_targets() -> tuple[tuple[float, float], ...]:
