@@ -36,6 +36,7 @@ from hf_rbe import RBEConfig, RBELinear
 from hf_rbe.data import smollm2_path, token_stream
 from hf_rbe.data.fetch import ensure
 from hf_rbe.evaluation.measure import perplexity
+from hf_rbe.evaluation.memory import MemoryProfile
 from hf_rbe.evaluation.results import run_meta, write_results
 from hf_rbe.hf.calibration.capture import features
 from hf_rbe.hf.calibration.codes import model_code_step
@@ -58,6 +59,14 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=8192, help="scored tokens of each corpus")
     ap.add_argument("--out", default="runs/code_steps")
     args = ap.parse_args()
+    with MemoryProfile() as mem:
+        rows = experiment(args, mem)
+    meta = {**run_meta(), "args": vars(args), "peak_rss_mib": mem.peak_mib}
+    write_results(args.out, meta, rows, render(meta, rows))
+
+
+def experiment(args: argparse.Namespace, mem: MemoryProfile) -> list[dict]:
+    """Every stage of the module docstring, each scored into a row (with the job's peak resident memory so far)."""
     ensure("smollm2", "wikipedia", "austen")
     hf_logging.set_verbosity_error()
     torch.manual_seed(0)
@@ -70,6 +79,7 @@ def main() -> None:
         row = {"stage": stage, "seconds": seconds, **extra,
                **{f"{c}_ppl": perplexity(model, ids, 1024, 1024, progress=False).perplexity
                   for c, ids in streams.items()}}
+        row["peak_rss_mib"] = mem.peak_mib  # the job's so far
         rows.append(row)
         print(row, flush=True)
 
@@ -120,8 +130,7 @@ def main() -> None:
         finetune_model(model, windows, teacher, args.e2e_steps, cfg.calibration_e2e_lr, head)
         score(model, f"+ code steps + {args.e2e_steps} end-to-end steps", time.perf_counter() - t0)
 
-    meta = {**run_meta(), "args": vars(args)}
-    write_results(args.out, meta, rows, render(meta, rows))
+    return rows
 
 
 def render(meta: dict, rows: list[dict]) -> str:
@@ -131,14 +140,16 @@ def render(meta: dict, rows: list[dict]) -> str:
              f"SmolLM2-135M {args['preset']}, perplexity over the first {args['tokens']} tokens (context 1024, stride "
              f"1024), scored in memory; code steps, latent weights and fine-tunes on {args['windows']} calibration "
              "windows.", "",
-             "| stage | Wikipedia ppl | Austen ppl | end-to-end KL before -> after | codes moved | seconds |",
-             "|---|---|---|---|---|---|"]
+             "| stage | Wikipedia ppl | Austen ppl | end-to-end KL before -> after | codes moved | seconds "
+             "| peak RSS so far MiB |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         step = r.get("loss_before") is not None and "reencodings" not in r  # a code step's own KL
         kl = f"{r['loss_before']:.4f} -> {r['loss_after']:.4f}" if step else "-"
         moved = f"{100 * r['codes_changed']:.2f}%" if "codes_changed" in r else "-"
+        peak = f"{r['peak_rss_mib']:.0f}" if "peak_rss_mib" in r else "-"  # not recorded before 2026-12-07
         lines.append(f"| {r['stage']} | {r['wikipedia_ppl']:.2f} | {r['austen_ppl']:.2f} | {kl} | {moved} | "
-                     f"{r['seconds']:.0f} |")
+                     f"{r['seconds']:.0f} | {peak} |")
     arms = [r for r in rows if "reencodings" in r]
     if arms:
         lines += ["", "Latent arms, each re-encoding: the end-to-end KL over the windows before it and with the new "
