@@ -112,7 +112,7 @@ def main() -> None:
     rows = readings(codebook, runs, ppl_targets())
     meta = {**run_meta(), "inputs": [args.codebook, *args.runs]}
     md = table(meta, rows)
-    write_results(ROOT / args.out if not Path(args.out).is_absolute() else args.out, meta, rows, md)
+    write_results(ROOT / args.out, meta, rows, md)  # an absolute --out stays itself under pathlib's join
     print(md)
 
 
